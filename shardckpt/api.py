@@ -1,0 +1,191 @@
+"""The guide's convenience functions: save_model / load_model / save_optimizer / load_optimizer.
+
+Each writes one item ("model" or "optimizer") of a checkpoint directory as its own atomic
+commit, carrying the directory's other items over, so ``save_model(p, m)`` followed by
+``save_optimizer(p, opt)`` yields one checkpoint holding both, and either call can be
+repeated without ever leaving a half-written directory behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .backends import resolve_executor
+from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, save_checkpoint
+from .errors import CheckpointError, StructureMismatchError
+from .tree import FlatTree
+
+
+def config_to_dict(config: Any) -> dict | None:
+    """A model config as a JSON-safe dict (``to_dict()``, a dataclass, or a mapping)."""
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return dict(config)
+    raise CheckpointError(f"config of type {type(config).__name__} cannot be saved: give a dict, "
+                          "a dataclass or an object with to_dict()")
+
+
+def model_config_of(model: Any, config: Any = None) -> dict | None:
+    return config_to_dict(config if config is not None else getattr(model, "config", None))
+
+
+def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *,
+               compress: bool = False, num_shards: int | None = None, step: int | None = None,
+               backend: str = "auto", num_writers: int | None = None,
+               progress: bool | None = None) -> Path:
+    """Save ``model``'s full nnx state (parameters, RNG streams, batch stats...) to ``path``.
+
+    ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path.
+    """
+    executor = resolve_executor(backend, num_writers)
+    cfg = model_config_of(model, config)
+    return save_checkpoint(path, {"model": nnx.state(model)}, step=step,
+                           json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}},
+                           num_shards=num_shards, compress=compress, executor=executor,
+                           progress=progress, keep_other_items=True)
+
+
+def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compress: bool = False,
+                   num_shards: int | None = None, backend: str = "auto",
+                   num_writers: int | None = None, progress: bool | None = None) -> Path:
+    """Save an ``nnx.Optimizer``'s state (step and every optax state leaf) into ``path``."""
+    executor = resolve_executor(backend, num_writers)
+    return save_checkpoint(path, {"optimizer": nnx.state(optimizer)}, num_shards=num_shards,
+                           compress=compress, executor=executor, progress=progress,
+                           keep_other_items=True)
+
+
+def _build_config(cfg: dict | None, config_cls: type | None, where: str):
+    if config_cls is None:
+        from .models import ModelConfig
+        config_cls = ModelConfig
+    if cfg is None:
+        raise CheckpointError(f"{where}: config.json has no model_config; pass model= to load into")
+    if hasattr(config_cls, "from_dict"):
+        return config_cls.from_dict(cfg)
+    return config_cls(**cfg)
+
+
+def _is_param(leaf: Any) -> bool:
+    return isinstance(leaf, nnx.Param)
+
+
+def restore_module_state(ck: Checkpoint, item: str, target: nnx.Module | Callable[[], nnx.Module],
+                         *, verify: bool = True, executor=None, progress=None) -> nnx.Module:
+    """Restore ``item`` into a module: a concrete one (updated in place) or a constructor,
+    evaluated abstractly with ``nnx.eval_shape`` so no weights are initialised just to be
+    overwritten. Non-parameter state absent from the checkpoint (RNG streams of legacy
+    checkpoints) falls back to a fresh initialisation, with a warning."""
+    concrete = isinstance(target, nnx.Module)
+    module = target if concrete else nnx.eval_shape(target)
+    graphdef, state = nnx.split(module)
+    restored, report = ck.restore(item, state, strict=False, verify=verify, executor=executor,
+                                  progress=progress)
+    leaves = FlatTree.of(state).leaves
+    missing_params = [k for k in report.missing if _is_param(leaves[k])]
+    if report.mismatched or report.unexpected or missing_params:
+        report.missing = missing_params or report.missing
+        raise StructureMismatchError(f"{ck.where}: {item} does not fit the model: {report.describe()}")
+    if concrete:
+        nnx.update(module, restored)
+        return module
+    if report.missing:
+        warnings.warn(f"{ck.where}: not in the checkpoint, freshly initialised: {', '.join(report.missing)}",
+                      stacklevel=3)
+        module = target()
+        nnx.update(module, _only(restored, report.restored))
+        return module
+    return nnx.merge(graphdef, restored)
+
+
+def _only(state: Any, keys: list[str]) -> Any:
+    """The sub-state holding ``keys`` (for a partial ``nnx.update``)."""
+    keep = set(keys)
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(p, v) for p, v in flat if ".".join(map(str, p)) in keep])
+
+
+def _cast_floats(model: nnx.Module, dtype: Any) -> None:
+    dtype = jnp.dtype(dtype)
+    state = nnx.state(model, nnx.Param)
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    nnx.update(model, cast)
+
+
+def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
+               model_cls: type | None = None, config_cls: type | None = None, dtype: Any = None,
+               *, verify: bool = True, backend: str = "auto", num_writers: int | None = None,
+               progress: bool | None = None) -> tuple[nnx.Module, dict | None]:
+    """Load a model saved by ``save_model`` (or a guide-layout ``model.npz``).
+
+    Without ``model``, builds ``model_cls`` (default ``LMModel``) from the saved config
+    abstractly and fills it from the files. With ``model``, restores into it in place (its
+    shardings are kept). ``dtype`` casts floating-point parameters after loading.
+    Returns ``(model, config_dict)``.
+    """
+    ck = open_checkpoint(path)
+    executor = resolve_executor(backend, num_writers)
+    cfg = (ck.read_json("config.json", {}) or {}).get("model_config")
+    if model is None:
+        if model_cls is None:
+            from .models import LMModel
+            model_cls = LMModel
+        config = _build_config(cfg, config_cls, ck.where)
+        model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
+                                     verify=verify, executor=executor, progress=progress)
+    else:
+        restore_module_state(ck, "model", model, verify=verify, executor=executor, progress=progress)
+    if dtype is not None:
+        _cast_floats(model, dtype)
+    return model, cfg
+
+
+def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTransformation, *,
+                      wrt: Any = nnx.Param, strict: bool = False, verify: bool = True,
+                      executor=None, progress=None) -> tuple[nnx.Optimizer, RestoreReport]:
+    """Build ``nnx.Optimizer(model, tx, wrt=wrt)`` and restore its state by key path.
+
+    When every leaf is in the checkpoint the optimizer is built abstractly and filled;
+    otherwise (another optimizer, fine-tuning) the matching leaves are restored, the rest
+    keep their fresh ``tx.init`` values, and a warning lists them; ``strict`` raises instead.
+    """
+    abstract = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
+    graphdef, state = nnx.split(abstract)
+    restored, report = ck.restore("optimizer", state, strict=strict, verify=verify,
+                                  executor=executor, progress=progress)
+    if report.complete:
+        return nnx.merge(graphdef, restored), report
+    warnings.warn(f"{ck.where}: optimizer state restored only where it matches the new optimizer; "
+                  f"{report.describe()}", stacklevel=3)
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    nnx.update(optimizer, _only(restored, report.restored))
+    return optimizer, report
+
+
+def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.GradientTransformation | None = None,
+                   learning_rate: float = 1e-4, *, wrt: Any = nnx.Param, strict: bool = False,
+                   allow_pickle: bool = False, verify: bool = True, backend: str = "auto",
+                   num_writers: int | None = None, progress: bool | None = None) -> nnx.Optimizer:
+    """Recreate the optimizer of ``model`` from ``path``: ``tx`` defaults to
+    ``optax.adamw(learning_rate)``; see ``restore_optimizer`` for how a different ``tx``
+    is handled."""
+    ck = open_checkpoint(path, allow_pickle=allow_pickle)
+    tx = tx if tx is not None else optax.adamw(learning_rate)
+    optimizer, _ = restore_optimizer(ck, model, tx, wrt=wrt, strict=strict, verify=verify,
+                                     executor=resolve_executor(backend, num_writers), progress=progress)
+    return optimizer

@@ -1,0 +1,431 @@
+"""One checkpoint directory: the save transaction and the validated reader.
+
+``save_checkpoint`` runs the data flow of the design: flatten -> plan -> executor writes
+shards -> commit (index, manifest last, fsync, rename). ``Checkpoint`` opens a committed
+directory, validates its manifest and index as untrusted input and restores items into
+targets (abstract or concrete trees), reading only the chunks the target needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from . import __version__
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
+                     SaveAbortedError, StructureMismatchError)
+from .executors.base import Executor, ReadJob, ReadTarget
+from .format import (INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, check_file_name,
+                     dump_index, load_index)
+from .plan import box_overlap, default_num_shards, plan_save
+from .progress import byte_progress
+from .shard_io import ChunkRecord, ShardReport
+from .storage import (fsync_path, hidden_name, open_data_file, publish_dir, read_small_file,
+                      remove_tree, write_file_durable)
+from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key, split_values
+
+MAX_JSON_BYTES = 64 << 20
+
+
+def _writer_versions() -> dict[str, str]:
+    import flax
+    return {"shardckpt": __version__, "jax": jax.__version__, "flax": flax.__version__,
+            "numpy": np.__version__}
+
+
+def _json_bytes(obj: Any, name: str) -> bytes:
+    try:
+        return json.dumps(obj, indent=1, default=_json_default, allow_nan=True).encode()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: value is not JSON-serialisable ({e})") from e
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.generic, jax.Array)) and np.ndim(o) == 0:
+        return np.asarray(o).item()
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def default_executor() -> Executor:
+    from .executors.local import ThreadExecutor
+    return ThreadExecutor()
+
+
+# --- save ----------------------------------------------------------------------------------
+
+def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: int | None = None,
+                    json_files: dict[str, Any] | None = None, metrics: dict | None = None,
+                    num_shards: int | None = None, compress: bool = False,
+                    executor: Executor | None = None, progress: bool | None = None,
+                    keep_other_items: bool = False) -> Path:
+    """Write ``items`` (name -> pytree) as a committed checkpoint at ``final``.
+
+    The checkpoint appears atomically, complete or not at all. An existing checkpoint at
+    ``final`` is replaced only once the new one is durable; with ``keep_other_items`` its
+    items and metadata files that this save does not rewrite are carried over (hard links,
+    no data copied), which is how ``save_model`` + ``save_optimizer`` build one checkpoint.
+    """
+    final = Path(final).absolute()
+    previous = _existing_checkpoint(final)
+    executor = executor or default_executor()
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    entries = {}
+    manifest_items: dict[str, ItemRecord] = {}
+    for name, tree in items.items():
+        arrays, scalars = split_values(FlatTree.of(tree).values())
+        entries[name] = arrays
+        manifest_items[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
+    total = sum(p.data.nbytes for arrays in entries.values() for e in arrays for p in e.pieces)
+    workers = getattr(executor, "num_workers", 1) or 1
+
+    tmp = hidden_name(final, "tmp")
+    os.mkdir(tmp)
+    try:
+        plans = []
+        for name, arrays in entries.items():
+            n = num_shards or default_num_shards(sum(p.data.nbytes for e in arrays for p in e.pieces), workers)
+            plans.append(plan_save(name, arrays, n))
+        flat_plans = [p for group in plans for p in group]
+        with byte_progress(f"saving {final.name}", total, progress) as advance:
+            reports = executor.write_shards(tmp, flat_plans, compress=compress, progress=advance)
+        chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in items}
+        files: dict[str, FileRecord] = {}
+        item_of_file = {p.file: name for name, group in zip(entries, plans) for p in group}
+        _collect_reports(reports, {p.file for p in flat_plans}, item_of_file, chunks_by_item, files, final)
+
+        meta_files: dict[str, FileRecord] = {}
+        if keep_other_items and previous is not None:
+            _carry_over(previous, tmp, items, json_files or {}, manifest_items,
+                                       chunks_by_item, files, meta_files)
+        for fname, obj in (json_files or {}).items():
+            data = _json_bytes(obj, fname)
+            write_file_durable(tmp / fname, data)
+            meta_files[fname] = _record_of(data)
+        structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
+                     for item, rec in manifest_items.items()}
+        data = _json_bytes(structure, "structure.json")
+        write_file_durable(tmp / "structure.json", data)
+        meta_files["structure.json"] = _record_of(data)
+        index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
+        write_file_durable(tmp / INDEX, index)
+        meta_files[INDEX] = _record_of(index)
+        manifest = Manifest(step=step, items=manifest_items, files=files, meta_files=meta_files,
+                            metrics=_plain_metrics(metrics or {}), writers=_writer_versions(),
+                            host_count=1)
+        write_file_durable(tmp / MANIFEST, manifest.dumps())
+        publish_dir(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+            raise
+        raise SaveAbortedError(f"saving {final} failed, nothing was committed: {type(e).__name__}: {e}") from e
+    return final
+
+
+def _record_of(data: bytes) -> FileRecord:
+    import xxhash
+    return FileRecord(len(data), xxhash.xxh3_64(data).hexdigest())
+
+
+def _plain_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = json.loads(_json_bytes(v, "metrics"))
+        except CheckpointError:
+            out[str(k)] = repr(v)
+    return out
+
+
+def _collect_reports(reports: list[ShardReport], expected: set[str], item_of_file: dict[str, str],
+                     chunks_by_item, files, final: Path) -> None:
+    """The committer's check: exactly the planned files were reported, each once."""
+    got = [r.file for r in reports]
+    if sorted(got) != sorted(expected):
+        missing = sorted(expected - set(got))
+        raise SaveAbortedError(f"saving {final}: writers did not report {missing or 'as planned'}")
+    for r in reports:
+        item = item_of_file[r.file]
+        files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
+        for c in r.chunks:
+            chunks_by_item[item][c.key].append((r.file, c))
+
+
+def _existing_checkpoint(final: Path) -> "Checkpoint | None":
+    """The committed checkpoint at ``final``, None if nothing is there; refuses to replace a
+    directory that holds something other than a checkpoint (user files are never lost)."""
+    if not final.exists():
+        return None
+    if not final.is_dir():
+        raise CheckpointError(f"{final} exists and is not a directory; refusing to overwrite it")
+    if (final / MANIFEST).exists():
+        return Checkpoint(final)
+    if any(final.iterdir()):
+        raise CheckpointError(f"{final} exists and is not a shardckpt checkpoint (no {MANIFEST}); "
+                              "refusing to overwrite it: choose an empty or new directory")
+    return None
+
+
+def _carry_over(previous: "Checkpoint", tmp: Path, items: dict, json_files: dict, manifest_items,
+                chunks_by_item, files, meta_files) -> None:
+    """Hard-link the previous checkpoint's other items and metadata into ``tmp``."""
+    old = previous.manifest
+    for name, rec in old.items.items():
+        if name in items:
+            continue
+        manifest_items[name] = rec
+        rows = previous.index().get(name, {})
+        chunks_by_item[name] = defaultdict(list, {k: list(v) for k, v in rows.items()})
+        for fname, frec in old.files.items():
+            if frec.item == name:
+                _link_or_copy(previous.path / fname, tmp / fname)
+                files[fname] = frec
+    for fname, frec in old.meta_files.items():
+        if fname in json_files or fname == INDEX or fname == "structure.json":
+            continue
+        _link_or_copy(previous.path / fname, tmp / fname)
+        meta_files[fname] = frec
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        fsync_path(dst)
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+@dataclass
+class RestoreReport:
+    """What a restore did with each key of the target."""
+
+    restored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)      # in the target, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)   # in the checkpoint, not in the target
+    mismatched: list[str] = field(default_factory=list)   # shape/dtype differ ("key: why")
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = []
+        for label, keys in (("missing from the checkpoint", self.missing),
+                            ("not in the target", self.unexpected), ("mismatched", self.mismatched)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{label}: {shown}")
+        return "; ".join(parts)
+
+
+def _target_sharding(value: Any):
+    sharding = getattr(value, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+
+
+def _place(value: np.ndarray | jax.Array, target: Any) -> Any:
+    """Put a restored host array where the target wants it: same kind (numpy stays numpy),
+    the target's sharding (each device gets only its slice)."""
+    if isinstance(target, (np.ndarray, np.generic)):
+        return np.asarray(value)
+    sharding = _target_sharding(target)
+    if sharding is None:
+        return jax.device_put(value)
+    if len(sharding.device_set) == 1:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+class Checkpoint:
+    """A committed checkpoint directory, opened and validated for reading."""
+
+    legacy = False
+
+    def __init__(self, path: os.PathLike | str):
+        self.path = Path(path)
+        self.where = str(self.path)
+        if not self.path.is_dir():
+            raise CheckpointNotFoundError(f"{self.path}: no such checkpoint directory")
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            raw = read_small_file(self.path / MANIFEST, 256 << 20, self.where)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{self.path}: no {MANIFEST}; this directory is not a "
+                                          "committed checkpoint") from e
+        self.manifest = Manifest.loads(raw, self.where)
+        self._index = None
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.step
+
+    @property
+    def items(self) -> list[str]:
+        return list(self.manifest.items)
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.metrics
+
+    def index(self) -> dict[str, dict[str, list[tuple[str, ChunkRecord]]]]:
+        if self._index is None:
+            name = self.manifest.index_file
+            raw = self._read_meta(name, 2 << 30)
+            self._index = load_index(raw, self.manifest, self.where)
+        return self._index
+
+    def _read_meta(self, name: str, limit: int) -> bytes:
+        import xxhash
+        check_file_name(name, self.where)
+        rec = self.manifest.meta_files.get(name)
+        if rec is None:
+            raise CorruptCheckpointError(f"{self.where}: {name} is not listed in the manifest")
+        try:
+            raw = read_small_file(self.path / name, limit, self.where)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{self.where}: {name} is missing") from e
+        if len(raw) != rec.size or xxhash.xxh3_64(raw).hexdigest() != rec.xxh3_64:
+            raise CorruptCheckpointError(f"{self.where}: {name} does not match its checksum in the manifest")
+        return raw
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """A JSON metadata file of the checkpoint (``config.json``, ``extra.json``...)."""
+        if name not in self.manifest.meta_files:
+            return default
+        raw = self._read_meta(name, MAX_JSON_BYTES)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise CorruptCheckpointError(f"{self.where}: {name} is not valid JSON ({e})") from e
+
+    def restore(self, item: str, target: Any, *, strict: bool = True, verify: bool = True,
+                executor: Executor | None = None, progress: bool | None = None,
+                select: Callable[[str], bool] | None = None) -> tuple[Any, RestoreReport]:
+        """Restore ``item`` into the structure of ``target`` (abstract or concrete).
+
+        Keys are matched by name. With ``strict`` any key missing, unexpected or of another
+        shape raises ``StructureMismatchError``; otherwise such leaves keep the target's
+        value and the report lists them. ``select(key)`` limits the keys read.
+        """
+        rec = self.item_record(item)
+        flat = FlatTree.of(target)
+        values = flat.values()
+        report = RestoreReport()
+        wanted: dict[str, tuple[ArraySpec, Any]] = {}
+        new_values = dict(values)
+        for key, tv in values.items():
+            if select is not None and not select(key):
+                continue
+            if key in rec.arrays:
+                spec = rec.arrays[key]
+                why = _mismatch(spec, tv)
+                if why:
+                    report.mismatched.append(f"{key}: {why}")
+                else:
+                    wanted[key] = (spec, tv)
+            elif key in rec.scalars:
+                new_values[key] = decode_scalar(key, rec.scalars[key])
+                report.restored.append(key)
+            else:
+                report.missing.append(key)
+        report.unexpected = [k for k in list(rec.arrays) + list(rec.scalars)
+                             if k not in values and (select is None or select(k))]
+        if strict and not report.complete:
+            raise StructureMismatchError(f"{self.where}: item {item!r} does not match the target: "
+                                         + report.describe())
+        arrays = self._read_arrays(item, {k: s for k, (s, _) in wanted.items()}, verify, executor, progress)
+        for key, (spec, tv) in wanted.items():
+            value = decode_stored(spec, arrays.pop(key))
+            tdtype = getattr(tv, "dtype", None)
+            if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
+                tdtype = np.dtype(tdtype)
+                untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
+                value = value.view(tdtype) if untyped else value.astype(tdtype)
+            new_values[key] = _place(value, tv)
+            report.restored.append(key)
+        return flat.rebuild(new_values), report
+
+    def item_record(self, item: str) -> ItemRecord:
+        if item not in self.items:
+            raise StructureMismatchError(f"{self.where}: checkpoint has no {item!r} (it has "
+                                         f"{', '.join(self.items) or 'nothing'})")
+        return self.manifest.items[item]
+
+    def read_arrays(self, item: str, keys: list[str] | None = None, *, verify: bool = True,
+                    executor: Executor | None = None) -> dict[str, Any]:
+        """Host arrays of ``item`` in their real dtypes (PRNG keys as typed key arrays)."""
+        rec = self.item_record(item)
+        specs = {k: s for k, s in rec.arrays.items() if keys is None or k in keys}
+        raw = self._read_arrays(item, specs, verify, executor, None)
+        return {k: decode_stored(specs[k], raw[k]) for k in specs}
+
+    def _read_arrays(self, item: str, specs: dict[str, ArraySpec], verify: bool,
+                     executor: Executor | None, progress: bool | None) -> dict[str, np.ndarray]:
+        """Allocate each wanted array once and fill it from its chunks, file by file."""
+        if not specs:
+            return {}
+        index = self.index()[item]
+        out: dict[str, np.ndarray] = {}
+        jobs: dict[str, ReadJob] = {}
+        for key, spec in specs.items():
+            dest = np.empty(spec.stored_shape, np.dtype(spec.stored_dtype))
+            out[key] = dest
+            for fname, chunk in index[key]:
+                job = jobs.get(fname)
+                if job is None:
+                    job = jobs[fname] = ReadJob(self.path / fname, fname, self.manifest.files[fname].size)
+                job.targets.append(_chunk_target(chunk, dest))
+        executor = executor or default_executor()
+        total = sum(a.nbytes for a in out.values())
+        with byte_progress(f"loading {self.path.name}", total, progress) as advance:
+            executor.read(list(jobs.values()), verify=verify, progress=advance)
+        return out
+
+
+def _chunk_target(chunk: ChunkRecord, dest: np.ndarray) -> ReadTarget:
+    box = tuple(slice(o, o + n) for o, n in zip(chunk.offset, chunk.shape))
+    view = dest[box] if box else dest
+    if view.flags.c_contiguous:
+        return ReadTarget(chunk, view)
+    return ReadTarget(chunk, view, sub=tuple(slice(None) for _ in chunk.shape))
+
+
+def _mismatch(spec: ArraySpec, target: Any) -> str | None:
+    shape = getattr(target, "shape", None)
+    if shape is None:
+        return f"saved an array {spec.shape} {spec.dtype}, target holds {type(target).__name__}"
+    if tuple(shape) != spec.shape:
+        return f"saved shape {spec.shape}, target shape {tuple(shape)}"
+    target_is_key = is_prng_key(target)
+    if target_is_key != (spec.key_impl is not None):
+        return f"saved dtype {spec.dtype}, target dtype {target.dtype}"
+    return None
+
+
+def open_checkpoint(path: os.PathLike | str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a committed shardckpt checkpoint, or a directory in the guide's single-file
+    layout (``model.npz``, ``optimizer.npz``, ``config.json``) read-only."""
+    p = Path(path)
+    if p.is_dir() and not (p / MANIFEST).exists():
+        from .legacy import LegacyCheckpoint, is_legacy_dir
+        if is_legacy_dir(p):
+            return LegacyCheckpoint(p, allow_pickle=allow_pickle)
+    return Checkpoint(p)

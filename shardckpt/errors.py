@@ -1,0 +1,30 @@
+"""Exception types of shardckpt.
+
+Every error a user can cause (a bad path, a damaged file, a model that does not fit the
+checkpoint) is one of these, so callers can catch ``CheckpointError`` and know that nothing
+already saved was harmed. Messages always name the path, file, key or option at fault.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class: a checkpoint could not be saved, found, read or trusted."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path (or step) does not hold a committed checkpoint."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files disagree with its manifest (checksum, size, layout) or the
+    manifest itself is malformed or hostile."""
+
+
+class StructureMismatchError(CheckpointError):
+    """The restore target (model, optimizer, shardings) does not match what was saved."""
+
+
+class SaveAbortedError(CheckpointError):
+    """A save failed part-way; nothing of it became visible and earlier checkpoints are
+    untouched."""

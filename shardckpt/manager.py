@@ -1,0 +1,281 @@
+"""CheckpointManager: a directory of step checkpoints with retention and resume.
+
+The directory holds ``{prefix}_{step}`` checkpoints, each committed atomically. The manager
+keeps no state of its own on disk: every query rescans the directory (manifests are cached
+by their file identity), so several managers and processes see the same truth, and a crash
+at any moment leaves only hidden ``.tmp``/``.del`` leftovers that the next start removes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import optax
+from flax import nnx
+
+from .api import model_config_of, restore_module_state, restore_optimizer, _build_config
+from .backends import resolve_executor
+from .checkpoint import Checkpoint, open_checkpoint, save_checkpoint
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .format import MANIFEST
+from .storage import owner_alive, parse_hidden, recover_replacements, remove_tree, retire_dir
+
+STALE_FOREIGN_SECONDS = 24 * 3600   # a tmp dir of another host untouched this long is dead
+
+
+@dataclass
+class CheckpointState:
+    """What a load returns (the guide's fields, exactly)."""
+
+    step: int
+    model: nnx.Module
+    optimizer: Optional[nnx.Optimizer]
+    config: Dict
+    train_config: Dict
+    metrics: Dict[str, float]
+    extra: Dict
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as listed by the manager."""
+
+    step: int
+    path: Path
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+
+class CheckpointManager:
+    """Save, list, retain and load step checkpoints in one directory.
+
+    Retention keeps a checkpoint if it is among the ``max_to_keep`` most recent **or** among
+    the ``best_to_keep`` best by ``best_metric`` (``best_mode`` "min" or "max"); the newest
+    is never deleted. ``max_to_keep=None`` keeps everything.
+    """
+
+    def __init__(self, directory: os.PathLike | str, max_to_keep: int | None = 5,
+                 best_metric: str | None = None, best_mode: str = "min", best_to_keep: int = 3,
+                 prefix: str = "step", *, backend: str = "auto", num_writers: int | None = None,
+                 save_timeout: float | None = None, num_shards: int | None = None,
+                 compress: bool = False, verify: bool = True, progress: bool | None = None):
+        if best_mode not in ("min", "max"):
+            raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (or None for all)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", prefix):
+            raise CheckpointError(f"prefix={prefix!r}: use letters, digits, '_' and '-'")
+        self.directory = Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.best_to_keep = best_to_keep
+        self.prefix = prefix
+        self.backend = backend
+        self.num_writers = num_writers
+        self.save_timeout = save_timeout
+        self.num_shards = num_shards
+        self.compress = compress
+        self.verify = verify
+        self.progress = progress
+        self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+        self._cache: dict[str, tuple[tuple, CheckpointInfo]] = {}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.cleanup_leftovers()
+
+    # --- discovery -------------------------------------------------------------------------
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"{self.prefix}_{int(step)}"
+
+    def cleanup_leftovers(self) -> list[Path]:
+        """Remove saves and deletes that a dead process left half done; put back a
+        checkpoint whose replacement was interrupted. Returns what was removed."""
+        recover_replacements(self.directory)
+        removed = []
+        for entry in os.scandir(self.directory):
+            info = parse_hidden(entry.name)
+            if not info or info["kind"] == "old" or not self._pattern.match(info["name"]):
+                continue
+            alive = owner_alive(info)
+            if alive and info["host"] != _this_host():
+                alive = time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_FOREIGN_SECONDS
+            if not alive:
+                remove_tree(Path(entry.path))
+                removed.append(Path(entry.path))
+        return removed
+
+    def _scan(self) -> list[CheckpointInfo]:
+        infos, seen = [], set()
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            m = self._pattern.match(entry.name)
+            if not m or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                st = os.stat(Path(entry.path) / MANIFEST, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # no manifest, no checkpoint
+            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+            seen.add(entry.name)
+            cached = self._cache.get(entry.name)
+            if cached and cached[0] == ident:
+                infos.append(cached[1])
+                continue
+            try:
+                ck = Checkpoint(entry.path)
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                continue  # an invalid manifest is not a checkpoint
+            step = ck.step if ck.step is not None else int(m.group(1))
+            info = CheckpointInfo(step, Path(entry.path), dict(ck.metrics), ck.manifest.created)
+            self._cache[entry.name] = (ident, info)
+            infos.append(info)
+        for name in list(self._cache):
+            if name not in seen:
+                del self._cache[name]
+        return sorted(infos, key=lambda i: i.step)
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return self._scan()
+
+    def all_steps(self) -> list[int]:
+        return [i.step for i in self._scan()]
+
+    def __len__(self) -> int:
+        return len(self._scan())
+
+    @property
+    def latest_step(self) -> int | None:
+        infos = self._scan()
+        return infos[-1].step if infos else None
+
+    def _metric(self, info: CheckpointInfo) -> float | None:
+        value = info.metrics.get(self.best_metric) if self.best_metric else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return None
+
+    def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        scored = [i for i in infos if self._metric(i) is not None]
+        sign = 1 if self.best_mode == "min" else -1
+        return sorted(scored, key=lambda i: (sign * self._metric(i), -i.step))
+
+    @property
+    def best_step(self) -> int | None:
+        """Step of the best checkpoint by ``best_metric``; the latest without a metric."""
+        infos = self._scan()
+        if not self.best_metric:
+            return infos[-1].step if infos else None
+        ranked = self._ranked_best(infos)
+        return ranked[0].step if ranked else (infos[-1].step if infos else None)
+
+    # --- save ------------------------------------------------------------------------------
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
+             config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
+             extra: dict | None = None) -> Path:
+        """Commit a checkpoint of ``step`` atomically, then apply retention."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            try:
+                step = int(step)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"step={step!r} is not a non-negative integer") from None
+        items = {"model": nnx.state(model)}
+        if optimizer is not None:
+            items["optimizer"] = nnx.state(optimizer)
+        json_files = {"config.json": {"model_config": model_config_of(model, config), "step": step,
+                                      "train_config": train_config}}
+        if metrics is not None:
+            json_files["metrics.json"] = metrics
+        if extra is not None:
+            json_files["extra.json"] = extra
+        path = save_checkpoint(self.step_path(step), items, step=step, json_files=json_files,
+                               metrics=metrics, num_shards=self.num_shards, compress=self.compress,
+                               executor=resolve_executor(self.backend, self.num_writers),
+                               progress=self.progress)
+        self.apply_retention()
+        return path
+
+    def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
+        """(kept, deleted) under the retention rules, without deleting anything."""
+        infos = self._scan()
+        if not infos:
+            return [], []
+        keep = {infos[-1].step}
+        keep.update(i.step for i in (infos if self.max_to_keep is None else infos[-self.max_to_keep:]))
+        if self.best_metric:
+            keep.update(i.step for i in self._ranked_best(infos)[: self.best_to_keep])
+        return [i for i in infos if i.step in keep], [i for i in infos if i.step not in keep]
+
+    def apply_retention(self) -> list[int]:
+        _, doomed = self.retention_plan()
+        for info in doomed:
+            try:
+                retire_dir(info.path)
+            except FileNotFoundError:
+                pass  # another manager retired it first
+        return [i.step for i in doomed]
+
+    # --- load ------------------------------------------------------------------------------
+    def load(self, path: os.PathLike | str, model: nnx.Module | None = None,
+             model_cls: type | None = None, config_cls: type | None = None,
+             tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
+             *, strict: bool = False, allow_pickle: bool = False) -> CheckpointState:
+        """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout)."""
+        ck = open_checkpoint(path, allow_pickle=allow_pickle)
+        executor = resolve_executor(self.backend, self.num_writers)
+        cfg_file = ck.read_json("config.json", {}) or {}
+        cfg = cfg_file.get("model_config")
+        if model is None:
+            if model_cls is None:
+                from .models import LMModel
+                model_cls = LMModel
+            config = _build_config(cfg, config_cls, ck.where)
+            model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
+                                         verify=self.verify, executor=executor, progress=self.progress)
+        else:
+            restore_module_state(ck, "model", model, verify=self.verify, executor=executor,
+                                 progress=self.progress)
+        optimizer = None
+        if should_load_optimizer and "optimizer" in ck.items:
+            optimizer, _ = restore_optimizer(ck, model, tx if tx is not None else optax.adamw(1e-4),
+                                             strict=strict, verify=self.verify, executor=executor,
+                                             progress=self.progress)
+        step = ck.step if ck.step is not None else cfg_file.get("step")
+        return CheckpointState(step=step if isinstance(step, int) else -1, model=model,
+                               optimizer=optimizer, config=cfg or {},
+                               train_config=cfg_file.get("train_config") or {},
+                               metrics=ck.read_json("metrics.json", {}) or {},
+                               extra=ck.read_json("extra.json", {}) or {})
+
+    def load_step(self, step: int, **kw) -> CheckpointState:
+        path = self.step_path(step)
+        if not (path / MANIFEST).exists():
+            raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint for step {step} "
+                                          f"(have {self.all_steps()})")
+        return self.load(path, **kw)
+
+    def load_latest(self, **kw) -> CheckpointState | None:
+        """The newest committed checkpoint, or None in an empty directory."""
+        step = self.latest_step
+        return None if step is None else self.load_step(step, **kw)
+
+    def load_best(self, **kw) -> CheckpointState | None:
+        """The best checkpoint by ``best_metric`` (the latest without one)."""
+        step = self.best_step
+        return None if step is None else self.load_step(step, **kw)
+
+
+def _this_host() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"

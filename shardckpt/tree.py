@@ -1,0 +1,239 @@
+"""Pytrees (nnx state, optimizer state, any jax pytree) <-> flat, named entries.
+
+A checkpoint stores flat entries keyed by a dotted key path ("layers.0.attn.q.kernel"), so
+that files are readable by humans and by plain ``np.load``, and so that a restore can match
+entries by name into a target of another structure (fine-tuning with another optimizer).
+
+``nnx.Variable`` objects are leaves: we store their value and restore by
+``variable.replace(value=...)``, which keeps the variable type and its metadata (sharding
+annotations) of the *target*. Dtypes that ``.npy`` cannot describe are stored as
+same-width unsigned integers, typed PRNG keys as their key data; the real dtype is kept in
+the manifest so every round trip is bit exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .errors import CheckpointError, StructureMismatchError
+
+#: Scalar leaves (not arrays) kept verbatim in the manifest, with their Python type.
+SCALAR_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "none"}
+_NATIVE_KINDS = "biufc"  # numpy kinds .npy stores faithfully
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _path_part(entry: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def key_of(path: tuple) -> str:
+    """Dotted key of a jax key path: ``('layers', 0, 'kernel') -> 'layers.0.kernel'``."""
+    return ".".join(_path_part(p) for p in path)
+
+
+def _leaf_value(leaf: Any) -> Any:
+    return leaf.get_value() if _is_variable(leaf) else leaf
+
+
+def is_prng_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What the manifest records about one array: its real dtype and shape, and how it is
+    stored (``stored_dtype``/``stored_shape`` differ for bfloat16, float8, PRNG keys)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stored_dtype: str
+    stored_shape: tuple[int, ...]
+    key_impl: str | None = None
+
+    @property
+    def stored_nbytes(self) -> int:
+        return math.prod(self.stored_shape) * np.dtype(self.stored_dtype).itemsize
+
+    def to_json(self) -> dict:
+        d = {"dtype": self.dtype, "shape": list(self.shape), "stored_dtype": self.stored_dtype,
+             "stored_shape": list(self.stored_shape)}
+        if self.key_impl is not None:
+            d["key_impl"] = self.key_impl
+        return d
+
+
+@dataclass
+class Piece:
+    """A box of an array's stored representation held by this process: ``data`` (host
+    memory, stored dtype, C-contiguous) sits at ``offset`` in the stored global array."""
+
+    offset: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class ArrayEntry:
+    key: str
+    spec: ArraySpec
+    pieces: list[Piece] = field(default_factory=list)
+
+
+def storage_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a value of ``dtype`` is written as: itself when .npy can describe it,
+    else the unsigned integer of the same width (bfloat16 -> uint16, float8 -> uint8)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in _NATIVE_KINDS and dtype.type.__module__ == "numpy":
+        return dtype
+    if dtype.kind == "O" or dtype.names is not None:
+        raise CheckpointError(f"dtype {dtype} cannot be checkpointed (object/structured dtype)")
+    if dtype.itemsize not in (1, 2, 4, 8):
+        raise CheckpointError(f"dtype {dtype} has unsupported item size {dtype.itemsize}")
+    return np.dtype(f"uint{dtype.itemsize * 8}")
+
+
+def real_dtype(name: str) -> np.dtype:
+    """Parse a dtype name from a manifest without ever creating object dtypes."""
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError as e:
+        raise CheckpointError(f"unknown dtype {name!r}") from e
+    if dtype.kind == "O" or dtype.names is not None:
+        raise CheckpointError(f"refusing object/structured dtype {name!r}")
+    return dtype
+
+
+def _host_pieces(x: Any, as_stored: Callable[[np.ndarray], np.ndarray]) -> list[Piece]:
+    """Host copies of the parts of ``x`` this process must write: for a ``jax.Array`` the
+    addressable shards with replica id 0 (each replicated piece once), else the whole."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable and len(x.sharding.device_set) == 1):
+        pieces = []
+        for shard in x.addressable_shards:
+            if shard.replica_id != 0:
+                continue
+            offset = tuple(s.start or 0 for s in shard.index)
+            pieces.append(Piece(offset + (0,) * (x.ndim - len(offset)), as_stored(np.asarray(shard.data))))
+        return pieces
+    arr = np.asarray(x)
+    return [Piece((0,) * arr.ndim, as_stored(arr))]
+
+
+def encode_value(key: str, value: Any) -> ArrayEntry:
+    """Describe one array leaf and take the host pieces of it that this process writes."""
+    if is_prng_key(value):
+        impl = str(jax.random.key_impl(value))
+        data = jax.random.key_data(value)
+        spec = ArraySpec(dtype=str(value.dtype), shape=tuple(value.shape),
+                         stored_dtype=str(np.dtype(data.dtype)), stored_shape=tuple(data.shape),
+                         key_impl=impl)
+        return ArrayEntry(key, spec, _host_pieces(data, lambda a: a if a.flags.c_contiguous else a.copy(order="C")))
+    dtype = np.dtype(value.dtype)
+    stored = storage_dtype(dtype)
+    if dtype.kind == "O":
+        raise CheckpointError(f"key {key!r}: object arrays cannot be checkpointed")
+
+    def as_stored(a: np.ndarray) -> np.ndarray:
+        a = a if a.flags.c_contiguous else a.copy(order="C")
+        return a.view(stored) if a.dtype != stored else a
+
+    spec = ArraySpec(dtype=dtype.name, shape=tuple(value.shape), stored_dtype=stored.name,
+                     stored_shape=tuple(value.shape))
+    return ArrayEntry(key, spec, _host_pieces(value, as_stored))
+
+
+def decode_stored(spec: ArraySpec, stored: np.ndarray) -> np.ndarray | jax.Array:
+    """Inverse of the storage encoding: view the stored bits as the real dtype (no copy),
+    or wrap PRNG key data back into a typed key array."""
+    if spec.key_impl is not None:
+        return jax.random.wrap_key_data(stored, impl=spec.key_impl)
+    dtype = real_dtype(spec.dtype)
+    return stored.view(dtype) if stored.dtype != dtype else stored
+
+
+def encode_scalar(key: str, value: Any) -> dict:
+    kind = SCALAR_TYPES.get(type(value))
+    if kind is None:
+        raise CheckpointError(
+            f"key {key!r}: leaf of type {type(value).__name__} cannot be checkpointed "
+            "(only arrays and bool/int/float/str/None leaves are)")
+    if kind == "float" and not math.isfinite(value):
+        return {"type": kind, "value": repr(value)}
+    return {"type": kind, "value": value}
+
+
+def decode_scalar(key: str, record: Any) -> Any:
+    if not isinstance(record, dict) or record.get("type") not in SCALAR_TYPES.values():
+        raise CheckpointError(f"key {key!r}: malformed scalar leaf record {record!r:.200}")
+    kind, value = record["type"], record.get("value")
+    try:
+        if kind == "none":
+            return None
+        if kind == "float":
+            return float(value)
+        caster = {"bool": bool, "int": int, "str": str}[kind]
+        if not isinstance(value, caster) or (kind == "int" and isinstance(value, bool)):
+            raise TypeError
+        return value
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"key {key!r}: scalar leaf value {value!r:.200} is not a {kind}") from e
+
+
+@dataclass
+class FlatTree:
+    """A pytree taken apart: its leaves by dotted key, and how to put it back together."""
+
+    leaves: dict[str, Any]            # key -> raw leaf (Variable or value)
+    treedef: Any
+
+    @classmethod
+    def of(cls, tree: Any) -> "FlatTree":
+        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+        leaves: dict[str, Any] = {}
+        for path, leaf in with_path:
+            key = key_of(path)
+            if key in leaves:
+                raise StructureMismatchError(
+                    f"two leaves share the key {key!r}; rename one (keys must stay unique "
+                    "when joined with '.')")
+            leaves[key] = leaf
+        return cls(leaves, treedef)
+
+    def values(self) -> dict[str, Any]:
+        return {k: _leaf_value(v) for k, v in self.leaves.items()}
+
+    def rebuild(self, new_values: dict[str, Any]) -> Any:
+        """The same tree with each leaf's value replaced (variables keep type and metadata)."""
+        out = []
+        for key, leaf in self.leaves.items():
+            value = new_values[key]
+            out.append(leaf.replace(value=value) if _is_variable(leaf) else value)
+        return self.treedef.unflatten(out)
+
+
+def split_values(values: dict[str, Any]) -> tuple[list[ArrayEntry], dict[str, dict]]:
+    """Separate array leaves (written to shards) from scalar leaves (kept in the manifest)."""
+    arrays, scalars = [], {}
+    for key, value in values.items():
+        if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+            arrays.append(encode_value(key, value))
+        elif type(value) in SCALAR_TYPES:
+            scalars[key] = encode_scalar(key, value)
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
+            raise CheckpointError(f"key {key!r}: abstract value {value!r:.120} has no data to save")
+        else:
+            scalars[key] = encode_scalar(key, value)
+    return arrays, scalars
