@@ -1,0 +1,160 @@
+"""``shardckpt demo``: train, save sharded checkpoints, get killed, resume, compare bits.
+
+The parent process starts a local Ray cluster (or uses threads with ``--backend
+threads``) and computes a reference run that never stops. A child process trains the same
+run, saving every few steps through the CheckpointManager; the parent SIGKILLs it mid-run.
+A second child resumes from the latest committed checkpoint and finishes. The demo prints
+who wrote each shard and whether the resumed run matches the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def child_main(argv: list[str]) -> int:
+    """Training process: ``python -m shardckpt.demo child DIR STEPS EVERY BACKEND ADDRESS``."""
+    directory, steps, every, backend, address = argv[0], int(argv[1]), int(argv[2]), argv[3], argv[4]
+    if backend == "ray":
+        import ray
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    from .manager import CheckpointManager
+    from .training import batch_for_step, make_tx, new_run, state_digest, train_step
+
+    manager = CheckpointManager(directory, max_to_keep=3, backend=backend, num_shards=4)
+    state = manager.load_latest(tx=make_tx())
+    if state is None:
+        model, optimizer = new_run()
+        start = 0
+    else:
+        model, optimizer, start = state.model, state.optimizer, state.step + 1
+        print(json.dumps({"event": "resumed", "step": state.step}), flush=True)
+    for step in range(start, steps):
+        loss = float(train_step(model, optimizer, batch_for_step(step)))
+        if (step + 1) % every == 0 or step == steps - 1:
+            manager.save(step, model, optimizer, metrics={"loss": loss})
+            print(json.dumps({"event": "saved", "step": step, "loss": loss}), flush=True)
+        else:
+            print(json.dumps({"event": "step", "step": step, "loss": loss}), flush=True)
+    print(json.dumps({"event": "done", "digest": state_digest(model, optimizer)}), flush=True)
+    return 0
+
+
+def _spawn(directory: Path, steps: int, every: int, backend: str, address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shardckpt.demo", "child", str(directory), str(steps),
+                             str(every), backend, address or "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _events(proc: subprocess.Popen):
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+def run_demo(directory: Path | None, steps: int, every: int, kill_after: int, backend: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cleanup = directory is None
+    directory = Path(directory or tempfile.mkdtemp(prefix="shardckpt-demo-")) / "checkpoints"
+    shutil.rmtree(directory, ignore_errors=True)
+    address = "-"
+    if backend == "ray":
+        import ray
+        console.print("[bold]Starting a local Ray cluster[/bold] ...")
+        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        address = ctx.address_info["gcs_address"]
+    try:
+        from .training import batch_for_step, new_run, state_digest, train_step
+
+        console.print(f"Reference run: {steps} steps of a tiny LMModel (dropout on), never interrupted")
+        model, optimizer = new_run()
+        for step in range(steps):
+            train_step(model, optimizer, batch_for_step(step))
+        reference = state_digest(model, optimizer)
+
+        console.print(f"Training run in a child process, saving every {every} steps with backend={backend}; "
+                      f"it will be killed (SIGKILL) after step {kill_after}")
+        proc = _spawn(directory, steps, every, backend, address)
+        killed_at = None
+        for ev in _events(proc):
+            console.print(f"  child: {ev}")
+            if ev.get("step", -1) >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = ev["step"]
+                break
+        proc.wait()
+        if killed_at is None:
+            console.print(f"[red]the child ended before step {kill_after}:[/red]\n{proc.stderr.read()}")
+            return 1
+        console.print(f"[bold red]Killed[/bold red] the training process after step {killed_at} "
+                      f"(exit code {proc.returncode})")
+
+        from .checkpoint import Checkpoint
+        from .manager import CheckpointManager
+        manager = CheckpointManager(directory, max_to_keep=3, backend="threads")
+        console.print(f"Committed checkpoints on disk: steps {manager.all_steps()}")
+        latest = Checkpoint(manager.step_path(manager.latest_step))
+        table = Table(title=f"Shards of step {latest.step}")
+        for col in ("file", "bytes", "writer", "node", "pid"):
+            table.add_column(col)
+        for name, rec in latest.manifest.files.items():
+            w = rec.writer
+            table.add_row(name, str(rec.size), str(w.get("writer", "?")), str(w.get("node_id", w.get("host", "?")))[:16],
+                          str(w.get("pid", "?")))
+        console.print(table)
+
+        console.print("Resuming in a new process from the latest committed checkpoint ...")
+        proc = _spawn(directory, steps, every, backend, address)
+        digest = None
+        for ev in _events(proc):
+            console.print(f"  child: {ev}")
+            if ev["event"] == "done":
+                digest = ev["digest"]
+        proc.wait()
+        if digest is None:
+            console.print(f"[red]resume failed:[/red]\n{proc.stderr.read()}")
+            return 1
+        same = digest == reference
+        console.print(f"reference digest {reference[:16]}…  resumed digest {digest[:16]}…")
+        if same:
+            console.print("[bold green]Resumed run matches the uninterrupted run bit for bit "
+                          "(parameters, optimizer state, dropout RNG).[/bold green]")
+        else:
+            console.print("[bold red]MISMATCH: the resumed run differs from the reference.[/bold red]")
+        return 0 if same else 1
+    finally:
+        if backend == "ray":
+            import ray
+            ray.shutdown()
+        if cleanup:
+            shutil.rmtree(directory.parent, ignore_errors=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=None, help="where to keep the checkpoints (default: a temp dir)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--kill-after", type=int, default=7, help="SIGKILL the trainer after this step")
+    p.add_argument("--backend", choices=("ray", "threads"), default="ray")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        sys.exit(child_main(sys.argv[2:]))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    a = parser.parse_args()
+    sys.exit(run_demo(a.dir, a.steps, a.save_every, a.kill_after, a.backend))
