@@ -66,6 +66,116 @@ def default_executor() -> Executor:
 
 # --- save ----------------------------------------------------------------------------------
 
+@dataclass
+class PartReport:
+    """One participant's contribution to a save: what its items hold (specs and scalar
+    leaves, the same on every participant) and the reports of the shards it wrote."""
+
+    participant: int
+    items: dict[str, ItemRecord]
+    reports: list[ShardReport]
+    item_of_file: dict[str, str]
+
+
+def prepare_items(items: dict[str, Any]) -> tuple[dict[str, list], dict[str, ItemRecord]]:
+    """Flatten each item into array entries (with this process's host pieces) and records."""
+    entries, records = {}, {}
+    for name, tree in items.items():
+        arrays, scalars = split_values(FlatTree.of(tree).values())
+        entries[name] = arrays
+        records[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
+    return entries, records
+
+
+def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *, participant: int = 0,
+              participants: int = 1, replicated: bool = False) -> list[tuple[str, Any]]:
+    """The shards this participant writes, as (item, ShardPlan).
+
+    ``replicated``: every participant holds the same full state (data parallel). All of them
+    compute the same global plan over ``participants`` x ``num_shards`` files and each writes
+    every ``participants``-th file, so each writes ~1/N and nothing crosses the network.
+    Otherwise each participant plans only the pieces it holds (its addressable shards).
+    """
+    out = []
+    for name, arrays in entries.items():
+        nbytes = sum(p.data.nbytes for e in arrays for p in e.pieces)
+        n = num_shards or default_num_shards(nbytes, workers)
+        if replicated and participants > 1:
+            plans = plan_save(name, arrays, n * participants)
+            out.extend((name, plan) for i, plan in enumerate(plans) if i % participants == participant)
+        else:
+            plans = plan_save(name, arrays, n, process_index=participant, process_count=participants)
+            out.extend((name, plan) for plan in plans)
+    return out
+
+
+def write_part(tmp: Path, entries: dict[str, list], records: dict[str, ItemRecord], executor: Executor,
+               *, num_shards: int | None = None, compress: bool = False, progress: bool | None = None,
+               participant: int = 0, participants: int = 1, replicated: bool = False) -> PartReport:
+    workers = getattr(executor, "num_workers", 1) or 1
+    planned = plan_part(entries, num_shards, workers, participant=participant,
+                        participants=participants, replicated=replicated)
+    total = sum(plan.nbytes for _, plan in planned)
+    with byte_progress(f"saving {tmp.name}", total, progress) as advance:
+        reports = executor.write_shards(tmp, [plan for _, plan in planned], compress=compress,
+                                        progress=advance)
+    expected = {plan.file for _, plan in planned}
+    got = [r.file for r in reports]
+    if sorted(got) != sorted(expected):
+        raise SaveAbortedError(f"saving {tmp}: writers did not report "
+                               f"{sorted(expected - set(got)) or 'as planned'}")
+    return PartReport(participant, records, reports, {plan.file: item for item, plan in planned})
+
+
+def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int | None,
+                 json_files: dict[str, Any] | None, metrics: dict | None,
+                 keep_other_items: bool = False) -> Path:
+    """The committer: check the parts agree, write metadata, index and manifest last, then
+    publish ``tmp`` as ``final`` atomically. Raises (and publishes nothing) on any problem."""
+    previous = _existing_checkpoint(final)
+    records: dict[str, ItemRecord] = {}
+    for part in sorted(parts, key=lambda p: p.participant):
+        for name, rec in part.items.items():
+            if name not in records:
+                records[name] = rec
+            elif records[name].to_json() != rec.to_json():
+                raise SaveAbortedError(f"saving {final}: participants disagree on the structure of "
+                                       f"{name!r} (participant {part.participant} differs)")
+    chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in records}
+    files: dict[str, FileRecord] = {}
+    for part in parts:
+        for r in part.reports:
+            if r.file in files:
+                raise SaveAbortedError(f"saving {final}: shard {r.file} was reported twice")
+            item = part.item_of_file[r.file]
+            files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
+            for c in r.chunks:
+                chunks_by_item[item][c.key].append((r.file, c))
+    meta_files: dict[str, FileRecord] = {}
+    if keep_other_items and previous is not None:
+        _carry_over(previous, tmp, set(records), json_files or {}, records, chunks_by_item, files, meta_files)
+    for fname, obj in (json_files or {}).items():
+        data = _json_bytes(obj, fname)
+        write_file_durable(tmp / fname, data)
+        meta_files[fname] = _record_of(data)
+    structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
+                 for item, rec in records.items()}
+    data = _json_bytes(structure, "structure.json")
+    write_file_durable(tmp / "structure.json", data)
+    meta_files["structure.json"] = _record_of(data)
+    index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
+    # The index validator is the loader's: a commit never publishes what a load would refuse.
+    write_file_durable(tmp / INDEX, index)
+    meta_files[INDEX] = _record_of(index)
+    manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
+                        metrics=_plain_metrics(metrics or {}), writers=_writer_versions(),
+                        host_count=len({(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}) or 1)
+    load_index(index, manifest, str(final))
+    write_file_durable(tmp / MANIFEST, manifest.dumps())
+    publish_dir(tmp, final)
+    return final
+
+
 def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: int | None = None,
                     json_files: dict[str, Any] | None = None, metrics: dict | None = None,
                     num_shards: int | None = None, compress: bool = False,
@@ -77,63 +187,34 @@ def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: in
     ``final`` is replaced only once the new one is durable; with ``keep_other_items`` its
     items and metadata files that this save does not rewrite are carried over (hard links,
     no data copied), which is how ``save_model`` + ``save_optimizer`` build one checkpoint.
+    Executors with a coordinator (Ray) run the same phases as a distributed transaction.
     """
     final = Path(final).absolute()
-    previous = _existing_checkpoint(final)
+    _existing_checkpoint(final)  # refuse early to replace a directory that is not ours
     executor = executor or default_executor()
+    entries, records = prepare_items(items)
+    if hasattr(executor, "save_transaction"):
+        return executor.save_transaction(final, entries, records, step=step, json_files=json_files,
+                                         metrics=metrics, num_shards=num_shards, compress=compress,
+                                         progress=progress, keep_other_items=keep_other_items)
     final.parent.mkdir(parents=True, exist_ok=True)
-
-    entries = {}
-    manifest_items: dict[str, ItemRecord] = {}
-    for name, tree in items.items():
-        arrays, scalars = split_values(FlatTree.of(tree).values())
-        entries[name] = arrays
-        manifest_items[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
-    total = sum(p.data.nbytes for arrays in entries.values() for e in arrays for p in e.pieces)
-    workers = getattr(executor, "num_workers", 1) or 1
-
     tmp = hidden_name(final, "tmp")
     os.mkdir(tmp)
     try:
-        plans = []
-        for name, arrays in entries.items():
-            n = num_shards or default_num_shards(sum(p.data.nbytes for e in arrays for p in e.pieces), workers)
-            plans.append(plan_save(name, arrays, n))
-        flat_plans = [p for group in plans for p in group]
-        with byte_progress(f"saving {final.name}", total, progress) as advance:
-            reports = executor.write_shards(tmp, flat_plans, compress=compress, progress=advance)
-        chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in items}
-        files: dict[str, FileRecord] = {}
-        item_of_file = {p.file: name for name, group in zip(entries, plans) for p in group}
-        _collect_reports(reports, {p.file for p in flat_plans}, item_of_file, chunks_by_item, files, final)
-
-        meta_files: dict[str, FileRecord] = {}
-        if keep_other_items and previous is not None:
-            _carry_over(previous, tmp, items, json_files or {}, manifest_items,
-                                       chunks_by_item, files, meta_files)
-        for fname, obj in (json_files or {}).items():
-            data = _json_bytes(obj, fname)
-            write_file_durable(tmp / fname, data)
-            meta_files[fname] = _record_of(data)
-        structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
-                     for item, rec in manifest_items.items()}
-        data = _json_bytes(structure, "structure.json")
-        write_file_durable(tmp / "structure.json", data)
-        meta_files["structure.json"] = _record_of(data)
-        index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
-        write_file_durable(tmp / INDEX, index)
-        meta_files[INDEX] = _record_of(index)
-        manifest = Manifest(step=step, items=manifest_items, files=files, meta_files=meta_files,
-                            metrics=_plain_metrics(metrics or {}), writers=_writer_versions(),
-                            host_count=1)
-        write_file_durable(tmp / MANIFEST, manifest.dumps())
-        publish_dir(tmp, final)
+        part = write_part(tmp, entries, records, executor, num_shards=num_shards, compress=compress,
+                          progress=progress)
+        return commit_parts(final, tmp, [part], step=step, json_files=json_files, metrics=metrics,
+                            keep_other_items=keep_other_items)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, CheckpointError) or not isinstance(e, Exception):
-            raise
-        raise SaveAbortedError(f"saving {final} failed, nothing was committed: {type(e).__name__}: {e}") from e
-    return final
+        raise as_save_error(e, final) from e
+
+
+def as_save_error(e: BaseException, final: Path) -> BaseException:
+    """Our error for a failed save (KeyboardInterrupt and friends pass through)."""
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+        return e
+    return SaveAbortedError(f"saving {final} failed, nothing was committed: {type(e).__name__}: {e}")
 
 
 def _record_of(data: bytes) -> FileRecord:
@@ -149,20 +230,6 @@ def _plain_metrics(metrics: dict) -> dict:
         except CheckpointError:
             out[str(k)] = repr(v)
     return out
-
-
-def _collect_reports(reports: list[ShardReport], expected: set[str], item_of_file: dict[str, str],
-                     chunks_by_item, files, final: Path) -> None:
-    """The committer's check: exactly the planned files were reported, each once."""
-    got = [r.file for r in reports]
-    if sorted(got) != sorted(expected):
-        missing = sorted(expected - set(got))
-        raise SaveAbortedError(f"saving {final}: writers did not report {missing or 'as planned'}")
-    for r in reports:
-        item = item_of_file[r.file]
-        files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
-        for c in r.chunks:
-            chunks_by_item[item][c.key].append((r.file, c))
 
 
 def _existing_checkpoint(final: Path) -> "Checkpoint | None":
