@@ -9,7 +9,8 @@ from .executors.local import ThreadExecutor
 BACKENDS = ("auto", "threads", "ray")
 
 
-def resolve_executor(backend: str | Executor = "auto", num_writers: int | None = None) -> Executor:
+def resolve_executor(backend: str | Executor = "auto", num_writers: int | None = None,
+                     save_timeout: float | None = None) -> Executor:
     """``threads``: a thread pool here. ``ray``: writer/reader actors (starting a local Ray
     if none runs). ``auto``: Ray when ``ray.is_initialized()``, threads otherwise."""
     if isinstance(backend, Executor):
@@ -21,7 +22,7 @@ def resolve_executor(backend: str | Executor = "auto", num_writers: int | None =
     if backend == "threads":
         return ThreadExecutor(num_writers)
     from .executors.ray import RayExecutor
-    return RayExecutor.get(num_writers)
+    return RayExecutor.get(num_writers, save_timeout)
 
 
 def _ray_running() -> bool:

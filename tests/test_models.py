@@ -46,10 +46,6 @@ def test_output_shape_and_dtype(tiny_model):
     # Other batch/seq shapes, checked abstractly (no compile).
     out = nnx.eval_shape(lambda m, t: m(t), model, jnp.zeros((3, 5), jnp.int32))
     assert (out.shape, out.dtype) == ((3, 5, cfg.vocab_size), jnp.float32)
-    # Fresh model: loss is close to uniform-prediction loss log(vocab).
-    loss = _loss(model, _tokens(2, 16, cfg.vocab_size))
-    assert loss.shape == ()
-    assert abs(float(loss) - np.log(cfg.vocab_size)) < 0.5
 
 
 def test_rngs_positional_and_split_streams():
@@ -103,7 +99,8 @@ def test_tied_vs_untied_params():
     assert untied_paths - tied_paths == {"lm_head/kernel"}
     cfg = tied.config
     assert count_params(untied) - count_params(tied) == cfg.hidden_size * cfg.vocab_size
-    assert _forward(untied, _tokens()).shape == (2, 16, cfg.vocab_size)
+    out = nnx.eval_shape(lambda m, t: m(t), untied, _tokens())
+    assert (out.shape, out.dtype) == ((2, 16, cfg.vocab_size), jnp.float32)
 
 
 # --------------------------------------------------------------------------- #
@@ -203,16 +200,14 @@ def test_same_seed_same_model():
     assert any(diffs)
 
 
-@pytest.mark.parametrize("rngs_fn", [lambda: nnx.Rngs(0),
-                                     lambda: nnx.Rngs(params=0, dropout=1)])
-def test_dropout_train_random_eval_deterministic(rngs_fn):
-    cfg = ModelConfig(dropout=0.2, n_layers=1)  # 1 layer: 4 compiles below
-    model = LMModel(cfg, rngs=rngs_fn())
+def test_dropout_train_random_eval_deterministic():
+    # 1 layer keeps the three compiles below (train, flag, eval graphs) cheap.
+    cfg = ModelConfig(dropout=0.2, n_layers=1)
+    model = LMModel(cfg, rngs=nnx.Rngs(0))  # dropout falls back to the default stream
     tokens = _tokens()
-    forward = nnx.jit(lambda m, t: m(t))
 
-    # Train mode (default): the dropout RNG state advances between calls.
-    a, b = forward(model, tokens), forward(model, tokens)
+    # Train mode (the default): the dropout RNG state advances between calls.
+    a, b = _forward(model, tokens), _forward(model, tokens)
     assert not np.allclose(np.asarray(a), np.asarray(b))
     # An explicit flag overrides the module mode.
     forward_det = nnx.jit(lambda m, t: m(t, deterministic=True))
@@ -220,19 +215,22 @@ def test_dropout_train_random_eval_deterministic(rngs_fn):
                                   np.asarray(forward_det(model, tokens)))
 
     model.eval()
-    np.testing.assert_array_equal(np.asarray(forward(model, tokens)),
-                                  np.asarray(forward(model, tokens)))
+    np.testing.assert_array_equal(np.asarray(_forward(model, tokens)),
+                                  np.asarray(_forward(model, tokens)))
     model.train()
-    assert not np.allclose(np.asarray(forward(model, tokens)),
-                           np.asarray(forward(model, tokens)))
+    assert not np.allclose(np.asarray(_forward(model, tokens)),
+                           np.asarray(_forward(model, tokens)))
 
 
 def test_dropout_masks_reproducible_from_seed():
     cfg = ModelConfig(dropout=0.2, n_layers=1)
     tokens = _tokens()
-    outs = [_forward(LMModel(cfg, rngs=nnx.Rngs(params=0, dropout=7)), tokens)
-            for _ in range(2)]
-    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    m1 = LMModel(cfg, rngs=nnx.Rngs(params=0, dropout=7))
+    m2 = LMModel(cfg, rngs=nnx.Rngs(params=0, dropout=7))
+    first = [_forward(m, tokens) for m in (m1, m2)]
+    np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(first[1]))
+    # ...and the masks still change from step to step.
+    assert not np.allclose(np.asarray(_forward(m1, tokens)), np.asarray(first[0]))
 
 
 def test_dropout_requires_a_usable_stream():
@@ -257,6 +255,8 @@ def test_training_reduces_loss():
 
     losses = [float(train_step(model, optimizer, tokens)) for _ in range(10)]
     assert all(np.isfinite(losses))
+    # Fresh model: loss starts near the uniform-prediction loss log(vocab).
+    assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.5
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -271,9 +271,8 @@ def test_abstract_construction_matches_concrete():
             == jax.tree.map(lambda x: (x.shape, x.dtype), sc))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_bfloat16_params(dtype):
-    cfg = ModelConfig(dtype=dtype, param_dtype="bfloat16")
+def test_bfloat16():
+    cfg = ModelConfig(dtype="bfloat16", param_dtype="bfloat16")
     model = LMModel(cfg, rngs=nnx.Rngs(0))
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
@@ -282,3 +281,10 @@ def test_bfloat16_params(dtype):
     loss = _loss(model, _tokens())
     assert bool(jnp.isfinite(loss))
     assert abs(float(loss) - np.log(cfg.vocab_size)) < 0.5
+
+
+def test_bfloat16_params_float32_compute():
+    cfg = ModelConfig(dtype="float32", param_dtype="bfloat16")
+    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    out = nnx.eval_shape(lambda m, t: m(t), model, _tokens())
+    assert out.dtype == jnp.float32

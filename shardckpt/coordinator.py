@@ -1,0 +1,171 @@
+"""The save coordinator: one Ray actor per checkpoint directory owning save transactions.
+
+A transaction has an id, a tmp directory, the number of participants expected, and a
+deadline. Participants (the driver of a single-controller save, or every rank of a
+multi-controller one) ``begin`` to get the tmp directory, write their shards, and ``report``
+their PartReport. When all have reported the coordinator commits (index, manifest last,
+atomic rename) and every ``wait`` returns the path; on a failure, an ``abort`` or the
+deadline it removes the tmp directory and every ``wait`` raises. Transactions on one
+directory run one at a time, from any number of processes.
+
+The actor keeps nothing that storage does not: a new coordinator (after a crash) removes
+in-progress directories whose owner is dead and starts afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "shardckpt"
+DEFAULT_SAVE_TIMEOUT = 600.0
+
+
+@dataclass
+class _Txn:
+    id: str
+    final: str
+    tmp: str
+    participants: int
+    deadline: float
+    claimed: set = field(default_factory=set)
+    parts: dict = field(default_factory=dict)
+    commit_args: dict | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: str | None = None
+    error: str | None = None
+
+
+class SaveCoordinator:
+    """Ray actor body (wrapped with ``ray.remote`` in ``get_coordinator``)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.txns: dict[str, _Txn] = {}
+        self.open_by_final: dict[str, str] = {}
+        self.lock = asyncio.Lock()
+        self._cleanup_dead_leftovers()
+
+    def _cleanup_dead_leftovers(self) -> None:
+        from .storage import owner_alive, parse_hidden, recover_replacements
+        d = Path(self.directory)
+        if not d.is_dir():
+            return
+        recover_replacements(d)
+        for entry in os.scandir(d):
+            info = parse_hidden(entry.name)
+            if info and info["kind"] in ("tmp", "del") and not owner_alive(info):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "directory": self.directory}
+
+    async def begin(self, final: str, participants: int, participant: int, timeout: float) -> dict:
+        """Join the open transaction for ``final`` or start one (after the running one)."""
+        while True:
+            tid = self.open_by_final.get(final)
+            txn = self.txns.get(tid) if tid else None
+            if txn and not txn.done.is_set() and participant not in txn.claimed:
+                if txn.participants != participants:
+                    raise ValueError(f"saving {final}: participant {participant} expects "
+                                     f"{participants} participants, the open save has {txn.participants}")
+                txn.claimed.add(participant)
+                return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
+            if txn and not txn.done.is_set():
+                await txn.done.wait()  # same participant slot again: a new save after this one
+                continue
+            await self.lock.acquire()
+            # another participant may have opened it while we waited for the lock
+            tid = self.open_by_final.get(final)
+            if tid and not self.txns[tid].done.is_set():
+                self.lock.release()
+                continue
+            return self._open(final, participants, participant, timeout)
+
+    def _open(self, final: str, participants: int, participant: int, timeout: float) -> dict:
+        from .storage import hidden_name
+        Path(final).parent.mkdir(parents=True, exist_ok=True)
+        tmp = hidden_name(Path(final), "tmp")
+        os.mkdir(tmp)
+        txn = _Txn(uuid.uuid4().hex, final, str(tmp), participants, time.time() + timeout)
+        txn.claimed.add(participant)
+        self.txns[txn.id] = txn
+        self.open_by_final[final] = txn.id
+        asyncio.get_running_loop().call_later(timeout, self._expire, txn.id)
+        return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
+
+    def _expire(self, tid: str) -> None:
+        txn = self.txns.get(tid)
+        if txn and not txn.done.is_set():
+            missing = sorted(set(range(txn.participants)) - set(txn.parts))
+            self._finish(txn, error=f"deadline passed with participants {missing} not reported")
+
+    def _finish(self, txn: _Txn, result: str | None = None, error: str | None = None) -> None:
+        if txn.done.is_set():
+            return
+        txn.result, txn.error = result, error
+        if error is not None:
+            shutil.rmtree(txn.tmp, ignore_errors=True)
+        txn.done.set()
+        if self.open_by_final.get(txn.final) == txn.id:
+            del self.open_by_final[txn.final]
+        if self.lock.locked():
+            self.lock.release()
+        # keep finished transactions a while so late waiters get their answer
+        for tid in [t for t, x in self.txns.items() if x.done.is_set() and x.deadline < time.time() - 600]:
+            del self.txns[tid]
+
+    async def report(self, tid: str, participant: int, part: Any, commit_args: dict | None) -> None:
+        """Hand in one participant's part; the last one triggers the commit."""
+        from .checkpoint import commit_parts
+        txn = self.txns.get(tid)
+        if txn is None or txn.done.is_set():
+            raise ValueError(f"save transaction {tid} is no longer open"
+                             + (f": {txn.error}" if txn and txn.error else ""))
+        txn.parts[participant] = part
+        if commit_args is not None:
+            txn.commit_args = commit_args
+        if len(txn.parts) < txn.participants:
+            return
+        args = txn.commit_args or {}
+        try:
+            path = await asyncio.to_thread(
+                commit_parts, Path(txn.final), Path(txn.tmp), list(txn.parts.values()),
+                step=args.get("step"), json_files=args.get("json_files"), metrics=args.get("metrics"),
+                keep_other_items=args.get("keep_other_items", False))
+            self._finish(txn, result=str(path))
+        except BaseException as e:  # noqa: BLE001 - every failure aborts the transaction
+            self._finish(txn, error=f"commit failed: {type(e).__name__}: {e}")
+
+    async def abort(self, tid: str, reason: str) -> None:
+        txn = self.txns.get(tid)
+        if txn is not None:
+            self._finish(txn, error=reason)
+
+    async def wait(self, tid: str) -> str:
+        txn = self.txns.get(tid)
+        if txn is None:
+            raise ValueError(f"unknown save transaction {tid}")
+        await txn.done.wait()
+        if txn.error is not None:
+            raise RuntimeError(txn.error)
+        return txn.result
+
+
+def coordinator_name(directory: Path) -> str:
+    return "shardckpt-coordinator-" + hashlib.sha1(str(Path(directory).absolute()).encode()).hexdigest()[:16]
+
+
+def get_coordinator(directory: Path):
+    """The directory's coordinator actor, created on first use (named, detached, 0 CPUs)."""
+    import ray
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)(SaveCoordinator)
+    return actor_cls.options(name=coordinator_name(directory), namespace=NAMESPACE,
+                             lifetime="detached", get_if_exists=True).remote(str(Path(directory).absolute()))

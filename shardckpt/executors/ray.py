@@ -1,0 +1,305 @@
+"""Ray executor: writer and reader actors pinned to nodes, saves run as coordinator
+transactions.
+
+Per save the driver puts each shard's host arrays into the object store once (one object
+per shard); a writer actor on some node maps them zero-copy and writes the shard with the
+same ``write_shard`` the thread executor uses, so files are identical whoever wrote them.
+Each writer reports its node id, pid and name, which the manifest keeps. By default there
+is one writer per alive node (each writing several shards with its own threads); a writer
+or node that dies makes the save abort with the writer and node named, and the next save
+builds fresh writers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, SaveAbortedError
+from ..plan import ShardPlan
+from ..shard_io import MemberToWrite, ShardReport, write_shard, writer_identity
+from .base import Executor, ReadJob, ReadTarget, run_read_job
+from .local import ThreadExecutor
+
+_ACTOR_THREADS = 4
+
+
+class ShardWriter:
+    """Actor body: writes shards on its node with a few threads."""
+
+    def __init__(self, name: str):
+        self.name = name
+        import ray
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def identity(self) -> dict:
+        return writer_identity(writer=self.name, node_id=self.node_id, backend="ray")
+
+    def write(self, tmp_dir: str, files: list[str], metas: list[list[tuple]], *datas, compress: bool) -> list[dict]:
+        ident = self.identity()
+
+        def one(i):
+            members = [MemberToWrite(key, member, tuple(offset), arr)
+                       for (key, member, offset), arr in zip(metas[i], datas[i])]
+            return write_shard(os.path.join(tmp_dir, files[i]), members, compress=compress, writer=ident)
+
+        reports = ThreadExecutor(_ACTOR_THREADS)._map(one, list(range(len(files))))
+        return [r.__dict__ for r in reports]
+
+    def read(self, jobs: list[dict], verify: bool, where: str) -> list[list[np.ndarray]]:
+        """Read each job's targets into fresh arrays and return them (through the object
+        store, where the driver maps them without a copy)."""
+        out = []
+        built = []
+        for j in jobs:
+            targets = [ReadTarget(chunk, np.empty(shape, np.dtype(dtype)), sub)
+                       for chunk, shape, dtype, sub in j["targets"]]
+            built.append(ReadJob(Path(j["path"]), j["file_name"], j["expected_size"], targets))
+        ThreadExecutor(_ACTOR_THREADS)._map(lambda job: run_read_job(job, verify, where), built)
+        for job in built:
+            out.append([t.dest for t in job.targets])
+        return out
+
+
+def _alive_nodes() -> list[str]:
+    import ray
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+
+
+class RayExecutor(Executor):
+    name = "ray"
+    _instances: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, num_writers: int | None = None, save_timeout: float | None = None):
+        from ..coordinator import DEFAULT_SAVE_TIMEOUT
+        self.requested = num_writers
+        self.save_timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
+        self._actors: list[tuple[Any, str, str]] = []   # (handle, name, node id)
+        self._nodes: tuple = ()
+        self.participant = 0
+        self.participants = 1
+        self.replicated = False
+
+    @classmethod
+    def get(cls, num_writers: int | None = None, save_timeout: float | None = None) -> "RayExecutor":
+        """A process-wide executor per configuration (actors are reused across saves)."""
+        ensure_ray()
+        with cls._lock:
+            key = (num_writers, save_timeout)
+            if key not in cls._instances:
+                cls._instances[key] = cls(num_writers, save_timeout)
+            return cls._instances[key]
+
+    def with_participant(self, participant: int, participants: int, replicated: bool) -> "RayExecutor":
+        clone = RayExecutor.__new__(RayExecutor)
+        clone.__dict__.update(self.__dict__)
+        clone.participant, clone.participants, clone.replicated = participant, participants, replicated
+        clone._parent = self
+        return clone
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, len(self.actors()) * _ACTOR_THREADS // 2)
+
+    # --- actors ---------------------------------------------------------------------------
+    def actors(self) -> list[tuple[Any, str, str]]:
+        parent = getattr(self, "_parent", self)
+        if parent is not self:
+            return parent.actors()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        nodes = tuple(sorted(_alive_nodes()))
+        if nodes != self._nodes or not self._actors:
+            self.reset()
+            count = self.requested or len(nodes)
+            actor_cls = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+            for i in range(count):
+                node = nodes[i % len(nodes)]
+                name = f"writer-{i}@{node[:8]}"
+                handle = actor_cls.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(name)
+                self._actors.append((handle, name, node))
+            self._nodes = nodes
+        return self._actors
+
+    def reset(self) -> None:
+        """Drop the writers (after a failure the next save builds fresh ones)."""
+        parent = getattr(self, "_parent", self)
+        import ray
+        for handle, _, _ in parent._actors:
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        parent._actors, parent._nodes = [], ()
+
+    def _gather(self, refs: list, owners: list[tuple[str, str]], deadline: float, what: str) -> list:
+        import ray
+        try:
+            return ray.get(refs, timeout=max(0.1, deadline - time.time()))
+        except ray.exceptions.GetTimeoutError as e:
+            self.reset()
+            raise SaveAbortedError(f"{what}: writers did not finish within the deadline "
+                                   f"({', '.join(n for n, _ in owners)})") from e
+        except ray.exceptions.RayError as e:
+            bad = []
+            for ref, (name, node) in zip(refs, owners):
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    try:
+                        ray.get(ref)
+                        continue
+                    except ray.exceptions.RayError as err:
+                        bad.append(f"{name} on node {node} ({type(err).__name__})")
+                else:
+                    bad.append(f"{name} on node {node} (unfinished)")
+            self.reset()
+            raise SaveAbortedError(f"{what}: {', '.join(bad) or 'a writer'} failed: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+    # --- Executor interface -----------------------------------------------------------------
+    def write_shards(self, tmp_dir: Path, plans: list[ShardPlan], *, compress: bool,
+                     progress=None, deadline: float | None = None) -> list[ShardReport]:
+        import ray
+        if not plans:
+            return []
+        actors = self.actors()
+        deadline = deadline or time.time() + self.save_timeout
+        # balance by bytes: largest shard first onto the least-loaded writer
+        loads = [0] * len(actors)
+        assigned: list[list[ShardPlan]] = [[] for _ in actors]
+        for plan in sorted(plans, key=lambda p: -p.nbytes):
+            i = loads.index(min(loads))
+            assigned[i].append(plan)
+            loads[i] += plan.nbytes
+        refs, owners = [], []
+        for (handle, name, node), group in zip(actors, assigned):
+            if not group:
+                continue
+            datas = [ray.put([m.data for m in plan.members]) for plan in group]
+            metas = [[(m.key, m.member, tuple(m.offset)) for m in plan.members] for plan in group]
+            refs.append(handle.write.remote(str(tmp_dir), [p.file for p in group], metas, *datas,
+                                            compress=compress))
+            owners.append((name, node))
+        results = self._gather(refs, owners, deadline, f"saving {Path(tmp_dir).name}")
+        reports = [ShardReport(**d) for group in results for d in group]
+        if progress is not None:
+            progress(sum(p.nbytes for p in plans))
+        return reports
+
+    def read(self, jobs: list[ReadJob], *, verify: bool, progress=None, where: str = "") -> None:
+        import ray
+        if not jobs:
+            return
+        actors = self.actors()
+        loads = [0] * len(actors)
+        assigned: list[list[ReadJob]] = [[] for _ in actors]
+        for job in sorted(jobs, key=lambda j: -j.nbytes):
+            i = loads.index(min(loads))
+            assigned[i].append(job)
+            loads[i] += job.nbytes
+        refs, owners, groups = [], [], []
+        for (handle, name, node), group in zip(actors, assigned):
+            if not group:
+                continue
+            descs = [{"path": str(j.path), "file_name": j.file_name, "expected_size": j.expected_size,
+                      "targets": [(t.chunk, t.dest.shape, t.dest.dtype.str, t.sub) for t in j.targets]}
+                     for j in group]
+            refs.append(handle.read.remote(descs, verify, where or str(group[0].path.parent)))
+            owners.append((name, node))
+            groups.append(group)
+        try:
+            results = self._gather(refs, owners, time.time() + self.save_timeout, f"loading {where}")
+        except SaveAbortedError as e:
+            cause = e.__cause__
+            if isinstance(cause, ray.exceptions.RayTaskError) and isinstance(cause.cause, CheckpointError):
+                raise cause.cause from None
+            raise CheckpointError(str(e)) from cause
+        for group, arrays in zip(groups, results):
+            for job, job_arrays in zip(group, arrays):
+                for t, arr in zip(job.targets, job_arrays):
+                    t.dest[...] = arr
+        if progress is not None:
+            progress(sum(j.nbytes for j in jobs))
+
+    # --- transactions -----------------------------------------------------------------------
+    def save_transaction(self, final: Path, entries: dict, records: dict, *, step, json_files, metrics,
+                         num_shards, compress, progress, keep_other_items) -> Path:
+        """Run a save as a coordinator transaction (see coordinator.py)."""
+        import ray
+        from ..checkpoint import write_part
+        from ..coordinator import get_coordinator
+
+        coord = get_coordinator(final.parent)
+        p, n = self.participant, self.participants
+        try:
+            info = ray.get(coord.begin.remote(str(final), n, p, self.save_timeout), timeout=self.save_timeout)
+        except ray.exceptions.RayError as e:
+            raise SaveAbortedError(f"saving {final}: the coordinator failed to open the save: {_first_line(e)}") from e
+        tid, tmp, deadline = info["txn"], Path(info["tmp"]), info["deadline"]
+        try:
+            part = write_part(tmp, entries, records, _DeadlineExecutor(self, deadline), num_shards=num_shards,
+                              compress=compress, progress=progress, participant=p, participants=n,
+                              replicated=self.replicated)
+            commit_args = None
+            if p == 0:
+                commit_args = {"step": step, "json_files": json_files, "metrics": metrics,
+                               "keep_other_items": keep_other_items}
+            ray.get(coord.report.remote(tid, p, part, commit_args), timeout=max(0.1, deadline - time.time()))
+            path = ray.get(coord.wait.remote(tid), timeout=max(0.1, deadline - time.time()) + 30)
+            return Path(path)
+        except BaseException as e:
+            try:
+                coord.abort.remote(tid, f"participant {p}: {type(e).__name__}: {_first_line(e)}")
+            except Exception:  # noqa: BLE001 - the coordinator itself may be gone
+                pass
+            if isinstance(e, CheckpointError):
+                raise
+            if isinstance(e, ray.exceptions.RayTaskError):
+                raise SaveAbortedError(f"saving {final} failed, nothing was committed: {_first_line(e.cause or e)}") from e
+            if isinstance(e, ray.exceptions.RayActorError):
+                raise SaveAbortedError(f"saving {final}: the coordinator died; nothing was committed") from e
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise SaveAbortedError(f"saving {final}: not committed within the deadline "
+                                       f"(save_timeout={self.save_timeout}s)") from e
+            if isinstance(e, Exception):
+                raise SaveAbortedError(f"saving {final} failed, nothing was committed: {type(e).__name__}: {e}") from e
+            raise
+
+
+class _DeadlineExecutor(Executor):
+    """The Ray executor bound to one transaction's deadline."""
+
+    name = "ray"
+
+    def __init__(self, inner: RayExecutor, deadline: float):
+        self.inner, self.deadline = inner, deadline
+
+    @property
+    def num_workers(self) -> int:
+        return self.inner.num_workers
+
+    def write_shards(self, tmp_dir, plans, *, compress, progress):
+        return self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress, deadline=self.deadline)
+
+    def read(self, jobs, *, verify, progress):
+        return self.inner.read(jobs, verify=verify, progress=progress)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def ensure_ray() -> None:
+    """Start a local Ray (the embedded default) when none is running."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 namespace=None, ignore_reinit_error=True)
