@@ -183,8 +183,15 @@ class CheckpointManager:
     # --- save ------------------------------------------------------------------------------
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
              config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
-             extra: dict | None = None) -> Path:
-        """Commit a checkpoint of ``step`` atomically, then apply retention."""
+             extra: dict | None = None, *, process_index: int | None = None,
+             process_count: int | None = None) -> Path:
+        """Commit a checkpoint of ``step`` atomically, then apply retention.
+
+        With several participants (``process_count`` > 1, or taken from the Ray Train context
+        or ``jax.process_count()``), every participant calls ``save`` for the same step; each
+        writes only its part and the coordinator commits once all have reported. Processes
+        holding the same replicated state split the arrays between them.
+        """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             try:
                 step = int(step)
@@ -199,12 +206,26 @@ class CheckpointManager:
             json_files["metrics.json"] = metrics
         if extra is not None:
             json_files["extra.json"] = extra
+        index, count = participants(process_index, process_count)
+        executor = self._executor(count)
+        if count > 1:
+            import jax
+            executor = executor.with_participant(index, count, replicated=jax.process_count() == 1)
         path = save_checkpoint(self.step_path(step), items, step=step, json_files=json_files,
                                metrics=metrics, num_shards=self.num_shards, compress=self.compress,
-                               executor=resolve_executor(self.backend, self.num_writers),
-                               progress=self.progress)
-        self.apply_retention()
+                               executor=executor, progress=self.progress)
+        if index == 0:
+            self.apply_retention()
         return path
+
+    def _executor(self, count: int = 1):
+        backend = self.backend
+        if count > 1:
+            if backend == "threads":
+                raise CheckpointError(f"{count} participants need a coordinator: use backend='ray' "
+                                      "(or 'auto' with Ray running), not 'threads'")
+            backend = "ray"
+        return resolve_executor(backend, self.num_writers, self.save_timeout)
 
     def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
         """(kept, deleted) under the retention rules, without deleting anything."""
@@ -233,7 +254,7 @@ class CheckpointManager:
              *, strict: bool = False, allow_pickle: bool = False) -> CheckpointState:
         """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout)."""
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
-        executor = resolve_executor(self.backend, self.num_writers)
+        executor = self._executor()
         cfg_file = ck.read_json("config.json", {}) or {}
         cfg = cfg_file.get("model_config")
         if model is None:
@@ -274,6 +295,33 @@ class CheckpointManager:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
         step = self.best_step
         return None if step is None else self.load_step(step, **kw)
+
+
+def participants(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
+    """(index, count) of this save participant: given, else the Ray Train worker's world
+    rank and size, else ``jax.process_index()/process_count()``."""
+    if process_index is not None or process_count is not None:
+        if process_index is None or process_count is None or not 0 <= process_index < process_count:
+            raise CheckpointError(f"process_index={process_index!r}, process_count={process_count!r}: "
+                                  "give both, with 0 <= process_index < process_count")
+        return int(process_index), int(process_count)
+    rank = _ray_train_rank()
+    if rank is not None:
+        return rank
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def _ray_train_rank() -> tuple[int, int] | None:
+    try:
+        import ray
+        if not ray.is_initialized():
+            return None
+        import ray.train
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:  # noqa: BLE001 - not inside a Ray Train worker
+        return None
 
 
 def _this_host() -> str:

@@ -244,7 +244,11 @@ class RayExecutor(Executor):
             raise SaveAbortedError(f"saving {final}: the coordinator failed to open the save: {_first_line(e)}") from e
         tid, tmp, deadline = info["txn"], Path(info["tmp"]), info["deadline"]
         try:
-            part = write_part(tmp, entries, records, _DeadlineExecutor(self, deadline), num_shards=num_shards,
+            # Single controller: writer actors. Multi controller: each participant writes its
+            # own part straight to storage with local threads; only metadata goes to the
+            # coordinator.
+            writer = _DeadlineExecutor(self if n == 1 else ThreadExecutor(), deadline)
+            part = write_part(tmp, entries, records, writer, num_shards=num_shards,
                               compress=compress, progress=progress, participant=p, participants=n,
                               replicated=self.replicated)
             commit_args = None
@@ -278,7 +282,7 @@ class _DeadlineExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, inner: RayExecutor, deadline: float):
+    def __init__(self, inner: Executor, deadline: float):
         self.inner, self.deadline = inner, deadline
 
     @property
@@ -286,7 +290,13 @@ class _DeadlineExecutor(Executor):
         return self.inner.num_workers
 
     def write_shards(self, tmp_dir, plans, *, compress, progress):
-        return self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress, deadline=self.deadline)
+        if isinstance(self.inner, RayExecutor):
+            return self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress,
+                                           deadline=self.deadline)
+        reports = self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress)
+        if time.time() > self.deadline:
+            raise SaveAbortedError(f"saving {Path(tmp_dir).name}: shards written after the deadline")
+        return reports
 
     def read(self, jobs, *, verify, progress):
         return self.inner.read(jobs, verify=verify, progress=progress)
