@@ -112,7 +112,7 @@ class SaveCoordinator:
             return
         txn.result, txn.error = result, error
         if error is not None:
-            shutil.rmtree(txn.tmp, ignore_errors=True)
+            _remove_tmp(txn.tmp)
         txn.done.set()
         if self.open_by_final.get(txn.final) == txn.id:
             del self.open_by_final[txn.final]
@@ -157,6 +157,16 @@ class SaveCoordinator:
         if txn.error is not None:
             raise RuntimeError(txn.error)
         return txn.result
+
+
+def _remove_tmp(tmp: str) -> None:
+    """Remove an aborted save's directory, again if a writer that was being stopped still
+    created a file in it meanwhile."""
+    for _ in range(5):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(tmp):
+            return
+        time.sleep(0.2)
 
 
 def coordinator_name(directory: Path) -> str:

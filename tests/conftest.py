@@ -61,11 +61,12 @@ def make_optimizer(model, tx=None) -> nnx.Optimizer:
 # --------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------
-@nnx.jit
-def _train_step(model, optimizer, tokens):
-    loss, grads = nnx.value_and_grad(lm_loss)(model, tokens)
-    optimizer.update(model, grads)
-    return loss
+# Only the forward/backward pass is compiled (once per model structure). The optimizer
+# update runs eagerly: a compiled update would be recompiled for every new optax
+# transformation object (its functions are static jit arguments), and the guide's examples
+# build a fresh ``optax.adamw(...)`` each time. Eager ops are cached by shape, so a new
+# optimizer costs nothing, and the step is still deterministic (bit-exact resume holds).
+_loss_and_grad = nnx.jit(nnx.value_and_grad(lm_loss))
 
 
 def batch_for(step: int, seed: int, vocab_size: int) -> jax.Array:
@@ -81,7 +82,8 @@ def train_steps(model, optimizer, n: int, seed: int = 0) -> float | None:
     vocab = model.config.vocab_size
     for _ in range(n):
         step = int(optimizer.step[...])
-        loss = _train_step(model, optimizer, batch_for(step, seed, vocab))
+        loss, grads = _loss_and_grad(model, batch_for(step, seed, vocab))
+        optimizer.update(model, grads)
     return None if loss is None else float(loss)
 
 

@@ -317,7 +317,7 @@ def my_models(monkeypatch):
 def test_custom_model_classes(my_models):
     from shardckpt import CheckpointManager, save_model
 
-    custom = CustomModel(CustomConfig(hidden=12), rngs=nnx.Rngs(3))
+    custom = my_models.CustomModel(my_models.CustomConfig(hidden=12), rngs=nnx.Rngs(3))
     custom(jnp.ones((4, 6)))          # moves batch stats and the dropout RNG counter
     saved = bits_of(custom)
     save_model("./checkpoint", custom)

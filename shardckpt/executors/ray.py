@@ -40,8 +40,11 @@ class ShardWriter:
     def identity(self) -> dict:
         return writer_identity(writer=self.name, node_id=self.node_id, backend="ray")
 
-    def write(self, tmp_dir: str, files: list[str], metas: list[list[tuple]], *datas, compress: bool) -> list[dict]:
+    def write(self, tmp_dir: str, files: list[str], metas: list[list[tuple]], *datas, compress: bool,
+              delay: float = 0.0) -> list[dict]:
         ident = self.identity()
+        if delay:  # fault-injection seam for tests: widens the window in which a writer can die
+            time.sleep(delay)
 
         def one(i):
             members = [MemberToWrite(key, member, tuple(offset), arr)
@@ -85,6 +88,7 @@ class RayExecutor(Executor):
         self.participant = 0
         self.participants = 1
         self.replicated = False
+        self.test_write_delay = 0.0   # seconds each writer waits before writing (tests only)
 
     @classmethod
     def get(cls, num_writers: int | None = None, save_timeout: float | None = None) -> "RayExecutor":
@@ -185,7 +189,7 @@ class RayExecutor(Executor):
             datas = [ray.put([m.data for m in plan.members]) for plan in group]
             metas = [[(m.key, m.member, tuple(m.offset)) for m in plan.members] for plan in group]
             refs.append(handle.write.remote(str(tmp_dir), [p.file for p in group], metas, *datas,
-                                            compress=compress))
+                                            compress=compress, delay=self.test_write_delay))
             owners.append((name, node))
         results = self._gather(refs, owners, deadline, f"saving {Path(tmp_dir).name}")
         reports = [ShardReport(**d) for group in results for d in group]
@@ -259,8 +263,9 @@ class RayExecutor(Executor):
             path = ray.get(coord.wait.remote(tid), timeout=max(0.1, deadline - time.time()) + 30)
             return Path(path)
         except BaseException as e:
-            try:
-                coord.abort.remote(tid, f"participant {p}: {type(e).__name__}: {_first_line(e)}")
+            try:  # synchronous, so the tmp directory is gone when the error reaches the caller
+                ray.get(coord.abort.remote(tid, f"participant {p}: {type(e).__name__}: {_first_line(e)}"),
+                        timeout=30)
             except Exception:  # noqa: BLE001 - the coordinator itself may be gone
                 pass
             if isinstance(e, CheckpointError):
