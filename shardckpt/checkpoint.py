@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,10 +227,22 @@ def _plain_metrics(metrics: dict) -> dict:
     out = {}
     for k, v in metrics.items():
         try:
-            out[str(k)] = json.loads(_json_bytes(v, "metrics"))
+            out[str(k)] = _finite_json(json.loads(_json_bytes(v, "metrics")))
         except CheckpointError:
             out[str(k)] = repr(v)
     return out
+
+
+def _finite_json(v: Any) -> Any:
+    """The manifest is strict JSON: a NaN or infinite metric (a diverged loss) is kept as
+    its repr string ("nan", "inf") instead of failing the save."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite_json(x) for x in v]
+    return v
 
 
 def _existing_checkpoint(final: Path) -> "Checkpoint | None":
@@ -450,6 +463,11 @@ class Checkpoint:
         if not specs:
             return {}
         index = self.index()[item]
+        executor = executor or default_executor()
+        # Sizes against the real files before anything is allocated: the index's bounds
+        # checks hold against the manifest's sizes, which a hostile manifest could inflate.
+        self._check_file_sizes({f for key in specs for f, _ in index[key]},
+                               must_exist=getattr(executor, "name", "") == "threads")
         out: dict[str, np.ndarray] = {}
         jobs: dict[str, ReadJob] = {}
         for key, spec in specs.items():
@@ -460,11 +478,27 @@ class Checkpoint:
                 if job is None:
                     job = jobs[fname] = ReadJob(self.path / fname, fname, self.manifest.files[fname].size)
                 job.targets.append(_chunk_target(chunk, dest))
-        executor = executor or default_executor()
         total = sum(a.nbytes for a in out.values())
         with byte_progress(f"loading {self.path.name}", total, progress) as advance:
             executor.read(list(jobs.values()), verify=verify, progress=advance)
         return out
+
+
+    def _check_file_sizes(self, names: set[str], *, must_exist: bool) -> None:
+        for fname in sorted(names):
+            try:
+                st = os.lstat(self.path / fname)
+            except FileNotFoundError:
+                if must_exist:
+                    raise CorruptCheckpointError(f"{self.where}: shard file {fname} is missing") from None
+                continue  # not visible here (node-local storage): the reader there checks it
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{self.where}: shard file {fname} is not a regular file "
+                                             "(a symlink?); refusing it")
+            expected = self.manifest.files[fname].size
+            if st.st_size != expected:
+                raise CorruptCheckpointError(f"{self.where}: {fname} is {st.st_size} bytes, the manifest "
+                                             f"says {expected}")
 
 
 def _chunk_target(chunk: ChunkRecord, dest: np.ndarray) -> ReadTarget:

@@ -176,6 +176,19 @@ def coordinator_name(directory: Path) -> str:
 def get_coordinator(directory: Path):
     """The directory's coordinator actor, created on first use (named, detached, 0 CPUs)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     actor_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)(SaveCoordinator)
-    return actor_cls.options(name=coordinator_name(directory), namespace=NAMESPACE,
-                             lifetime="detached", get_if_exists=True).remote(str(Path(directory).absolute()))
+    options = dict(name=coordinator_name(directory), namespace=NAMESPACE, lifetime="detached",
+                   get_if_exists=True)
+    head = _head_node_id()
+    if head:  # the head node lives as long as the cluster: the coordinator should too
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+    return actor_cls.options(**options).remote(str(Path(directory).absolute()))
+
+
+def _head_node_id() -> str | None:
+    import ray
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None

@@ -33,6 +33,7 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_INDEX_BYTES = 2 << 30
 MAX_ELEMENTS = 1 << 50
 MAX_NDIM = 64
+MAX_DEFLATE_RATIO = 1032        # deflate cannot inflate more than this per input byte
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_@\-][A-Za-z0-9_.@\-]{0,254}$")
 
 
@@ -221,6 +222,8 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
             if f not in manifest.files:
                 raise CorruptCheckpointError(f"{where}: index names file {f!r} that the manifest does not list")
         out: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {}
+        stored_in: dict[str, int] = {}   # uncompressed chunk bytes per file
+        inflated: dict[str, int] = {}    # inflated bytes of compressed chunks per file
         for item, by_key in _dict(d["items"], where).items():
             if item not in manifest.items:
                 raise CorruptCheckpointError(f"{where}: index has unknown item {item!r}")
@@ -242,8 +245,15 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
                         raise CorruptCheckpointError(f"{what}: box {off}+{shp} lies outside the array {spec.stored_shape}")
                     if _int(nbytes, what) != math.prod(shp) * itemsize:
                         raise CorruptCheckpointError(f"{what}: {nbytes} bytes do not match shape {shp}")
-                    if _int(data_off, what, -1) + nbytes > manifest.files[f].size:
-                        raise CorruptCheckpointError(f"{what}: bytes beyond the end of {f}")
+                    size = manifest.files[f].size
+                    if _int(data_off, what, -1) >= 0:
+                        if data_off + nbytes > size:
+                            raise CorruptCheckpointError(f"{what}: bytes beyond the end of {f}")
+                        stored_in[f] = stored_in.get(f, 0) + nbytes
+                    else:  # compressed: nbytes is the inflated size, bounded by deflate's ratio
+                        inflated[f] = inflated.get(f, 0) + nbytes
+                    if stored_in.get(f, 0) > size or inflated.get(f, 0) > MAX_DEFLATE_RATIO * size + 65536:
+                        raise CorruptCheckpointError(f"{what}: the chunks of {f} claim more bytes than it holds")
                     if not isinstance(member, str):
                         raise CorruptCheckpointError(f"{what}: malformed member name")
                     parsed.append((f, ChunkRecord(key, member, off, shp, None if data_off < 0 else data_off,

@@ -164,7 +164,8 @@ def remove_tree(path: Path) -> None:
 
 def recover_replacements(directory: Path) -> None:
     """Undo a replacement interrupted between its two renames (fallback path only): an
-    ``.old`` directory whose final name is gone is moved back."""
+    ``.old`` directory whose final name is gone is moved back. One whose final name is back
+    in place (the replacement died after its second rename) is obsolete and removed."""
     for entry in os.scandir(directory):
         info = parse_hidden(entry.name)
         if info and info["kind"] == "old" and not owner_alive(info):
@@ -172,3 +173,5 @@ def recover_replacements(directory: Path) -> None:
             if not final.exists():
                 os.rename(entry.path, final)
                 fsync_path(directory)
+            else:
+                remove_tree(Path(entry.path))

@@ -142,9 +142,12 @@ def encode_value(key: str, value: Any) -> ArrayEntry:
                          key_impl=impl)
         return ArrayEntry(key, spec, _host_pieces(data, lambda a: a if a.flags.c_contiguous else a.copy(order="C")))
     dtype = np.dtype(value.dtype)
-    stored = storage_dtype(dtype)
     if dtype.kind == "O":
         raise CheckpointError(f"key {key!r}: object arrays cannot be checkpointed")
+    try:
+        stored = storage_dtype(dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"key {key!r}: {e}") from None
 
     def as_stored(a: np.ndarray) -> np.ndarray:
         a = a if a.flags.c_contiguous else a.copy(order="C")

@@ -13,6 +13,7 @@ builds fresh writers.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -266,8 +267,8 @@ class RayExecutor(Executor):
             try:  # synchronous, so the tmp directory is gone when the error reaches the caller
                 ray.get(coord.abort.remote(tid, f"participant {p}: {type(e).__name__}: {_first_line(e)}"),
                         timeout=30)
-            except Exception:  # noqa: BLE001 - the coordinator itself may be gone
-                pass
+            except Exception:  # noqa: BLE001 - the coordinator is gone: nobody can commit it now
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, CheckpointError):
                 raise
             if isinstance(e, ray.exceptions.RayTaskError):
