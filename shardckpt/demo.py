@@ -30,7 +30,7 @@ def child_main(argv: list[str]) -> int:
     from .manager import CheckpointManager
     from .training import batch_for_step, make_tx, new_run, state_digest, train_step
 
-    manager = CheckpointManager(directory, max_to_keep=3, backend=backend, num_shards=4)
+    manager = CheckpointManager(directory, max_to_keep=3, backend=backend, num_shards=4, num_writers=2)
     state = manager.load_latest(tx=make_tx())
     if state is None:
         model, optimizer = new_run()
@@ -109,10 +109,10 @@ def run_demo(directory: Path | None, steps: int, every: int, kill_after: int, ba
         latest = Checkpoint(manager.step_path(manager.latest_step))
         table = Table(title=f"Shards of step {latest.step}")
         for col in ("file", "bytes", "writer", "node", "pid"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=True)
         for name, rec in latest.manifest.files.items():
             w = rec.writer
-            table.add_row(name, str(rec.size), str(w.get("writer", "?")), str(w.get("node_id", w.get("host", "?")))[:16],
+            table.add_row(name, str(rec.size), str(w.get("writer", "?")), str(w.get("node_id", w.get("host", "?")))[:12],
                           str(w.get("pid", "?")))
         console.print(table)
 
