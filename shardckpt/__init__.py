@@ -11,11 +11,12 @@ from .api import load_model, load_optimizer, save_model, save_optimizer  # noqa:
 from .checkpoint import Checkpoint, RestoreReport, open_checkpoint  # noqa: E402
 from .manager import CheckpointInfo, CheckpointManager, CheckpointState  # noqa: E402
 from .models import LMModel, ModelConfig  # noqa: E402
+from .verification import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "save_model", "load_model", "save_optimizer", "load_optimizer",
     "CheckpointManager", "CheckpointState", "CheckpointInfo", "Checkpoint", "RestoreReport",
-    "open_checkpoint", "LMModel", "ModelConfig",
+    "open_checkpoint", "LMModel", "ModelConfig", "verify", "VerifyReport",
     "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError",
     "StructureMismatchError", "SaveAbortedError",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .backends import resolve_executor
+from .backends import executor_for_save, resolve_executor
 from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, save_checkpoint
 from .errors import CheckpointError, StructureMismatchError
 from .tree import FlatTree
@@ -47,12 +47,14 @@ def model_config_of(model: Any, config: Any = None) -> dict | None:
 def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *,
                compress: bool = False, num_shards: int | None = None, step: int | None = None,
                backend: str = "auto", num_writers: int | None = None,
-               progress: bool | None = None) -> Path:
+               save_timeout: float | None = None, process_index: int | None = None,
+               process_count: int | None = None, progress: bool | None = None) -> Path:
     """Save ``model``'s full nnx state (parameters, RNG streams, batch stats...) to ``path``.
 
-    ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path.
+    ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path. In a
+    multi-process job every process calls it; each writes only its own shards.
     """
-    executor = resolve_executor(backend, num_writers)
+    executor = executor_for_save(backend, num_writers, save_timeout, process_index, process_count)
     cfg = model_config_of(model, config)
     return save_checkpoint(path, {"model": nnx.state(model)}, step=step,
                            json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}},
@@ -62,9 +64,11 @@ def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *
 
 def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compress: bool = False,
                    num_shards: int | None = None, backend: str = "auto",
-                   num_writers: int | None = None, progress: bool | None = None) -> Path:
+                   num_writers: int | None = None, save_timeout: float | None = None,
+                   process_index: int | None = None, process_count: int | None = None,
+                   progress: bool | None = None) -> Path:
     """Save an ``nnx.Optimizer``'s state (step and every optax state leaf) into ``path``."""
-    executor = resolve_executor(backend, num_writers)
+    executor = executor_for_save(backend, num_writers, save_timeout, process_index, process_count)
     return save_checkpoint(path, {"optimizer": nnx.state(optimizer)}, num_shards=num_shards,
                            compress=compress, executor=executor, progress=progress,
                            keep_other_items=True)
@@ -86,16 +90,20 @@ def _is_param(leaf: Any) -> bool:
 
 
 def restore_module_state(ck: Checkpoint, item: str, target: nnx.Module | Callable[[], nnx.Module],
-                         *, verify: bool = True, executor=None, progress=None) -> nnx.Module:
+                         *, verify: bool = True, executor=None, progress=None,
+                         shardings: Any = None, select: Callable[[str], bool] | None = None) -> nnx.Module:
     """Restore ``item`` into a module: a concrete one (updated in place) or a constructor,
     evaluated abstractly with ``nnx.eval_shape`` so no weights are initialised just to be
     overwritten. Non-parameter state absent from the checkpoint (RNG streams of legacy
     checkpoints) falls back to a fresh initialisation, with a warning."""
     concrete = isinstance(target, nnx.Module)
+    if select is not None and not concrete:
+        raise CheckpointError(f"{ck.where}: select= restores part of a model: pass the model to fill "
+                              "(the keys not selected keep its values)")
     module = target if concrete else nnx.eval_shape(target)
     graphdef, state = nnx.split(module)
     restored, report = ck.restore(item, state, strict=False, verify=verify, executor=executor,
-                                  progress=progress)
+                                  progress=progress, shardings=shardings, select=select)
     leaves = FlatTree.of(state).leaves
     missing_params = [k for k in report.missing if _is_param(leaves[k])]
     if report.mismatched or report.unexpected or missing_params:
@@ -130,13 +138,17 @@ def _cast_floats(model: nnx.Module, dtype: Any) -> None:
 def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
                model_cls: type | None = None, config_cls: type | None = None, dtype: Any = None,
                *, verify: bool = True, backend: str = "auto", num_writers: int | None = None,
+               shardings: Any = None, select: Callable[[str], bool] | None = None,
                progress: bool | None = None) -> tuple[nnx.Module, dict | None]:
     """Load a model saved by ``save_model`` (or a guide-layout ``model.npz``).
 
     Without ``model``, builds ``model_cls`` (default ``LMModel``) from the saved config
     abstractly and fills it from the files. With ``model``, restores into it in place (its
-    shardings are kept). ``dtype`` casts floating-point parameters after loading.
-    Returns ``(model, config_dict)``.
+    shardings are kept). ``shardings`` (one Sharding, a dict by dotted key, or a pytree
+    like the state) puts arrays on another layout; an abstract target built under a mesh
+    carries its own. Each device reads only the chunks its slice overlaps. ``select(key)``
+    restores only some keys (into a given ``model``; the rest keep their values).
+    ``dtype`` casts floating-point parameters after loading. Returns ``(model, config_dict)``.
     """
     ck = open_checkpoint(path)
     executor = resolve_executor(backend, num_writers)
@@ -147,9 +159,11 @@ def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
             model_cls = LMModel
         config = _build_config(cfg, config_cls, ck.where)
         model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
-                                     verify=verify, executor=executor, progress=progress)
+                                     verify=verify, executor=executor, progress=progress,
+                                     shardings=shardings, select=select)
     else:
-        restore_module_state(ck, "model", model, verify=verify, executor=executor, progress=progress)
+        restore_module_state(ck, "model", model, verify=verify, executor=executor, progress=progress,
+                             shardings=shardings, select=select)
     if dtype is not None:
         _cast_floats(model, dtype)
     return model, cfg
@@ -157,7 +171,7 @@ def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
 
 def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTransformation, *,
                       wrt: Any = nnx.Param, strict: bool = False, verify: bool = True,
-                      executor=None, progress=None) -> tuple[nnx.Optimizer, RestoreReport]:
+                      executor=None, progress=None, shardings: Any = None) -> tuple[nnx.Optimizer, RestoreReport]:
     """Build ``nnx.Optimizer(model, tx, wrt=wrt)`` and restore its state by key path.
 
     When every leaf is in the checkpoint the optimizer is built abstractly and filled;
@@ -167,7 +181,7 @@ def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTrans
     abstract = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
     graphdef, state = nnx.split(abstract)
     restored, report = ck.restore("optimizer", state, strict=strict, verify=verify,
-                                  executor=executor, progress=progress)
+                                  executor=executor, progress=progress, shardings=shardings)
     if report.complete:
         return nnx.merge(graphdef, restored), report
     warnings.warn(f"{ck.where}: optimizer state restored only where it matches the new optimizer; "

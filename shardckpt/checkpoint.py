@@ -130,7 +130,7 @@ def write_part(tmp: Path, entries: dict[str, list], records: dict[str, ItemRecor
 
 def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int | None,
                  json_files: dict[str, Any] | None, metrics: dict | None,
-                 keep_other_items: bool = False) -> Path:
+                 keep_other_items: bool = False, transaction: str = "") -> Path:
     """The committer: check the parts agree, write metadata, index and manifest last, then
     publish ``tmp`` as ``final`` atomically. Raises (and publishes nothing) on any problem."""
     previous = _existing_checkpoint(final)
@@ -155,6 +155,9 @@ def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int |
     meta_files: dict[str, FileRecord] = {}
     if keep_other_items and previous is not None:
         _carry_over(previous, tmp, set(records), json_files or {}, records, chunks_by_item, files, meta_files)
+        # Adding an item keeps what the checkpoint is listed by (its step and metrics).
+        step = previous.step if step is None else step
+        metrics = previous.metrics if metrics is None else metrics
     for fname, obj in (json_files or {}).items():
         data = _json_bytes(obj, fname)
         write_file_durable(tmp / fname, data)
@@ -170,7 +173,8 @@ def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int |
     meta_files[INDEX] = _record_of(index)
     manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
                         metrics=_plain_metrics(metrics or {}), writers=_writer_versions(),
-                        host_count=len({(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}) or 1)
+                        host_count=len({(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}) or 1,
+                        transaction=transaction)
     load_index(index, manifest, str(final))
     write_file_durable(tmp / MANIFEST, manifest.dumps())
     publish_dir(tmp, final)
@@ -299,6 +303,8 @@ class RestoreReport:
     missing: list[str] = field(default_factory=list)      # in the target, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)   # in the checkpoint, not in the target
     mismatched: list[str] = field(default_factory=list)   # shape/dtype differ ("key: why")
+    chunks_read: int = 0                                    # chunk reads (whole or partial)
+    bytes_read: int = 0                                     # bytes copied out of the files
 
     @property
     def complete(self) -> bool:
@@ -314,22 +320,71 @@ class RestoreReport:
         return "; ".join(parts)
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]   # (offset, shape) in stored coordinates
+
+
 def _target_sharding(value: Any):
     sharding = getattr(value, "sharding", None)
     return sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
 
-def _place(value: np.ndarray | jax.Array, target: Any) -> Any:
-    """Put a restored host array where the target wants it: same kind (numpy stays numpy),
-    the target's sharding (each device gets only its slice)."""
-    if isinstance(target, (np.ndarray, np.generic)):
-        return np.asarray(value)
-    sharding = _target_sharding(target)
-    if sharding is None:
-        return jax.device_put(value)
-    if len(sharding.device_set) == 1:
-        return jax.device_put(value, sharding)
-    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+def concrete_sharding(sharding: Any, key: str, where: str):
+    """A sharding on real devices: an abstract target from ``nnx.eval_shape`` under
+    ``jax.sharding.set_mesh`` names an AbstractMesh, bound here to the mesh in force."""
+    if sharding is None or not isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+        return sharding
+    mesh = jax.sharding.get_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or dict(mesh.shape) != dict(sharding.mesh.shape):
+        raise StructureMismatchError(
+            f"{where}: {key!r} targets an abstract mesh {dict(sharding.mesh.shape)}; restore under "
+            "`with jax.sharding.set_mesh(mesh):` with that mesh, or pass shardings=")
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def sharding_resolver(shardings: Any) -> Callable[[str], Any]:
+    """``shardings=`` as key -> Sharding: one Sharding for all, a dict by dotted key, a
+    callable, or a pytree shaped like the target (e.g. ``nnx.get_named_sharding``)."""
+    if shardings is None:
+        return lambda key: None
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda key: shardings
+    if callable(shardings) and not isinstance(shardings, dict):
+        return shardings
+    if isinstance(shardings, dict) and all(isinstance(k, str) and "." in k for k in shardings):
+        return shardings.get
+    by_key = {k: v for k, v in FlatTree.of(shardings).values().items()
+              if isinstance(v, jax.sharding.Sharding)}
+    return by_key.get
+
+
+def _full_box(spec: ArraySpec) -> Box:
+    return (0,) * len(spec.stored_shape), tuple(spec.stored_shape)
+
+
+def device_boxes(spec: ArraySpec, sharding) -> dict[Any, Box]:
+    """The stored-coordinate box each addressable device of ``sharding`` needs (key data
+    arrays carry their trailing key dimension whole)."""
+    extra = tuple(spec.stored_shape[len(spec.shape):])
+    out = {}
+    for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
+        starts, sizes = [], []
+        for sl, dim in zip(index, spec.shape):
+            start, stop, _ = sl.indices(dim)
+            starts.append(start)
+            sizes.append(stop - start)
+        out[device] = (tuple(starts) + (0,) * len(extra), tuple(sizes) + extra)
+    return out
+
+
+def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any):
+    """Stored bits -> the real dtype, then the target's dtype if it differs."""
+    value = decode_stored(spec, stored)
+    tdtype = getattr(target, "dtype", None)
+    if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
+        tdtype = np.dtype(tdtype)
+        untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
+        value = value.view(tdtype) if untyped else value.astype(tdtype)
+    return value
 
 
 class Checkpoint:
@@ -398,13 +453,19 @@ class Checkpoint:
 
     def restore(self, item: str, target: Any, *, strict: bool = True, verify: bool = True,
                 executor: Executor | None = None, progress: bool | None = None,
-                select: Callable[[str], bool] | None = None) -> tuple[Any, RestoreReport]:
+                select: Callable[[str], bool] | None = None,
+                shardings: Any = None) -> tuple[Any, RestoreReport]:
         """Restore ``item`` into the structure of ``target`` (abstract or concrete).
 
         Keys are matched by name. With ``strict`` any key missing, unexpected or of another
         shape raises ``StructureMismatchError``; otherwise such leaves keep the target's
-        value and the report lists them. ``select(key)`` limits the keys read.
+        value and the report lists them. ``select(key)`` limits the keys read (the others
+        keep the target's value). Arrays land on ``shardings`` (see ``sharding_resolver``)
+        or else on the target leaf's own sharding (a concrete array's, or an abstract
+        ``ShapeDtypeStruct``'s from ``nnx.eval_shape`` under a mesh); each device's slice is
+        assembled from the chunks it overlaps, read from the files in place.
         """
+        resolve = sharding_resolver(shardings)
         rec = self.item_record(item)
         flat = FlatTree.of(target)
         values = flat.values()
@@ -431,15 +492,34 @@ class Checkpoint:
         if strict and not report.complete:
             raise StructureMismatchError(f"{self.where}: item {item!r} does not match the target: "
                                          + report.describe())
-        arrays = self._read_arrays(item, {k: s for k, (s, _) in wanted.items()}, verify, executor, progress)
+        # Each device gets only its box: read the boxes the addressable devices need (once per
+        # distinct box), never the whole array on a host that holds only a slice.
+        placement, requests = {}, {}
         for key, (spec, tv) in wanted.items():
-            value = decode_stored(spec, arrays.pop(key))
-            tdtype = getattr(tv, "dtype", None)
-            if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
-                tdtype = np.dtype(tdtype)
-                untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
-                value = value.view(tdtype) if untyped else value.astype(tdtype)
-            new_values[key] = _place(value, tv)
+            sharding = concrete_sharding(resolve(key) or _target_sharding(tv), key, self.where)
+            if sharding is not None and not isinstance(tv, (np.ndarray, np.generic)) and len(sharding.device_set) > 1:
+                boxes = device_boxes(spec, sharding)
+                placement[key] = (sharding, boxes)
+                requests[key] = sorted(set(boxes.values()))
+            else:
+                placement[key] = (sharding, None)
+                requests[key] = [_full_box(spec)]
+        self.last_read = (0, 0)
+        host = self._read_boxes(item, {k: s for k, (s, _) in wanted.items()}, requests, verify, executor, progress)
+        report.chunks_read, report.bytes_read = self.last_read
+        for key, (spec, tv) in wanted.items():
+            sharding, boxes = placement[key]
+            pieces = host.pop(key)
+            if boxes is None:
+                value = _to_real(spec, pieces[_full_box(spec)], tv)
+                if isinstance(tv, (np.ndarray, np.generic)):
+                    new_values[key] = np.asarray(value)
+                else:
+                    new_values[key] = jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+            else:
+                per_device = [jax.device_put(_to_real(spec, pieces[box], tv), device)
+                              for device, box in boxes.items()]
+                new_values[key] = jax.make_array_from_single_device_arrays(spec.shape, sharding, per_device)
             report.restored.append(key)
         return flat.rebuild(new_values), report
 
@@ -459,7 +539,15 @@ class Checkpoint:
 
     def _read_arrays(self, item: str, specs: dict[str, ArraySpec], verify: bool,
                      executor: Executor | None, progress: bool | None) -> dict[str, np.ndarray]:
-        """Allocate each wanted array once and fill it from its chunks, file by file."""
+        """Whole arrays (stored dtype) of ``item``."""
+        boxes = self._read_boxes(item, specs, {k: [_full_box(s)] for k, s in specs.items()},
+                                 verify, executor, progress)
+        return {k: boxes[k][_full_box(s)] for k, s in specs.items()}
+
+    def _read_boxes(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
+                    verify: bool, executor: Executor | None, progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
+        """Allocate each requested box once and fill it from the chunks it overlaps (only
+        those), file by file, in parallel."""
         if not specs:
             return {}
         index = self.index()[item]
@@ -468,21 +556,28 @@ class Checkpoint:
         # checks hold against the manifest's sizes, which a hostile manifest could inflate.
         self._check_file_sizes({f for key in specs for f, _ in index[key]},
                                must_exist=getattr(executor, "name", "") == "threads")
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, dict[Box, np.ndarray]] = {}
         jobs: dict[str, ReadJob] = {}
+        total = 0
         for key, spec in specs.items():
-            dest = np.empty(spec.stored_shape, np.dtype(spec.stored_dtype))
-            out[key] = dest
-            for fname, chunk in index[key]:
-                job = jobs.get(fname)
-                if job is None:
-                    job = jobs[fname] = ReadJob(self.path / fname, fname, self.manifest.files[fname].size)
-                job.targets.append(_chunk_target(chunk, dest))
-        total = sum(a.nbytes for a in out.values())
+            dtype = np.dtype(spec.stored_dtype)
+            out[key] = {}
+            for box in requests[key]:
+                dest = np.empty(box[1], dtype)
+                out[key][box] = dest
+                total += dest.nbytes
+                for fname, chunk in index[key]:
+                    target = _chunk_target(chunk, dest, box)
+                    if target is None:
+                        continue
+                    job = jobs.get(fname)
+                    if job is None:
+                        job = jobs[fname] = ReadJob(self.path / fname, fname, self.manifest.files[fname].size)
+                    job.targets.append(target)
         with byte_progress(f"loading {self.path.name}", total, progress) as advance:
             executor.read(list(jobs.values()), verify=verify, progress=advance)
+        self.last_read = (sum(len(j.targets) for j in jobs.values()), sum(j.nbytes for j in jobs.values()))
         return out
-
 
     def _check_file_sizes(self, names: set[str], *, must_exist: bool) -> None:
         for fname in sorted(names):
@@ -501,12 +596,20 @@ class Checkpoint:
                                              f"says {expected}")
 
 
-def _chunk_target(chunk: ChunkRecord, dest: np.ndarray) -> ReadTarget:
-    box = tuple(slice(o, o + n) for o, n in zip(chunk.offset, chunk.shape))
-    view = dest[box] if box else dest
-    if view.flags.c_contiguous:
+def _chunk_target(chunk: ChunkRecord, dest: np.ndarray, box: Box) -> ReadTarget | None:
+    """How ``chunk`` fills the part of ``dest`` (holding ``box``) it overlaps: a direct read
+    when the chunk lies whole in a contiguous region, else a copy of the overlap."""
+    hit = box_overlap(chunk.offset, chunk.shape, box[0], box[1])
+    if hit is None:
+        return None
+    offset, shape = hit
+    dest_sl = tuple(slice(o - b, o - b + n) for o, b, n in zip(offset, box[0], shape))
+    view = dest[dest_sl] if dest_sl else dest
+    whole = shape == tuple(chunk.shape)
+    if whole and view.flags.c_contiguous:
         return ReadTarget(chunk, view)
-    return ReadTarget(chunk, view, sub=tuple(slice(None) for _ in chunk.shape))
+    sub = tuple(slice(o - c, o - c + n) for o, c, n in zip(offset, chunk.offset, shape))
+    return ReadTarget(chunk, view, sub=sub)
 
 
 def _mismatch(spec: ArraySpec, target: Any) -> str | None:

@@ -123,6 +123,7 @@ class Manifest:
     writers: dict[str, str] = field(default_factory=dict)
     host_count: int = 1
     index_file: str = INDEX
+    transaction: str = ""                  # id of the save that committed it (multi-process)
 
     def to_json(self) -> dict:
         return {
@@ -133,6 +134,7 @@ class Manifest:
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
             "meta_files": {k: v.to_json() for k, v in sorted(self.meta_files.items())},
             "index": self.index_file,
+            **({"transaction": self.transaction} if self.transaction else {}),
         }
 
     def dumps(self) -> bytes:
@@ -175,7 +177,8 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
         return cls(step=step, items=items, files=files, meta_files=meta, metrics=metrics,
                    created=str(d.get("created", "")), writers=_dict(d.get("writers", {}), where),
-                   host_count=host_count, index_file=index_file)
+                   host_count=host_count, index_file=index_file,
+                   transaction=str(d.get("transaction", ""))[:64])
 
 
 def _dict(v: Any, where: str) -> dict:

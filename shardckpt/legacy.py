@@ -126,9 +126,21 @@ class LegacyCheckpoint(Checkpoint):
             with np.load(f, allow_pickle=False) as npz:
                 for key, spec in specs.items():
                     arr = npz[self._members[item][key]]
+                    if not arr.dtype.isnative:  # a big-endian writer: values, not raw bytes
+                        arr = arr.astype(arr.dtype.newbyteorder("="))
                     if tuple(arr.shape) != spec.shape:
                         raise CorruptCheckpointError(f"{f}: {key!r} changed shape while reading")
                     out[key] = arr
         except (ValueError, zipfile.BadZipFile, OSError) as e:
             raise CorruptCheckpointError(f"{f}: cannot read ({e})") from e
         return out
+
+
+def _legacy_read_boxes(self, item, specs, requests, verify, executor, progress):
+    """Legacy files have no chunk index: read whole arrays, then cut the boxes."""
+    full = self._read_arrays(item, specs, verify, executor, progress)
+    return {k: {box: np.ascontiguousarray(full[k][tuple(slice(o, o + n) for o, n in zip(*box))])
+                for box in requests[k]} for k in specs}
+
+
+LegacyCheckpoint._read_boxes = _legacy_read_boxes

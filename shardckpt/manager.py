@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from .api import model_config_of, restore_module_state, restore_optimizer, _build_config
-from .backends import resolve_executor
+from .backends import executor_for_save, resolve_executor
+from .participants import participants
 from .checkpoint import Checkpoint, open_checkpoint, save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MANIFEST
@@ -206,11 +207,9 @@ class CheckpointManager:
             json_files["metrics.json"] = metrics
         if extra is not None:
             json_files["extra.json"] = extra
-        index, count = participants(process_index, process_count)
-        executor = self._executor(count)
-        if count > 1:
-            import jax
-            executor = executor.with_participant(index, count, replicated=jax.process_count() == 1)
+        index, _ = participants(process_index, process_count)
+        executor = executor_for_save(self.backend, self.num_writers, self.save_timeout,
+                                     process_index, process_count)
         path = save_checkpoint(self.step_path(step), items, step=step, json_files=json_files,
                                metrics=metrics, num_shards=self.num_shards, compress=self.compress,
                                executor=executor, progress=self.progress)
@@ -218,14 +217,8 @@ class CheckpointManager:
             self.apply_retention()
         return path
 
-    def _executor(self, count: int = 1):
-        backend = self.backend
-        if count > 1:
-            if backend == "threads":
-                raise CheckpointError(f"{count} participants need a coordinator: use backend='ray' "
-                                      "(or 'auto' with Ray running), not 'threads'")
-            backend = "ray"
-        return resolve_executor(backend, self.num_writers, self.save_timeout)
+    def _executor(self):
+        return resolve_executor(self.backend, self.num_writers, self.save_timeout)
 
     def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
         """(kept, deleted) under the retention rules, without deleting anything."""
@@ -251,8 +244,13 @@ class CheckpointManager:
     def load(self, path: os.PathLike | str, model: nnx.Module | None = None,
              model_cls: type | None = None, config_cls: type | None = None,
              tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
-             *, strict: bool = False, allow_pickle: bool = False) -> CheckpointState:
-        """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout)."""
+             *, strict: bool = False, allow_pickle: bool = False, shardings: Any = None,
+             optimizer_shardings: Any = None) -> CheckpointState:
+        """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout).
+
+        ``shardings`` / ``optimizer_shardings`` restore onto another device layout (see
+        ``load_model``); by default arrays follow the target's own shardings.
+        """
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
         executor = self._executor()
         cfg_file = ck.read_json("config.json", {}) or {}
@@ -263,15 +261,16 @@ class CheckpointManager:
                 model_cls = LMModel
             config = _build_config(cfg, config_cls, ck.where)
             model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
-                                         verify=self.verify, executor=executor, progress=self.progress)
+                                         verify=self.verify, executor=executor, progress=self.progress,
+                                         shardings=shardings)
         else:
             restore_module_state(ck, "model", model, verify=self.verify, executor=executor,
-                                 progress=self.progress)
+                                 progress=self.progress, shardings=shardings)
         optimizer = None
         if should_load_optimizer and "optimizer" in ck.items:
             optimizer, _ = restore_optimizer(ck, model, tx if tx is not None else optax.adamw(1e-4),
                                              strict=strict, verify=self.verify, executor=executor,
-                                             progress=self.progress)
+                                             progress=self.progress, shardings=optimizer_shardings)
         step = ck.step if ck.step is not None else cfg_file.get("step")
         return CheckpointState(step=step if isinstance(step, int) else -1, model=model,
                                optimizer=optimizer, config=cfg or {},
@@ -295,33 +294,6 @@ class CheckpointManager:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
         step = self.best_step
         return None if step is None else self.load_step(step, **kw)
-
-
-def participants(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
-    """(index, count) of this save participant: given, else the Ray Train worker's world
-    rank and size, else ``jax.process_index()/process_count()``."""
-    if process_index is not None or process_count is not None:
-        if process_index is None or process_count is None or not 0 <= process_index < process_count:
-            raise CheckpointError(f"process_index={process_index!r}, process_count={process_count!r}: "
-                                  "give both, with 0 <= process_index < process_count")
-        return int(process_index), int(process_count)
-    rank = _ray_train_rank()
-    if rank is not None:
-        return rank
-    import jax
-    return jax.process_index(), jax.process_count()
-
-
-def _ray_train_rank() -> tuple[int, int] | None:
-    try:
-        import ray
-        if not ray.is_initialized():
-            return None
-        import ray.train
-        ctx = ray.train.get_context()
-        return ctx.get_world_rank(), ctx.get_world_size()
-    except Exception:  # noqa: BLE001 - not inside a Ray Train worker
-        return None
 
 
 def _this_host() -> str:

@@ -117,19 +117,51 @@ def real_dtype(name: str) -> np.dtype:
     return dtype
 
 
+def _box_of(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    starts, sizes = [], []
+    for sl, dim in zip(index, shape):
+        start, stop, _ = sl.indices(dim)
+        starts.append(start)
+        sizes.append(stop - start)
+    return tuple(starts), tuple(sizes)
+
+
 def _host_pieces(x: Any, as_stored: Callable[[np.ndarray], np.ndarray]) -> list[Piece]:
-    """Host copies of the parts of ``x`` this process must write: for a ``jax.Array`` the
-    addressable shards with replica id 0 (each replicated piece once), else the whole."""
-    if isinstance(x, jax.Array) and not (x.is_fully_addressable and len(x.sharding.device_set) == 1):
-        pieces = []
-        for shard in x.addressable_shards:
-            if shard.replica_id != 0:
+    """Host copies of the parts of ``x`` this process must write.
+
+    A sharded ``jax.Array``: each distinct shard once. When the replicas of a shard live in
+    several processes, they split it along axis 0 and each writes its part, so replicated
+    state is written in parallel by all its holders, never twice. Anything else: the whole.
+    """
+    if not isinstance(x, jax.Array) or (x.is_fully_addressable and len(x.sharding.device_set) == 1):
+        arr = np.asarray(x)
+        return [Piece((0,) * arr.ndim, as_stored(arr))]
+    me = jax.process_index()
+    holders: dict[tuple, set[int]] = {}
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+        holders.setdefault(_box_of(index, x.shape), set()).add(device.process_index)
+    pieces, done = [], set()
+    for shard in x.addressable_shards:
+        box = _box_of(shard.index, x.shape)
+        if box in done:
+            continue
+        done.add(box)
+        procs = sorted(holders[box])
+        rank, count = procs.index(me), len(procs)
+        offset, shape = box
+        if x.ndim == 0 or shape[0] < count:
+            if rank != 0:
                 continue
-            offset = tuple(s.start or 0 for s in shard.index)
-            pieces.append(Piece(offset + (0,) * (x.ndim - len(offset)), as_stored(np.asarray(shard.data))))
-        return pieces
-    arr = np.asarray(x)
-    return [Piece((0,) * arr.ndim, as_stored(arr))]
+            part = slice(None)
+        else:
+            rows = -(-shape[0] // count)
+            part = slice(rank * rows, min(shape[0], (rank + 1) * rows))
+            if part.start >= part.stop:
+                continue
+            offset = (offset[0] + part.start,) + offset[1:]
+        data = np.asarray(shard.data)
+        pieces.append(Piece(offset, as_stored(data[part] if x.ndim else data)))
+    return pieces
 
 
 def encode_value(key: str, value: Any) -> ArrayEntry:

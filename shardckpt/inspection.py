@@ -1,0 +1,377 @@
+"""Read-only views of checkpoints for the ``shardckpt`` command: what a checkpoint holds
+(``inspect``), what a manager directory holds (``ls``), what a ``gc`` would remove and how
+two checkpoints differ (``diff``).
+
+Every function returns plain JSON-ready data (the CLI prints it as tables or ``--json``)
+and never changes anything on disk: in particular nothing here constructs a
+``CheckpointManager``, whose constructor removes leftovers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+from .format import MANIFEST
+from .storage import owner_alive, parse_hidden
+
+STALE_FOREIGN_SECONDS = 24 * 3600   # as manager.STALE_FOREIGN_SECONDS
+
+
+def _this_host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _shape(shape) -> list[int]:
+    return [int(d) for d in shape]
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+def describe(path: os.PathLike | str) -> dict[str, Any]:
+    """Everything ``inspect`` shows about one checkpoint (ours or the legacy layout).
+
+    Raises ``CheckpointError`` when ``path`` cannot be opened at all; smaller troubles
+    (an unreadable chunk index, a config that is not JSON) go into ``warnings``."""
+    from .checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    warnings: list[str] = []
+    out: dict[str, Any] = {"path": str(Path(path)), "layout": "legacy" if ck.legacy else "shardckpt",
+                           "step": ck.step, "warnings": warnings}
+    index: dict = {}
+    if not ck.legacy:
+        m = ck.manifest
+        out.update(created=m.created, versions=dict(m.writers), host_count=m.host_count)
+        try:
+            index = ck.index()
+        except CheckpointError as e:
+            warnings.append(str(e))
+    items = {}
+    for item in ck.items:
+        try:
+            rec = ck.item_record(item)
+        except CheckpointError as e:
+            rec = getattr(ck, "_records", {}).get(item)   # legacy optimizer beside a pickle
+            warnings.append(str(e))
+            if rec is None:
+                continue
+        arrays = []
+        for key, spec in rec.arrays.items():
+            chunks = index.get(item, {}).get(key)
+            arrays.append({"key": key, "dtype": spec.dtype, "shape": _shape(spec.shape),
+                           "nbytes": spec.stored_nbytes if spec.stored_dtype else 0,
+                           "chunks": None if chunks is None else len(chunks),
+                           "files": sorted({f for f, _ in chunks}) if chunks else []})
+        scalars = {}
+        from .tree import decode_scalar
+        for key, r in rec.scalars.items():
+            try:
+                scalars[key] = decode_scalar(key, r)
+            except CheckpointError:
+                scalars[key] = repr(r)
+        items[item] = {"arrays": arrays, "scalars": scalars,
+                       "nbytes": sum(a["nbytes"] for a in arrays)}
+    out["items"] = items
+    files = []
+    if ck.legacy:
+        from .legacy import LEGACY_FILES, PICKLE_META
+        for fname in [*LEGACY_FILES.values(), PICKLE_META, "config.json", "metrics.json", "extra.json"]:
+            f = Path(path) / fname
+            if f.is_file():
+                files.append({"name": fname, "size": f.stat().st_size, "item": None, "writer": {}})
+        out["files"] = files
+        out["meta_files"] = []
+    else:
+        for fname, rec in sorted(ck.manifest.files.items()):
+            files.append({"name": fname, "size": rec.size, "item": rec.item, "xxh3_64": rec.xxh3_64,
+                          "writer": _plain(rec.writer)})
+        out["files"] = files
+        out["meta_files"] = [{"name": n, "size": r.size, "xxh3_64": r.xxh3_64}
+                             for n, r in sorted(ck.manifest.meta_files.items())]
+    out["total_bytes"] = sum(f["size"] for f in files) + sum(f["size"] for f in out["meta_files"])
+    out["writers"] = _writers(files)
+    for name, key in (("config.json", "config"), ("metrics.json", "metrics_file"), ("extra.json", "extra")):
+        try:
+            out[key] = ck.read_json(name, None)
+        except CheckpointError as e:
+            out[key] = None
+            warnings.append(str(e))
+    out["metrics"] = _plain(ck.metrics)
+    return out
+
+
+def _writers(files: list[dict]) -> list[dict]:
+    """Distinct writers (backend, name, node, pid, host) with the shard count of each."""
+    seen: dict[tuple, dict] = {}
+    for f in files:
+        w = f.get("writer") or {}
+        if not w:
+            continue
+        ident = tuple(str(w.get(k, "")) for k in ("backend", "writer", "node_id", "host", "pid"))
+        row = seen.setdefault(ident, {"backend": w.get("backend"), "writer": w.get("writer"),
+                                      "node_id": w.get("node_id"), "host": w.get("host"),
+                                      "pid": w.get("pid"), "shards": 0, "bytes": 0})
+        row["shards"] += 1
+        row["bytes"] += f["size"]
+    return list(seen.values())
+
+
+def _plain(v: Any) -> Any:
+    """JSON-safe copy of manifest data (which came from JSON, but be safe)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return repr(v)
+
+
+# --- ls ------------------------------------------------------------------------------------
+
+def _metric_value(metrics: dict, name: str | None) -> float | None:
+    """A metric as the manager ranks it: finite numbers only."""
+    value = metrics.get(name) if name else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def rank_best(infos: list[dict], metric: str | None, mode: str) -> list[dict]:
+    """Best first, as ``CheckpointManager._ranked_best`` orders (ties: newer first)."""
+    scored = [i for i in infos if _metric_value(i["metrics"], metric) is not None]
+    sign = 1 if mode == "min" else -1
+    return sorted(scored, key=lambda i: (sign * _metric_value(i["metrics"], metric), -i["step"]))
+
+
+def scan(directory: os.PathLike | str, prefix: str = "step") -> tuple[list[dict], list[dict]]:
+    """(committed checkpoints oldest first, unreadable ones) in a manager directory, found
+    the way ``CheckpointManager`` finds them (``{prefix}_{step}`` with a valid manifest)."""
+    from .checkpoint import Checkpoint
+
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    infos, invalid = [], []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        m = pattern.match(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        if not os.path.lexists(os.path.join(entry.path, MANIFEST)):
+            invalid.append({"name": entry.name, "path": entry.path,
+                            "problem": f"no {MANIFEST} (not committed; ignored by the manager)"})
+            continue
+        try:
+            ck = Checkpoint(entry.path)
+        except CheckpointError as e:
+            invalid.append({"name": entry.name, "path": entry.path, "problem": str(e)})
+            continue
+        man = ck.manifest
+        size = sum(r.size for r in man.files.values()) + sum(r.size for r in man.meta_files.values())
+        try:
+            size += os.lstat(os.path.join(entry.path, MANIFEST)).st_size
+        except OSError:
+            pass
+        infos.append({"step": ck.step if ck.step is not None else int(m.group(1)), "name": entry.name,
+                      "path": entry.path, "created": man.created, "metrics": _plain(man.metrics),
+                      "bytes": size, "files": len(man.files),
+                      "items": list(man.items), "latest": False, "best": False})
+    infos.sort(key=lambda i: i["step"])
+    return infos, invalid
+
+
+def leftovers(directory: os.PathLike | str, prefix: str = "step", *, now: float | None = None) -> list[dict]:
+    """Hidden tmp/del/old directories of ``{prefix}_*`` saves in ``directory``, with what
+    ``CheckpointManager.cleanup_leftovers`` would do to each ("remove", "restore" or
+    "keep": the owner still runs, or another host's save is younger than a day)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    now = time.time() if now is None else now
+    host = _this_host()
+    out = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        info = parse_hidden(entry.name)
+        if not info or not pattern.match(info["name"]):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        alive = owner_alive(info)
+        foreign = info["host"] != host
+        if info["kind"] == "old":
+            # recover_replacements: a dead replacement's old copy goes back if its final
+            # name is gone; otherwise it is obsolete. (A foreign host counts as alive.)
+            action = "keep" if alive else ("restore" if not os.path.lexists(Path(directory) / info["name"])
+                                           else "remove")
+        else:
+            if alive and foreign:
+                alive = now - st.st_mtime < STALE_FOREIGN_SECONDS
+            action = "keep" if alive else "remove"
+        out.append({"name": entry.name, "path": entry.path, "kind": info["kind"], "checkpoint": info["name"],
+                    "host": info["host"], "pid": int(info["pid"]), "owner_alive": alive,
+                    "foreign": foreign, "age_s": round(now - st.st_mtime, 1), "action": action})
+    return out
+
+
+def list_dir(directory: os.PathLike | str, prefix: str = "step", best_metric: str | None = None,
+             best_mode: str = "min") -> dict[str, Any]:
+    """What ``ls`` shows: checkpoints (with latest/best marks), unreadable step
+    directories and leftovers."""
+    infos, invalid = scan(directory, prefix)
+    if infos:
+        infos[-1]["latest"] = True
+    ranked = rank_best(infos, best_metric, best_mode) if best_metric else []
+    if ranked:
+        ranked[0]["best"] = True
+    return {"directory": str(directory), "prefix": prefix, "best_metric": best_metric,
+            "best_mode": best_mode, "checkpoints": infos, "invalid": invalid,
+            "leftovers": leftovers(directory, prefix),
+            "total_bytes": sum(i["bytes"] for i in infos)}
+
+
+def retention(infos: list[dict], max_to_keep: int | None, best_metric: str | None, best_mode: str,
+              best_to_keep: int) -> tuple[list[dict], list[dict]]:
+    """(kept, deleted): ``CheckpointManager.retention_plan`` on already scanned infos."""
+    if not infos:
+        return [], []
+    keep = {infos[-1]["step"]}
+    keep.update(i["step"] for i in (infos if max_to_keep is None else infos[-max_to_keep:]))
+    if best_metric:
+        keep.update(i["step"] for i in rank_best(infos, best_metric, best_mode)[:best_to_keep])
+    return [i for i in infos if i["step"] in keep], [i for i in infos if i["step"] not in keep]
+
+
+def format_time(created: str) -> str:
+    """The manifest's UTC ISO time as local time, to the second."""
+    try:
+        t = _dt.datetime.fromisoformat(created)
+    except (TypeError, ValueError):
+        return created or "?"
+    if t.tzinfo is not None:
+        t = t.astimezone()
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- diff ----------------------------------------------------------------------------------
+
+DIFF_BATCH_BYTES = 256 << 20     # arrays read per round from each side
+
+
+def _raw(x: Any) -> np.ndarray:
+    """Host array of a value read from a checkpoint (typed PRNG keys as their key data)."""
+    import jax
+    if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint8).reshape(-1) if a.size else np.zeros(0, np.uint8)
+
+
+def compare_arrays(a: Any, b: Any) -> dict[str, Any]:
+    """Bit equality, the number of elements whose bits differ and the largest absolute
+    difference (None where the dtype has no numeric meaning) of two host arrays of one
+    shape and dtype."""
+    a, b = _raw(a), _raw(b)
+    if np.array_equal(_bits(a), _bits(b)):
+        return {"equal_bits": True, "differing": 0, "max_abs_diff": 0.0}
+    n = a.size
+    ea = a.reshape(-1).view(np.uint8).reshape(n, -1)
+    eb = b.reshape(-1).view(np.uint8).reshape(n, -1)
+    differing = int(np.any(ea != eb, axis=1).sum())
+    try:
+        wide = np.complex128 if a.dtype.kind == "c" else np.float64
+        fa, fb = a.astype(wide).reshape(-1), b.astype(wide).reshape(-1)
+    except (TypeError, ValueError):   # raw bytes (a legacy V2 array, ...): no numeric distance
+        return {"equal_bits": False, "differing": differing, "max_abs_diff": None}
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (fa == fb) | (np.isnan(fa) & np.isnan(fb))
+        dist = np.abs(fa - fb)
+    # Equal values with other bits (0.0 / -0.0, NaN payloads) are 0 apart; a NaN against a
+    # number, or infinities of opposite sign, infinitely far.
+    dist = np.where(same, 0.0, np.where(np.isnan(dist), np.inf, dist))
+    return {"equal_bits": False, "differing": differing, "max_abs_diff": float(dist.max())}
+
+
+def diff(path_a: os.PathLike | str, path_b: os.PathLike | str, *, atol: float = 0.0,
+         verify: bool = True) -> dict[str, Any]:
+    """Which arrays (and scalar leaves) of two checkpoints differ, item by item.
+
+    Each compared key gets a status: ``equal`` (same bits), ``close`` (max abs diff <=
+    ``atol`` > 0), ``differs``, ``shape``/``dtype`` (not comparable). ``identical`` is True
+    when every key of both is ``equal`` or ``close`` and no key or item is on one side only.
+    """
+    from .checkpoint import open_checkpoint
+
+    a, b = open_checkpoint(path_a), open_checkpoint(path_b)
+    result: dict[str, Any] = {"a": str(path_a), "b": str(path_b), "atol": atol, "items": {},
+                              "only_in_a_items": [i for i in a.items if i not in b.items],
+                              "only_in_b_items": [i for i in b.items if i not in a.items]}
+    for item in [i for i in a.items if i in b.items]:
+        ra, rb = a.item_record(item), b.item_record(item)
+        rows: list[dict] = []
+        common = []
+        for key, sa in ra.arrays.items():
+            sb = rb.arrays.get(key)
+            if sb is None:
+                continue
+            if sa.dtype != sb.dtype:
+                rows.append({"key": key, "status": "dtype", "a": sa.dtype, "b": sb.dtype})
+            elif sa.shape != sb.shape:
+                rows.append({"key": key, "status": "shape", "a": _shape(sa.shape), "b": _shape(sb.shape)})
+            else:
+                common.append(key)
+        for batch in _batches(common, ra.arrays):
+            va = a.read_arrays(item, batch, verify=verify)
+            vb = b.read_arrays(item, batch, verify=verify)
+            for key in batch:
+                c = compare_arrays(va.pop(key), vb.pop(key))
+                mad = c["max_abs_diff"]
+                if c["equal_bits"]:
+                    status = "equal"
+                elif atol > 0 and mad is not None and mad <= atol:
+                    status = "close"
+                else:
+                    status = "differs"
+                rows.append({"key": key, "status": status, "dtype": ra.arrays[key].dtype,
+                             "shape": _shape(ra.arrays[key].shape), **c})
+        for key, va in ra.scalars.items():
+            if key in rb.scalars:
+                same = va == rb.scalars[key]
+                rows.append({"key": key, "status": "equal" if same else "differs", "scalar": True,
+                             "a": _plain(va.get("value")), "b": _plain(rb.scalars[key].get("value"))})
+        keys_a = set(ra.arrays) | set(ra.scalars)
+        keys_b = set(rb.arrays) | set(rb.scalars)
+        order = {k: n for n, k in enumerate([*ra.arrays, *ra.scalars])}
+        rows.sort(key=lambda r: order.get(r["key"], 0))
+        result["items"][item] = {"keys": rows, "only_in_a": sorted(keys_a - keys_b),
+                                 "only_in_b": sorted(keys_b - keys_a)}
+    result["identical"] = not (result["only_in_a_items"] or result["only_in_b_items"]) and all(
+        not it["only_in_a"] and not it["only_in_b"] and all(r["status"] in ("equal", "close") for r in it["keys"])
+        for it in result["items"].values())
+    return result
+
+
+def _batches(keys: list[str], specs: dict) -> list[list[str]]:
+    out, cur, size = [], [], 0
+    for k in keys:
+        n = specs[k].stored_nbytes
+        if cur and size + n > DIFF_BATCH_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
