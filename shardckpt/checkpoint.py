@@ -78,11 +78,17 @@ class PartReport:
     item_of_file: dict[str, str]
 
 
-def prepare_items(items: dict[str, Any]) -> tuple[dict[str, list], dict[str, ItemRecord]]:
-    """Flatten each item into array entries (with this process's host pieces) and records."""
+def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dict[str, list], dict[str, ItemRecord]]:
+    """Flatten each item into array entries (with this process's host pieces) and records.
+
+    The host pieces of ``jax.Array`` leaves are a consistent snapshot already: on CPU they
+    are views that hold a reference to the buffer (XLA then refuses to donate it to the next
+    step and copies instead), elsewhere device-to-host copies. ``snapshot`` also copies
+    NumPy leaves, which their owner could change in place while an async save runs.
+    """
     entries, records = {}, {}
     for name, tree in items.items():
-        arrays, scalars = split_values(FlatTree.of(tree).values())
+        arrays, scalars = split_values(FlatTree.of(tree).values(), copy_numpy=snapshot)
         entries[name] = arrays
         records[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
     return entries, records
@@ -185,7 +191,7 @@ def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: in
                     json_files: dict[str, Any] | None = None, metrics: dict | None = None,
                     num_shards: int | None = None, compress: bool = False,
                     executor: Executor | None = None, progress: bool | None = None,
-                    keep_other_items: bool = False) -> Path:
+                    keep_other_items: bool = False, prepared: tuple | None = None) -> Path:
     """Write ``items`` (name -> pytree) as a committed checkpoint at ``final``.
 
     The checkpoint appears atomically, complete or not at all. An existing checkpoint at
@@ -193,11 +199,12 @@ def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: in
     items and metadata files that this save does not rewrite are carried over (hard links,
     no data copied), which is how ``save_model`` + ``save_optimizer`` build one checkpoint.
     Executors with a coordinator (Ray) run the same phases as a distributed transaction.
+    ``prepared`` is ``prepare_items(items)`` taken earlier (async saves).
     """
     final = Path(final).absolute()
     _existing_checkpoint(final)  # refuse early to replace a directory that is not ours
     executor = executor or default_executor()
-    entries, records = prepare_items(items)
+    entries, records = prepared if prepared is not None else prepare_items(items)
     if hasattr(executor, "save_transaction"):
         return executor.save_transaction(final, entries, records, step=step, json_files=json_files,
                                          metrics=metrics, num_shards=num_shards, compress=compress,
@@ -321,6 +328,18 @@ class RestoreReport:
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]   # (offset, shape) in stored coordinates
+HOST_ALIGN = 64     # XLA's CPU client adopts host buffers aligned to this without copying
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data is HOST_ALIGN-aligned, so ``jax.device_put(...,
+    may_alias=True)`` on CPU wraps it instead of copying: restore copies each byte once
+    (file -> this buffer) and peaks at the state's size, not twice it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % HOST_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _target_sharding(value: Any):
@@ -515,9 +534,10 @@ class Checkpoint:
                 if isinstance(tv, (np.ndarray, np.generic)):
                     new_values[key] = np.asarray(value)
                 else:
-                    new_values[key] = jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+                    # may_alias: a 64-byte aligned host buffer becomes the CPU array without a copy
+                    new_values[key] = jax.device_put(value, sharding, may_alias=True)
             else:
-                per_device = [jax.device_put(_to_real(spec, pieces[box], tv), device)
+                per_device = [jax.device_put(_to_real(spec, pieces[box], tv), device, may_alias=True)
                               for device, box in boxes.items()]
                 new_values[key] = jax.make_array_from_single_device_arrays(spec.shape, sharding, per_device)
             report.restored.append(key)
@@ -563,7 +583,7 @@ class Checkpoint:
             dtype = np.dtype(spec.stored_dtype)
             out[key] = {}
             for box in requests[key]:
-                dest = np.empty(box[1], dtype)
+                dest = aligned_empty(box[1], dtype)
                 out[key][box] = dest
                 total += dest.nbytes
                 for fname, chunk in index[key]:

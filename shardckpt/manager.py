@@ -8,10 +8,14 @@ at any moment leaves only hidden ``.tmp``/``.del`` leftovers that the next start
 
 from __future__ import annotations
 
+import copy
+import operator
+import functools
 import math
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,7 @@ from flax import nnx
 from .api import model_config_of, restore_module_state, restore_optimizer, _build_config
 from .backends import executor_for_save, resolve_executor
 from .participants import participants
-from .checkpoint import Checkpoint, open_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, prepare_items, save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MANIFEST
 from .storage import owner_alive, parse_hidden, recover_replacements, remove_tree, retire_dir
@@ -66,7 +70,8 @@ class CheckpointManager:
                  best_metric: str | None = None, best_mode: str = "min", best_to_keep: int = 3,
                  prefix: str = "step", *, backend: str = "auto", num_writers: int | None = None,
                  save_timeout: float | None = None, num_shards: int | None = None,
-                 compress: bool = False, verify: bool = True, progress: bool | None = None):
+                 compress: bool = False, verify: bool = True, progress: bool | None = None,
+                 async_save: bool = False):
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
         if max_to_keep is not None and max_to_keep < 1:
@@ -88,6 +93,9 @@ class CheckpointManager:
         self.progress = progress
         self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
         self._cache: dict[str, tuple[tuple, CheckpointInfo]] = {}
+        self.async_save = async_save
+        self._pending: Future | None = None
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.cleanup_leftovers()
 
@@ -185,19 +193,22 @@ class CheckpointManager:
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
              config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
              extra: dict | None = None, *, process_index: int | None = None,
-             process_count: int | None = None) -> Path:
+             process_count: int | None = None, blocking: bool | None = None) -> Path:
         """Commit a checkpoint of ``step`` atomically, then apply retention.
 
         With several participants (``process_count`` > 1, or taken from the Ray Train context
         or ``jax.process_count()``), every participant calls ``save`` for the same step; each
         writes only its part and the coordinator commits once all have reported. Processes
         holding the same replicated state split the arrays between them.
+
+        Async (``blocking=False``, or ``async_save=True`` on the manager): returns once a
+        consistent host snapshot is taken; shards are written and committed in the
+        background, then retention runs. The next save waits for the previous one; a
+        background failure is raised by the next ``save``, ``load_*`` or
+        ``wait_until_finished``. Returns the path the checkpoint will have.
         """
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            try:
-                step = int(step)
-            except (TypeError, ValueError):
-                raise CheckpointError(f"step={step!r} is not a non-negative integer") from None
+        self.wait_until_finished()
+        step = _check_step(step)
         items = {"model": nnx.state(model)}
         if optimizer is not None:
             items["optimizer"] = nnx.state(optimizer)
@@ -210,12 +221,42 @@ class CheckpointManager:
         index, _ = participants(process_index, process_count)
         executor = executor_for_save(self.backend, self.num_writers, self.save_timeout,
                                      process_index, process_count)
-        path = save_checkpoint(self.step_path(step), items, step=step, json_files=json_files,
-                               metrics=metrics, num_shards=self.num_shards, compress=self.compress,
-                               executor=executor, progress=self.progress)
-        if index == 0:
+        final = self.step_path(step)
+        blocking = not self.async_save if blocking is None else blocking
+        prepared = prepare_items(items, snapshot=not blocking)
+        if not blocking:
+            json_files = copy.deepcopy(json_files)
+            metrics = copy.deepcopy(metrics)
+        run = functools.partial(self._save_prepared, final, prepared, step, json_files, metrics, executor,
+                                index == 0)
+        if blocking:
+            return run()
+        self._pending = self._background.submit(run)
+        return final
+
+    def _save_prepared(self, final, prepared, step, json_files, metrics, executor, retain) -> Path:
+        path = save_checkpoint(final, {}, step=step, json_files=json_files, metrics=metrics,
+                               num_shards=self.num_shards, compress=self.compress, executor=executor,
+                               progress=self.progress, prepared=prepared)
+        if retain:
             self.apply_retention()
         return path
+
+    def wait_until_finished(self) -> None:
+        """Wait for a background save; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait_until_finished()
+        self._background.shutdown(wait=True)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _executor(self):
         return resolve_executor(self.backend, self.num_writers, self.save_timeout)
@@ -251,6 +292,7 @@ class CheckpointManager:
         ``shardings`` / ``optimizer_shardings`` restore onto another device layout (see
         ``load_model``); by default arrays follow the target's own shardings.
         """
+        self.wait_until_finished()
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
         executor = self._executor()
         cfg_file = ck.read_json("config.json", {}) or {}
@@ -294,6 +336,20 @@ class CheckpointManager:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
         step = self.best_step
         return None if step is None else self.load_step(step, **kw)
+
+
+def _check_step(step: Any) -> int:
+    """Steps are non-negative integers (numpy/jax integer scalars accepted; bools and
+    floats refused rather than silently rounded)."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        value = operator.index(step)
+    except TypeError:
+        raise CheckpointError(f"step={step!r:.50} is not an integer") from None
+    if value < 0:
+        raise CheckpointError(f"step={value} is negative")
+    return value
 
 
 def _this_host() -> str:

@@ -259,11 +259,13 @@ class FlatTree:
         return self.treedef.unflatten(out)
 
 
-def split_values(values: dict[str, Any]) -> tuple[list[ArrayEntry], dict[str, dict]]:
+def split_values(values: dict[str, Any], *, copy_numpy: bool = False) -> tuple[list[ArrayEntry], dict[str, dict]]:
     """Separate array leaves (written to shards) from scalar leaves (kept in the manifest)."""
     arrays, scalars = [], {}
     for key, value in values.items():
         if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+            if copy_numpy and isinstance(value, np.ndarray):
+                value = value.copy()
             arrays.append(encode_value(key, value))
         elif type(value) in SCALAR_TYPES:
             scalars[key] = encode_scalar(key, value)
