@@ -247,7 +247,8 @@ def cmd_verify(args) -> int:
             if r.ok:
                 con.print(f"[green]OK[/green]      {_e(r.path)} ({what})")
             else:
-                con.print(f"[red]FAILED[/red]  {_e(r.path)} ({what}): {len(r.problems)} problems")
+                plural = "s" if len(r.problems) != 1 else ""
+                con.print(f"[red]FAILED[/red]  {_e(r.path)} ({what}): {len(r.problems)} problem{plural}")
                 for p in r.problems:
                     con.print(f"  - {_e(p)}")
             for n in r.notes:

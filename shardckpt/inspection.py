@@ -325,6 +325,9 @@ def diff(path_a: os.PathLike | str, path_b: os.PathLike | str, *, atol: float = 
         for key, sa in ra.arrays.items():
             sb = rb.arrays.get(key)
             if sb is None:
+                if key in rb.scalars:
+                    rows.append({"key": key, "status": "dtype", "a": sa.dtype,
+                                 "b": f"scalar {rb.scalars[key].get('type')}"})
                 continue
             if sa.dtype != sb.dtype:
                 rows.append({"key": key, "status": "dtype", "a": sa.dtype, "b": sb.dtype})
@@ -347,7 +350,10 @@ def diff(path_a: os.PathLike | str, path_b: os.PathLike | str, *, atol: float = 
                 rows.append({"key": key, "status": status, "dtype": ra.arrays[key].dtype,
                              "shape": _shape(ra.arrays[key].shape), **c})
         for key, va in ra.scalars.items():
-            if key in rb.scalars:
+            if key in rb.arrays:
+                rows.append({"key": key, "status": "dtype", "a": f"scalar {va.get('type')}",
+                             "b": rb.arrays[key].dtype})
+            elif key in rb.scalars:
                 same = va == rb.scalars[key]
                 rows.append({"key": key, "status": "equal" if same else "differs", "scalar": True,
                              "a": _plain(va.get("value")), "b": _plain(rb.scalars[key].get("value"))})

@@ -14,7 +14,6 @@ without hiding a submodule of the same name.)
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import stat
 import zipfile
@@ -24,13 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import xxhash
 
 from .errors import CheckpointError
 from .format import MANIFEST
 from .progress import byte_progress
 from .shard_io import ChunkRecord, crc32, file_xxh3, read_compressed_chunk
 
-CRC_BLOCK = 16 << 20      # bytes per CRC step (progress granularity, hot in cache)
+READ_BLOCK = 8 << 20      # bytes read, hashed and CRC'd per step (hot in cache)
 
 
 @dataclass
@@ -130,18 +130,15 @@ def _verify(path: Path, report: VerifyReport, checksums: bool, progress: bool | 
             for fname, chunk in rows:
                 chunks_of.setdefault(fname, []).append((chunk, dtype))
     records = {**m.files, **m.meta_files}
-    total = sum(sound.values()) + sum(c.nbytes for f, cs in chunks_of.items() if f in sound for c, _ in cs)
+    packed_bytes = sum(c.nbytes for f, cs in chunks_of.items() if f in sound
+                       for c, _ in cs if c.data_offset is None)
+    total = sum(sound.values()) + packed_bytes
 
     def check(name: str, advance) -> list[str]:
-        rec = records[name]
-        problems = []
         try:
-            if file_xxh3(str(path / name), advance) != rec.xxh3_64:
-                problems.append(f"{path}: {name} does not match its xxh3-64 checksum in the manifest")
-            problems += _check_chunks(path / name, name, rec.size, chunks_of.get(name, []), advance)
+            return _check_file(path, name, records[name], chunks_of.get(name, []), advance)
         except OSError as e:
-            problems.append(f"{path}: {name} cannot be read: {e}")
-        return problems
+            return [f"{path}: {name} cannot be read: {e}"]
 
     from .executors.local import default_thread_count
     with byte_progress(f"verifying {path.name}", total, progress) as advance:
@@ -185,46 +182,65 @@ def _stray_entries(path: Path, listed: set[str], report: VerifyReport) -> None:
         report.problem(f"{path}: stray {kind} {entry.name} is not listed in the manifest")
 
 
-def _check_chunks(p: Path, name: str, size: int, chunks: list[tuple[ChunkRecord, np.dtype]],
-                  advance: Callable[[int], None] | None) -> list[str]:
-    """CRC-32 of every chunk of one shard: raw chunks through a read-only map (no copy),
-    compressed ones through the bounded inflating reader."""
-    problems = []
-    raw = [c for c, _ in chunks if c.data_offset is not None]
+def _check_file(path: Path, name: str, rec, chunks: list[tuple[ChunkRecord, np.dtype]],
+                advance: Callable[[int], None] | None) -> list[str]:
+    """One file: its xxh3-64 and the CRC-32 of each raw chunk in a single sequential read
+    (every byte is read once, into one reused buffer: bounded memory, and a file that
+    shrinks under us reads short instead of faulting as a memory map would); compressed
+    chunks then through the bounded inflating reader."""
+    p = path / name
+    raw = sorted((c for c, _ in chunks if c.data_offset is not None), key=lambda c: c.data_offset)
     packed = [(c, dtype) for c, dtype in chunks if c.data_offset is None]
-    if raw:
+    problems = []
+    if not raw:
+        digest = file_xxh3(str(p), advance)
+        read = rec.size
+    else:
+        hasher = xxhash.xxh3_64()
+        crcs = [0] * len(raw)
+        first = 0                          # raw[:first] lie wholly before ``read``
+        read = 0
+        buf = bytearray(READ_BLOCK)
+        view = memoryview(buf)
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if size else None
+            while True:
+                n = os.readv(fd, [view])
+                if n <= 0:
+                    break
+                block, start, end = view[:n], read, read + n
+                hasher.update(block)
+                k = first
+                while k < len(raw) and raw[k].data_offset < end:
+                    c = raw[k]
+                    lo, hi = max(c.data_offset, start), min(c.data_offset + c.nbytes, end)
+                    if lo < hi:
+                        crcs[k] = crc32(block[lo - start:hi - start], crcs[k])
+                    k += 1
+                while first < len(raw) and raw[first].data_offset + raw[first].nbytes <= end:
+                    first += 1
+                read = end
+                if advance is not None:
+                    advance(n)
         finally:
             os.close(fd)
-        try:
-            view = memoryview(mm) if mm is not None else memoryview(b"")
-            for c in raw:
-                if c.data_offset + c.nbytes > len(view):
-                    problems.append(f"{p.parent}: {name}: chunk of {c.key!r} lies beyond the end of the file")
-                    continue
-                crc = 0
-                for start in range(c.data_offset, c.data_offset + c.nbytes, CRC_BLOCK):
-                    block = view[start:min(start + CRC_BLOCK, c.data_offset + c.nbytes)]
-                    crc = crc32(block, crc)
-                    if advance is not None:
-                        advance(len(block))
-                    block.release()
-                if crc != c.crc32:
-                    problems.append(f"{p.parent}: {name}: CRC-32 mismatch in the chunk of {c.key!r} "
-                                    f"(member {c.member!r}, offset {list(c.offset)})")
-            view.release()
-        finally:
-            if mm is not None:
-                mm.close()
+        digest = hasher.hexdigest()
+        for c, crc in zip(raw, crcs):
+            if c.data_offset + c.nbytes > read:
+                problems.append(f"{path}: {name}: the chunk of {c.key!r} lies beyond the end of the file")
+            elif crc != c.crc32:
+                problems.append(f"{path}: {name}: CRC-32 mismatch in the chunk of {c.key!r} "
+                                f"(member {c.member!r}, offset {list(c.offset)})")
+    if read != rec.size:
+        problems.insert(0, f"{path}: {name} changed size while being verified")
+    elif digest != rec.xxh3_64:
+        problems.insert(0, f"{path}: {name} does not match its xxh3-64 checksum in the manifest")
     for c, dtype in packed:
-        # Compressed chunks inflate into a buffer of the chunk's size (bounded by the index).
-        dest = np.empty(c.shape, dtype)
+        dest = np.empty(c.shape, dtype)    # the chunk's size, which the index bounds
         try:
             read_compressed_chunk(str(p), name, c, dest, verify=True)
         except CheckpointError as e:
-            problems.append(f"{p.parent}: {e} (key {c.key!r})")
+            problems.append(f"{path}: {e} (key {c.key!r})")
         if advance is not None:
             advance(c.nbytes)
     return problems
