@@ -139,7 +139,9 @@ class LegacyCheckpoint(Checkpoint):
 def _legacy_read_boxes(self, item, specs, requests, verify, executor, progress):
     """Legacy files have no chunk index: read whole arrays, then cut the boxes."""
     full = self._read_arrays(item, specs, verify, executor, progress)
-    return {k: {box: np.ascontiguousarray(full[k][tuple(slice(o, o + n) for o, n in zip(*box))])
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array (an optimizer's
+    # step) into shape (1,).
+    return {k: {box: np.require(full[k][tuple(slice(o, o + n) for o, n in zip(*box))], requirements="C")
                 for box in requests[k]} for k in specs}
 
 

@@ -316,12 +316,13 @@ def test_bad_arguments(tmp_path, kw, word):
         CheckpointManager(tmp_path, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="manager.py CheckpointManager.save: `step = int(step)` accepts "
-                   "negative steps; it writes step_-1, which the manager never lists and whose "
-                   "manifest (step -1) no loader accepts")
-def test_negative_step_is_refused(tmp_path, model):
+@pytest.mark.parametrize("step", [-1, True, 2.5, "3"])
+def test_bad_step_is_refused(tmp_path, model, step):
+    """A negative step would write step_-1, which no manager lists and no loader accepts;
+    bools and floats would be silently rounded."""
     with pytest.raises(CheckpointError, match="step"):
-        CheckpointManager(tmp_path).save(-1, model)
+        CheckpointManager(tmp_path).save(step, model)
+    assert os.listdir(tmp_path) == []
 
 
 def test_numpy_integer_step(tmp_path, model):
@@ -329,3 +330,36 @@ def test_numpy_integer_step(tmp_path, model):
     mgr.save(np.int64(7), model)
     assert mgr.all_steps() == [7]
     assert mgr.load_latest().step == 7
+
+
+def test_prefix(tmp_path, model):
+    mgr = CheckpointManager(tmp_path, prefix="ckpt", max_to_keep=None)
+    mgr.save(3, model)
+    CheckpointManager(tmp_path).save(4, model)             # another prefix in the same directory
+    assert (tmp_path / "ckpt_3" / "manifest.json").exists()
+    assert mgr.all_steps() == [3]
+    assert CheckpointManager(tmp_path).all_steps() == [4]
+    assert mgr.load_latest().step == 3
+
+
+def test_concurrent_savers_agree(tmp_path, model):
+    """Managers in several threads save distinct steps with retention at the same time:
+    every save commits, the final directory holds exactly the newest two, nothing hidden."""
+    errors = []
+
+    def saver(steps):
+        mgr = CheckpointManager(tmp_path, max_to_keep=2)
+        try:
+            for s in steps:
+                mgr.save(s, model)
+        except Exception as e:   # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(range(i, 12, 3),)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert CheckpointManager(tmp_path).all_steps() == [10, 11]
+    assert hidden_entries(tmp_path) == []
