@@ -35,6 +35,7 @@ from .storage import (fsync_path, hidden_name, open_data_file, publish_dir, read
 from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key, split_values
 
 MAX_JSON_BYTES = 64 << 20
+REPLICATED_SHARDS_PER_PARTICIPANT = 2
 
 
 def _writer_versions() -> dict[str, str]:
@@ -106,7 +107,9 @@ def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *,
     out = []
     for name, arrays in entries.items():
         nbytes = sum(p.data.nbytes for e in arrays for p in e.pieces)
-        n = num_shards or default_num_shards(nbytes, workers)
+        # replicated: every participant must compute the same global plan, so the default
+        # may not depend on this machine's thread count
+        n = num_shards or default_num_shards(nbytes, REPLICATED_SHARDS_PER_PARTICIPANT if replicated else workers)
         if replicated and participants > 1:
             plans = plan_save(name, arrays, n * participants)
             out.extend((name, plan) for i, plan in enumerate(plans) if i % participants == participant)
@@ -134,12 +137,21 @@ def write_part(tmp: Path, entries: dict[str, list], records: dict[str, ItemRecor
     return PartReport(participant, records, reports, {plan.file: item for item, plan in planned})
 
 
+_UNSET = object()
+
+
 def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int | None,
                  json_files: dict[str, Any] | None, metrics: dict | None,
-                 keep_other_items: bool = False, transaction: str = "") -> Path:
+                 keep_other_items: bool = False, transaction: str = "", name_prefix: str = "",
+                 publish: Callable[[Path, Path], None] = publish_dir, previous: Any = _UNSET) -> Path:
     """The committer: check the parts agree, write metadata, index and manifest last, then
-    publish ``tmp`` as ``final`` atomically. Raises (and publishes nothing) on any problem."""
-    previous = _existing_checkpoint(final)
+    publish ``tmp`` as ``final`` atomically. Raises (and publishes nothing) on any problem.
+
+    ``name_prefix`` and ``publish`` serve remote checkpoints: the manifest names files under
+    a version prefix and ``publish`` uploads them, the manifest last (remote.py).
+    """
+    if previous is _UNSET:
+        previous = _existing_checkpoint(final)
     records: dict[str, ItemRecord] = {}
     for part in sorted(parts, key=lambda p: p.participant):
         for name, rec in part.items.items():
@@ -155,35 +167,36 @@ def commit_parts(final: Path, tmp: Path, parts: list[PartReport], *, step: int |
             if r.file in files:
                 raise SaveAbortedError(f"saving {final}: shard {r.file} was reported twice")
             item = part.item_of_file[r.file]
-            files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
+            files[name_prefix + r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
             for c in r.chunks:
-                chunks_by_item[item][c.key].append((r.file, c))
+                chunks_by_item[item][c.key].append((name_prefix + r.file, c))
     meta_files: dict[str, FileRecord] = {}
     if keep_other_items and previous is not None:
-        _carry_over(previous, tmp, set(records), json_files or {}, records, chunks_by_item, files, meta_files)
+        _carry_over(previous, tmp, set(records), json_files or {}, records, chunks_by_item, files, meta_files,
+                    link=not name_prefix)
         # Adding an item keeps what the checkpoint is listed by (its step and metrics).
         step = previous.step if step is None else step
         metrics = previous.metrics if metrics is None else metrics
     for fname, obj in (json_files or {}).items():
         data = _json_bytes(obj, fname)
         write_file_durable(tmp / fname, data)
-        meta_files[fname] = _record_of(data)
+        meta_files[name_prefix + fname] = _record_of(data)
     structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
                  for item, rec in records.items()}
     data = _json_bytes(structure, "structure.json")
     write_file_durable(tmp / "structure.json", data)
-    meta_files["structure.json"] = _record_of(data)
+    meta_files[name_prefix + "structure.json"] = _record_of(data)
     index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
     # The index validator is the loader's: a commit never publishes what a load would refuse.
     write_file_durable(tmp / INDEX, index)
-    meta_files[INDEX] = _record_of(index)
+    meta_files[name_prefix + INDEX] = _record_of(index)
     manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
                         metrics=_plain_metrics(metrics or {}), writers=_writer_versions(),
                         host_count=len({(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}) or 1,
-                        transaction=transaction)
+                        transaction=transaction, index_file=name_prefix + INDEX)
     load_index(index, manifest, str(final))
     write_file_durable(tmp / MANIFEST, manifest.dumps())
-    publish_dir(tmp, final)
+    publish(tmp, final)
     return final
 
 
@@ -201,17 +214,25 @@ def save_checkpoint(final: os.PathLike | str, items: dict[str, Any], *, step: in
     Executors with a coordinator (Ray) run the same phases as a distributed transaction.
     ``prepared`` is ``prepare_items(items)`` taken earlier (async saves).
     """
+    entries, records = prepared if prepared is not None else prepare_items(items)
+    from .remote import is_remote, save_remote
+    if is_remote(final):
+        return save_remote(str(final), entries, records, step=step, json_files=json_files, metrics=metrics,
+                           num_shards=num_shards, compress=compress, progress=progress,
+                           keep_other_items=keep_other_items)
     final = Path(final).absolute()
     _existing_checkpoint(final)  # refuse early to replace a directory that is not ours
     executor = executor or default_executor()
-    entries, records = prepared if prepared is not None else prepare_items(items)
     if hasattr(executor, "save_transaction"):
         return executor.save_transaction(final, entries, records, step=step, json_files=json_files,
                                          metrics=metrics, num_shards=num_shards, compress=compress,
                                          progress=progress, keep_other_items=keep_other_items)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = hidden_name(final, "tmp")
-    os.mkdir(tmp)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:   # a full disk, a read-only or foreign directory
+        raise as_save_error(e, final) from e
     try:
         part = write_part(tmp, entries, records, executor, num_shards=num_shards, compress=compress,
                           progress=progress)
@@ -272,8 +293,9 @@ def _existing_checkpoint(final: Path) -> "Checkpoint | None":
 
 
 def _carry_over(previous: "Checkpoint", tmp: Path, items: dict, json_files: dict, manifest_items,
-                chunks_by_item, files, meta_files) -> None:
-    """Hard-link the previous checkpoint's other items and metadata into ``tmp``."""
+                chunks_by_item, files, meta_files, *, link: bool = True) -> None:
+    """Hard-link the previous checkpoint's other items and metadata into ``tmp`` (remote
+    checkpoints, ``link=False``: keep referring to the previous version's objects)."""
     old = previous.manifest
     for name, rec in old.items.items():
         if name in items:
@@ -283,12 +305,15 @@ def _carry_over(previous: "Checkpoint", tmp: Path, items: dict, json_files: dict
         chunks_by_item[name] = defaultdict(list, {k: list(v) for k, v in rows.items()})
         for fname, frec in old.files.items():
             if frec.item == name:
-                _link_or_copy(previous.path / fname, tmp / fname)
+                if link:
+                    _link_or_copy(previous.path / fname, tmp / fname)
                 files[fname] = frec
     for fname, frec in old.meta_files.items():
-        if fname in json_files or fname == INDEX or fname == "structure.json":
+        base = fname.rsplit("/", 1)[-1]
+        if base in json_files or base == INDEX or base == "structure.json":
             continue
-        _link_or_copy(previous.path / fname, tmp / fname)
+        if link:
+            _link_or_copy(previous.path / fname, tmp / fname)
         meta_files[fname] = frec
 
 
@@ -426,6 +451,10 @@ class Checkpoint:
                                           "committed checkpoint") from e
         self.manifest = Manifest.loads(raw, self.where)
         self._index = None
+        nested = [n for n in list(self.manifest.files) + list(self.manifest.meta_files) if "/" in n]
+        if nested:  # version prefixes belong to remote checkpoints only
+            raise CorruptCheckpointError(f"{self.where}: file name {nested[0]!r} is not a plain name in "
+                                         "the checkpoint directory; refusing it")
 
     @property
     def step(self) -> int | None:
@@ -460,11 +489,20 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{self.where}: {name} does not match its checksum in the manifest")
         return raw
 
+    def meta_name(self, name: str) -> str | None:
+        """The stored name of metadata file ``name`` (remote checkpoints keep it under a
+        version prefix), or None if the checkpoint has none."""
+        if name in self.manifest.meta_files:
+            return name
+        found = [n for n in self.manifest.meta_files if n.rsplit("/", 1)[-1] == name]
+        return found[0] if len(found) == 1 else None
+
     def read_json(self, name: str, default: Any = None) -> Any:
         """A JSON metadata file of the checkpoint (``config.json``, ``extra.json``...)."""
-        if name not in self.manifest.meta_files:
+        stored = self.meta_name(name)
+        if stored is None:
             return default
-        raw = self._read_meta(name, MAX_JSON_BYTES)
+        raw = self._read_meta(stored, MAX_JSON_BYTES)
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as e:
@@ -646,7 +684,11 @@ def _mismatch(spec: ArraySpec, target: Any) -> str | None:
 
 def open_checkpoint(path: os.PathLike | str, *, allow_pickle: bool = False) -> Checkpoint:
     """Open a committed shardckpt checkpoint, or a directory in the guide's single-file
-    layout (``model.npz``, ``optimizer.npz``, ``config.json``) read-only."""
+    layout (``model.npz``, ``optimizer.npz``, ``config.json``) read-only, or a remote
+    checkpoint (``s3://...``, see remote.py)."""
+    from .remote import RemoteCheckpoint, is_remote
+    if is_remote(path):
+        return RemoteCheckpoint(str(path))
     p = Path(path)
     if p.is_dir() and not (p / MANIFEST).exists():
         from .legacy import LegacyCheckpoint, is_legacy_dir

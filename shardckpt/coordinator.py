@@ -50,7 +50,8 @@ class SaveCoordinator:
         self.directory = directory
         self.txns: dict[str, _Txn] = {}
         self.open_by_final: dict[str, str] = {}
-        self.lock = asyncio.Lock()
+        self.active: str | None = None          # the one transaction running in this directory
+        self.changed = asyncio.Event()
         self._cleanup_dead_leftovers()
 
     def _cleanup_dead_leftovers(self) -> None:
@@ -68,7 +69,9 @@ class SaveCoordinator:
         return {"pid": os.getpid(), "directory": self.directory}
 
     async def begin(self, final: str, participants: int, participant: int, timeout: float) -> dict:
-        """Join the open transaction for ``final`` or start one (after the running one)."""
+        """Join the open transaction for ``final``, or start one once the directory's
+        running transaction (if any) has ended. Waiters re-check on every change, so all
+        participants of a save that had to queue join the same transaction."""
         while True:
             tid = self.open_by_final.get(final)
             txn = self.txns.get(tid) if tid else None
@@ -78,16 +81,17 @@ class SaveCoordinator:
                                      f"{participants} participants, the open save has {txn.participants}")
                 txn.claimed.add(participant)
                 return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
-            if txn and not txn.done.is_set():
-                await txn.done.wait()  # same participant slot again: a new save after this one
-                continue
-            await self.lock.acquire()
-            # another participant may have opened it while we waited for the lock
-            tid = self.open_by_final.get(final)
-            if tid and not self.txns[tid].done.is_set():
-                self.lock.release()
-                continue
-            return self._open(final, participants, participant, timeout)
+            active = self.txns.get(self.active) if self.active else None
+            if active is None or active.done.is_set():
+                info = self._open(final, participants, participant, timeout)
+                self._changed()
+                return info
+            await self.changed.wait()
+
+    def _changed(self) -> None:
+        """Wake every waiting ``begin`` (works from callbacks, not only coroutines)."""
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
 
     def _open(self, final: str, participants: int, participant: int, timeout: float) -> dict:
         from .storage import hidden_name
@@ -98,6 +102,7 @@ class SaveCoordinator:
         txn.claimed.add(participant)
         self.txns[txn.id] = txn
         self.open_by_final[final] = txn.id
+        self.active = txn.id
         asyncio.get_running_loop().call_later(timeout, self._expire, txn.id)
         return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
 
@@ -116,8 +121,9 @@ class SaveCoordinator:
         txn.done.set()
         if self.open_by_final.get(txn.final) == txn.id:
             del self.open_by_final[txn.final]
-        if self.lock.locked():
-            self.lock.release()
+        if self.active == txn.id:
+            self.active = None
+        self._changed()
         # keep finished transactions a while so late waiters get their answer
         for tid in [t for t, x in self.txns.items() if x.done.is_set() and x.deadline < time.time() - 600]:
             del self.txns[tid]

@@ -34,7 +34,8 @@ MAX_INDEX_BYTES = 2 << 30
 MAX_ELEMENTS = 1 << 50
 MAX_NDIM = 64
 MAX_DEFLATE_RATIO = 1032        # deflate cannot inflate more than this per input byte
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_@\-][A-Za-z0-9_.@\-]{0,254}$")
+# A plain name; remote checkpoints may prefix one version directory (see remote.py).
+_SAFE_NAME = re.compile(r"^(v[0-9a-f]{8,32}/)?[A-Za-z0-9_@\-][A-Za-z0-9_.@\-]{0,254}$")
 
 
 def check_file_name(name: Any, where: str) -> str:
@@ -161,13 +162,14 @@ class Manifest:
             items = {}
             for name, rec in _dict(d["items"], where).items():
                 rec = _dict(rec, f"{where}: item {name!r}")
-                arrays = {str(k): parse_array_spec(k, v, where) for k, v in _dict(rec.get("arrays", {}), where).items()}
-                scalars = _dict(rec.get("scalars", {}), where)
+                # required, as written: a damaged key must not read as "no arrays"
+                arrays = {str(k): parse_array_spec(k, v, where) for k, v in _dict(rec["arrays"], where).items()}
+                scalars = _dict(rec["scalars"], where)
                 for k, v in scalars.items():
                     decode_scalar(k, v)
                 items[str(name)] = ItemRecord(arrays, scalars)
             files = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["files"], where).items()}
-            meta = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d.get("meta_files", {}), where).items()}
+            meta = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["meta_files"], where).items()}
             index_file = check_file_name(d.get("index", INDEX), where)
             metrics = _dict(d.get("metrics", {}), where)
             host_count = _int(d.get("host_count", 1), f"{where}: host_count", 1)

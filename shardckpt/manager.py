@@ -30,7 +30,10 @@ from .participants import participants
 from .checkpoint import Checkpoint, open_checkpoint, prepare_items, save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MANIFEST
-from .storage import owner_alive, parse_hidden, recover_replacements, remove_tree, retire_dir
+from .legacy import LegacyCheckpoint, is_legacy_dir
+from .remote import RemoteCheckpoint, delete_remote_checkpoint, is_remote, list_remote_steps, open_store
+from .storage import (finish_deletes, owner_alive, parse_hidden, recover_replacements, remove_tree,
+                      retire_dir)
 
 STALE_FOREIGN_SECONDS = 24 * 3600   # a tmp dir of another host untouched this long is dead
 
@@ -78,7 +81,8 @@ class CheckpointManager:
             raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (or None for all)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", prefix):
             raise CheckpointError(f"prefix={prefix!r}: use letters, digits, '_' and '-'")
-        self.directory = Path(directory).absolute()
+        self.remote = open_store(str(directory)) if is_remote(directory) else None
+        self.directory = self.remote.uri if self.remote else Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -96,17 +100,21 @@ class CheckpointManager:
         self.async_save = async_save
         self._pending: Future | None = None
         self._background = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.cleanup_leftovers()
+        if self.remote is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.cleanup_leftovers()
 
     # --- discovery -------------------------------------------------------------------------
-    def step_path(self, step: int) -> Path:
-        return self.directory / f"{self.prefix}_{int(step)}"
+    def step_path(self, step: int) -> Path | str:
+        """Where ``step`` lives: a path, or a URI for a remote directory."""
+        name = f"{self.prefix}_{int(step)}"
+        return self.remote.child(name).uri if self.remote else self.directory / name
 
     def cleanup_leftovers(self) -> list[Path]:
         """Remove saves and deletes that a dead process left half done; put back a
         checkpoint whose replacement was interrupted. Returns what was removed."""
         recover_replacements(self.directory)
+        finish_deletes(self.directory)
         removed = []
         for entry in os.scandir(self.directory):
             info = parse_hidden(entry.name)
@@ -120,7 +128,19 @@ class CheckpointManager:
                 removed.append(Path(entry.path))
         return removed
 
+    def _scan_remote(self) -> list[CheckpointInfo]:
+        infos = []
+        for step, name in list_remote_steps(self.remote, self._pattern):
+            try:
+                ck = RemoteCheckpoint(self.remote.child(name))
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                continue  # no valid manifest: not a checkpoint (an upload that never committed)
+            infos.append(CheckpointInfo(step, self.remote.child(name).uri, dict(ck.metrics), ck.manifest.created))
+        return infos
+
     def _scan(self) -> list[CheckpointInfo]:
+        if self.remote is not None:
+            return self._scan_remote()
         infos, seen = [], set()
         try:
             entries = list(os.scandir(self.directory))
@@ -133,6 +153,8 @@ class CheckpointManager:
             try:
                 st = os.stat(Path(entry.path) / MANIFEST, follow_symlinks=False)
             except FileNotFoundError:
+                if is_legacy_dir(Path(entry.path)):   # the guide's original layout: listed, read-only
+                    infos.append(self._legacy_info(int(m.group(1)), Path(entry.path)))
                 continue  # no manifest, no checkpoint
             ident = (st.st_ino, st.st_mtime_ns, st.st_size)
             seen.add(entry.name)
@@ -144,14 +166,21 @@ class CheckpointManager:
                 ck = Checkpoint(entry.path)
             except (CorruptCheckpointError, CheckpointNotFoundError):
                 continue  # an invalid manifest is not a checkpoint
-            step = ck.step if ck.step is not None else int(m.group(1))
-            info = CheckpointInfo(step, Path(entry.path), dict(ck.metrics), ck.manifest.created)
+            # the directory name is the step: it is what load_step and retention address
+            info = CheckpointInfo(int(m.group(1)), Path(entry.path), dict(ck.metrics), ck.manifest.created)
             self._cache[entry.name] = (ident, info)
             infos.append(info)
         for name in list(self._cache):
             if name not in seen:
                 del self._cache[name]
         return sorted(infos, key=lambda i: i.step)
+
+    def _legacy_info(self, step: int, path: Path) -> CheckpointInfo:
+        try:
+            metrics = LegacyCheckpoint(path).metrics
+        except CheckpointError:
+            metrics = {}
+        return CheckpointInfo(step, path, dict(metrics), "")
 
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -273,10 +302,14 @@ class CheckpointManager:
         return [i for i in infos if i.step in keep], [i for i in infos if i.step not in keep]
 
     def apply_retention(self) -> list[int]:
+        finish_deletes(self.directory)
         _, doomed = self.retention_plan()
         for info in doomed:
             try:
-                retire_dir(info.path)
+                if self.remote is not None:
+                    delete_remote_checkpoint(self.remote.child(Path(str(info.path).split("?")[0]).name))
+                else:
+                    retire_dir(info.path)
             except FileNotFoundError:
                 pass  # another manager retired it first
         return [i.step for i in doomed]
@@ -322,7 +355,7 @@ class CheckpointManager:
 
     def load_step(self, step: int, **kw) -> CheckpointState:
         path = self.step_path(step)
-        if not (path / MANIFEST).exists():
+        if step not in self.all_steps():
             raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint for step {step} "
                                           f"(have {self.all_steps()})")
         return self.load(path, **kw)

@@ -6,18 +6,19 @@ from .errors import CheckpointError
 
 
 def participants(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
-    """(index, count) of this save participant: given, else the Ray Train worker's world
-    rank and size, else ``jax.process_index()/process_count()``."""
+    """(index, count) of this save participant: given; else ``jax.process_index()/
+    process_count()`` in a multi-process JAX job (each process holds different shards);
+    else the Ray Train worker's world rank and size; else (0, 1)."""
     if process_index is not None or process_count is not None:
         if process_index is None or process_count is None or not 0 <= process_index < process_count:
             raise CheckpointError(f"process_index={process_index!r}, process_count={process_count!r}: "
                                   "give both, with 0 <= process_index < process_count")
         return int(process_index), int(process_count)
-    rank = _ray_train_rank()
-    if rank is not None:
-        return rank
     import jax
-    return jax.process_index(), jax.process_count()
+    if jax.process_count() > 1:
+        return jax.process_index(), jax.process_count()
+    rank = _ray_train_rank()
+    return rank if rank is not None else (0, 1)
 
 
 def _ray_train_rank() -> tuple[int, int] | None:
@@ -27,6 +28,7 @@ def _ray_train_rank() -> tuple[int, int] | None:
             return None
         import ray.train
         ctx = ray.train.get_context()
-        return ctx.get_world_rank(), ctx.get_world_size()
+        rank, size = ctx.get_world_rank(), ctx.get_world_size()
+        return (int(rank), int(size)) if isinstance(size, int) and size >= 1 else None
     except Exception:  # noqa: BLE001 - not inside a Ray Train worker
         return None

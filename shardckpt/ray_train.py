@@ -1,0 +1,148 @@
+"""Ray Train integration: shardckpt checkpoints saved by every rank, registered with
+``ray.train.report``, restored from ``ray.train.get_checkpoint()``.
+
+Inside ``train_loop_per_worker`` of a Ray Train V2 trainer (``JaxTrainer`` or
+``DataParallelTrainer``)::
+
+    ckpt = RayTrainCheckpointer()                 # storage = the run's experiment dir
+    state = ckpt.restore(tx=optax.adamw(1e-3))    # None on a fresh start
+    ...
+    ckpt.save(step, model, optimizer, metrics={"loss": loss})
+    ...
+    ckpt.finish()
+
+Every rank calls ``save``: each writes only its share into the run's storage (shared
+filesystem), the coordinator commits one manifest, and the checkpoint is reported with
+``CheckpointUploadMode.NO_UPLOAD`` — it is already where Ray Train keeps checkpoints, so no
+rank uploads or copies anything and ``CheckpointConfig(num_to_keep,
+checkpoint_score_attribute)`` manages it like any other. With ``async_save=True`` the save
+runs in the background and is reported at the next ``save`` or at ``finish`` (reports stay
+one per call on every rank, as Ray Train requires).
+
+The one Ray Train internal we touch — the run's storage context — is read in
+``_run_storage`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import optax
+from flax import nnx
+
+from .errors import CheckpointError
+from .manager import CheckpointManager, CheckpointState
+
+PREFIX = "step"
+
+
+def _run_storage() -> tuple[str, Any]:
+    """(experiment directory, pyarrow filesystem) of the current Ray Train run."""
+    import ray.train
+    storage = ray.train.get_context().get_storage()
+    return storage.experiment_fs_path, storage.storage_filesystem
+
+
+def _is_local(filesystem: Any) -> bool:
+    try:
+        import pyarrow.fs
+        return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+    except ImportError:  # pragma: no cover - pyarrow ships with ray[train]
+        return True
+
+
+class RayTrainCheckpointer:
+    """Save/restore shardckpt checkpoints from every worker of a Ray Train run."""
+
+    def __init__(self, directory: os.PathLike | str | None = None, *, async_save: bool = False,
+                 num_shards: int | None = None, save_timeout: float | None = None, verify: bool = True):
+        import ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if directory is None:
+            path, fs = _run_storage()
+            if not _is_local(fs):
+                raise CheckpointError(f"run storage {path!r} is on {type(fs).__name__}: shardckpt writes "
+                                      "checkpoints to a filesystem every worker mounts (NFS, EFS, "
+                                      "Filestore, Lustre); set RunConfig(storage_path=) to such a path")
+            directory, self._filesystem = path, fs
+        else:
+            self._filesystem = None
+        self.directory = Path(directory)
+        # Ray Train's CheckpointConfig does retention: our manager keeps everything.
+        self.manager = CheckpointManager(self.directory, max_to_keep=None, prefix=PREFIX, backend="ray",
+                                         num_shards=num_shards, save_timeout=save_timeout, verify=verify)
+        self.async_save = async_save
+        self._unreported: tuple[Path, dict] | None = None
+
+    # --- restore -------------------------------------------------------------------------
+    def latest_path(self) -> Path | None:
+        """The checkpoint Ray Train hands this attempt (``ray.train.get_checkpoint()``)."""
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else Path(checkpoint.path)
+
+    def restore(self, model: nnx.Module | None = None, *, tx: optax.GradientTransformation | None = None,
+                model_cls: type | None = None, config_cls: type | None = None,
+                shardings: Any = None, optimizer_shardings: Any = None) -> CheckpointState | None:
+        """Load the run's latest reported checkpoint, or None on a fresh start. Each rank
+        reads only what its target needs (its devices' slices of sharded arrays)."""
+        path = self.latest_path()
+        if path is None:
+            return None
+        return self.manager.load(path, model=model, model_cls=model_cls, config_cls=config_cls, tx=tx,
+                                 shardings=shardings, optimizer_shardings=optimizer_shardings)
+
+    # --- save ----------------------------------------------------------------------------
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+             metrics: dict | None = None, config: Any = None, train_config: dict | None = None,
+             extra: dict | None = None) -> None:
+        """Save ``step`` on this rank (all ranks call it) and report to Ray Train."""
+        import ray.train
+        metrics = dict(metrics or {})
+        metrics.setdefault("step", step)
+        previous = self._finish_pending()
+        path = self.manager.save(step, model, optimizer, config=config, train_config=train_config,
+                                 metrics=metrics, extra=extra, process_index=self.rank,
+                                 process_count=self.world_size, blocking=not self.async_save)
+        if self.async_save:
+            self._unreported = (path, metrics)
+            if previous is not None:
+                self._report(*previous)
+            else:
+                ray.train.report(_plain(metrics))
+        else:
+            self._report(path, metrics)
+
+    def finish(self) -> None:
+        """Wait for a background save and report it (call once after the loop)."""
+        pending = self._finish_pending()
+        if pending is not None:
+            self._report(*pending)
+
+    def _finish_pending(self) -> tuple[Path, dict] | None:
+        self.manager.wait_until_finished()
+        pending, self._unreported = self._unreported, None
+        return pending
+
+    def _report(self, path: Path, metrics: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
+        checkpoint = None
+        if self.rank == 0:
+            checkpoint = Checkpoint(path=str(path), filesystem=self._filesystem) if self._filesystem else \
+                Checkpoint.from_directory(str(path))
+        ray.train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_dir_name=path.name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _plain(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v) if not isinstance(v, (str, bool, int)) else v
+        except (TypeError, ValueError):
+            out[k] = str(v)
+    return out
