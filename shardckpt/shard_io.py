@@ -31,6 +31,7 @@ import xxhash
 from isal import isal_zlib
 
 from .errors import CheckpointError, CorruptCheckpointError
+from . import storage as _storage
 
 ALIGN = 64                      # member data alignment (the .npy header is 64-aligned too)
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
@@ -129,6 +130,7 @@ class _HashingFile:
     """
 
     def __init__(self, path: str, direct: bool = True):
+        self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self.direct = False
         self.fd = -1
@@ -167,6 +169,8 @@ class _HashingFile:
 
     def _write_all(self, block) -> None:
         while len(block):
+            if _storage.FAULTS is not None:
+                _storage.FAULTS.check("write", self.path)
             n = os.write(self.fd, block)
             block = block[n:]
 
@@ -190,6 +194,8 @@ class _HashingFile:
             self.view[self.fill:padded] = bytes(padded - self.fill)
             self._flush(padded)
             os.ftruncate(self.fd, self.pos)
+        if _storage.FAULTS is not None:
+            _storage.FAULTS.check("fsync", self.path)
         os.fsync(self.fd)
         self._close()
 
@@ -298,12 +304,14 @@ def _write_shard(path, members, compress, progress, writer, direct) -> ShardRepo
         out.write(cd)
         out.write(_end_records(len(central), cd_offset, len(cd)))
         out.finish()
-    except BaseException:
+    except BaseException as e:
         out.abort()
         try:
             os.unlink(path)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            _storage.raise_named(e, path)   # "No space left on device" alone names no file
         raise
     return ShardReport(os.path.basename(path), out.pos, out.hasher.hexdigest(), chunks,
                        writer or writer_identity())
@@ -341,6 +349,10 @@ def read_compressed_chunk(path: str, file_name: str, chunk: ChunkRecord, dest: n
     try:
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo(chunk.member + ".npy")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x41:
+                raise CorruptCheckpointError(
+                    f"{file_name}: member {chunk.member!r} uses compression method {info.compress_type} "
+                    f"(flags {info.flag_bits:#x}); shards are stored or deflated, never encrypted")
             if info.file_size > chunk.nbytes + 65536 + 128:
                 raise CorruptCheckpointError(
                     f"{file_name}: member {chunk.member!r} declares {info.file_size} bytes, "
@@ -360,8 +372,13 @@ def read_compressed_chunk(path: str, file_name: str, chunk: ChunkRecord, dest: n
                     if not n:
                         raise CorruptCheckpointError(f"{file_name}: member {chunk.member!r} is truncated")
                     pos += n
-    except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError) as e:
-        raise CorruptCheckpointError(f"{file_name}: cannot read member {chunk.member!r}: {e}") from e
+    except CorruptCheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError,
+            RuntimeError, OSError, struct.error, OverflowError, IndexError) as e:
+        # a damaged archive makes zipfile raise any of these
+        raise CorruptCheckpointError(f"{file_name}: cannot read member {chunk.member!r}: "
+                                     f"{type(e).__name__}: {e}") from e
     if verify and crc32(view) != chunk.crc32:
         raise CorruptCheckpointError(f"{file_name}: checksum mismatch in member {chunk.member!r}")
 
