@@ -108,7 +108,8 @@ def restore_module_state(ck: Checkpoint, item: str, target: nnx.Module | Callabl
     missing_params = [k for k in report.missing if _is_param(leaves[k])]
     if report.mismatched or report.unexpected or missing_params:
         report.missing = missing_params or report.missing
-        raise StructureMismatchError(f"{ck.where}: {item} does not fit the model: {report.describe()}")
+        raise StructureMismatchError(f"{ck.where}: the saved {item!r} does not fit the target module: "
+                                     f"{report.describe()}")
     if concrete:
         nnx.update(module, restored)
         return module
@@ -194,12 +195,14 @@ def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTrans
 def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.GradientTransformation | None = None,
                    learning_rate: float = 1e-4, *, wrt: Any = nnx.Param, strict: bool = False,
                    allow_pickle: bool = False, verify: bool = True, backend: str = "auto",
-                   num_writers: int | None = None, progress: bool | None = None) -> nnx.Optimizer:
+                   num_writers: int | None = None, shardings: Any = None,
+                   progress: bool | None = None) -> nnx.Optimizer:
     """Recreate the optimizer of ``model`` from ``path``: ``tx`` defaults to
     ``optax.adamw(learning_rate)``; see ``restore_optimizer`` for how a different ``tx``
     is handled."""
     ck = open_checkpoint(path, allow_pickle=allow_pickle)
     tx = tx if tx is not None else optax.adamw(learning_rate)
     optimizer, _ = restore_optimizer(ck, model, tx, wrt=wrt, strict=strict, verify=verify,
-                                     executor=resolve_executor(backend, num_writers), progress=progress)
+                                     executor=resolve_executor(backend, num_writers), progress=progress,
+                                     shardings=shardings)
     return optimizer

@@ -285,7 +285,10 @@ def _existing_checkpoint(final: Path) -> "Checkpoint | None":
     if not final.is_dir():
         raise CheckpointError(f"{final} exists and is not a directory; refusing to overwrite it")
     if (final / MANIFEST).exists():
-        return Checkpoint(final)
+        try:
+            return Checkpoint(final)
+        except CorruptCheckpointError:
+            return None   # ours, but damaged: not a checkpoint anyone can load; replaceable
     if any(final.iterdir()):
         raise CheckpointError(f"{final} exists and is not a shardckpt checkpoint (no {MANIFEST}); "
                               "refusing to overwrite it: choose an empty or new directory")

@@ -2,8 +2,10 @@
 
 That layout is ``model.npz`` / ``optimizer.npz`` (dotted keys, often compressed),
 ``config.json``, ``metrics.json``, ``extra.json`` and ``optimizer_meta.pkl``. We read the
-arrays with ``np.load(allow_pickle=False)``; the pickle file is never opened unless the
-caller passes ``allow_pickle=True`` (a stranger's pickle runs code on load). Such
+arrays with ``np.load(allow_pickle=False)``. The pickle file is never unpickled: the
+optimizer is restored by key path from ``optimizer.npz``, and while a pickle is present
+loading the optimizer is refused unless the caller passes ``allow_pickle=True`` (a
+stranger's pickle runs code on load; the flag says the caller trusts the directory). Such
 checkpoints carry no checksums and lose bfloat16 (stored as raw ``V2``): the restore
 target's dtype gives the bits their meaning back.
 """
@@ -135,14 +137,10 @@ class LegacyCheckpoint(Checkpoint):
             raise CorruptCheckpointError(f"{f}: cannot read ({e})") from e
         return out
 
-
-def _legacy_read_boxes(self, item, specs, requests, verify, executor, progress):
-    """Legacy files have no chunk index: read whole arrays, then cut the boxes."""
-    full = self._read_arrays(item, specs, verify, executor, progress)
-    # np.require, not np.ascontiguousarray: the latter turns a 0-d array (an optimizer's
-    # step) into shape (1,).
-    return {k: {box: np.require(full[k][tuple(slice(o, o + n) for o, n in zip(*box))], requirements="C")
-                for box in requests[k]} for k in specs}
-
-
-LegacyCheckpoint._read_boxes = _legacy_read_boxes
+    def _read_boxes(self, item, specs, requests, verify, executor, progress):
+        """Legacy files have no chunk index: read whole arrays, then cut the boxes."""
+        full = self._read_arrays(item, specs, verify, executor, progress)
+        # np.require, not np.ascontiguousarray: the latter turns a 0-d array (an optimizer's
+        # step) into shape (1,).
+        return {k: {box: np.require(full[k][tuple(slice(o, o + n) for o, n in zip(*box))], requirements="C")
+                    for box in requests[k]} for k in specs}

@@ -92,7 +92,7 @@ def plan_save(item: str, entries: list[ArrayEntry], num_shards: int, *,
         target.members.append(MemberToWrite(entry.key, member, piece.offset, piece.data))
         target.nbytes += piece.data.nbytes
     # Members in tree order inside each file: files read in the order humans expect.
-    rank = {id(c[1]): i for i, c in enumerate(chunks)}
+    rank = {id(c[1].data): i for i, c in enumerate(chunks)}
     for s in shards:
         s.members.sort(key=lambda m: rank.get(id(m.data), 0))
     return shards

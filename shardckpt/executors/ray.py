@@ -149,9 +149,10 @@ class RayExecutor(Executor):
         try:
             return ray.get(refs, timeout=max(0.1, deadline - time.time()))
         except ray.exceptions.GetTimeoutError as e:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = [f"{name} on node {node}" for ref, (name, node) in zip(refs, owners) if ref not in ready]
             self.reset()
-            raise SaveAbortedError(f"{what}: writers did not finish within the deadline "
-                                   f"({', '.join(n for n, _ in owners)})") from e
+            raise SaveAbortedError(f"{what}: not finished within the deadline: {', '.join(late)}") from e
         except ray.exceptions.RayError as e:
             bad = []
             for ref, (name, node) in zip(refs, owners):
