@@ -354,6 +354,7 @@ class CheckpointManager:
                                extra=ck.read_json("extra.json", {}) or {})
 
     def load_step(self, step: int, **kw) -> CheckpointState:
+        self.wait_until_finished()
         path = self.step_path(step)
         if step not in self.all_steps():
             raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint for step {step} "
@@ -362,11 +363,13 @@ class CheckpointManager:
 
     def load_latest(self, **kw) -> CheckpointState | None:
         """The newest committed checkpoint, or None in an empty directory."""
+        self.wait_until_finished()
         step = self.latest_step
         return None if step is None else self.load_step(step, **kw)
 
     def load_best(self, **kw) -> CheckpointState | None:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
+        self.wait_until_finished()
         step = self.best_step
         return None if step is None else self.load_step(step, **kw)
 
