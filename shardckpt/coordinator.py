@@ -26,6 +26,8 @@ from typing import Any
 
 NAMESPACE = "shardckpt"
 DEFAULT_SAVE_TIMEOUT = 600.0
+WATCH_SECONDS = 2.0        # how often an open multi-participant save checks its participants
+LIVENESS_TIMEOUT = 5.0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _Txn:
     participants: int
     deadline: float
     claimed: set = field(default_factory=set)
+    owners: dict = field(default_factory=dict)     # participant -> actor handle (None: a plain process)
     parts: dict = field(default_factory=dict)
     commit_args: dict | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,22 +71,28 @@ class SaveCoordinator:
     def ping(self) -> dict:
         return {"pid": os.getpid(), "directory": self.directory}
 
-    async def begin(self, final: str, participants: int, participant: int, timeout: float) -> dict:
+    async def begin(self, final: str, participants: int, participant: int, timeout: float,
+                    owner: Any = None) -> dict:
         """Join the open transaction for ``final``, or start one once the directory's
         running transaction (if any) has ended. Waiters re-check on every change, so all
         participants of a save that had to queue join the same transaction."""
         while True:
             tid = self.open_by_final.get(final)
             txn = self.txns.get(tid) if tid else None
+            if txn and not txn.done.is_set() and await self._abort_if_orphaned(txn):
+                continue
             if txn and not txn.done.is_set() and participant not in txn.claimed:
                 if txn.participants != participants:
                     raise ValueError(f"saving {final}: participant {participant} expects "
                                      f"{participants} participants, the open save has {txn.participants}")
                 txn.claimed.add(participant)
+                txn.owners[participant] = owner
                 return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
             active = self.txns.get(self.active) if self.active else None
+            if active is not None and not active.done.is_set() and await self._abort_if_orphaned(active):
+                continue
             if active is None or active.done.is_set():
-                info = self._open(final, participants, participant, timeout)
+                info = self._open(final, participants, participant, timeout, owner)
                 self._changed()
                 return info
             await self.changed.wait()
@@ -93,17 +102,45 @@ class SaveCoordinator:
         event, self.changed = self.changed, asyncio.Event()
         event.set()
 
-    def _open(self, final: str, participants: int, participant: int, timeout: float) -> dict:
+    async def _abort_if_orphaned(self, txn: _Txn) -> bool:
+        """Abort ``txn`` if a participant that joined it has died (a crashed worker whose
+        group was restarted must not leave the save open until its deadline, nor have the
+        restarted workers join it). Only participants running in Ray actors can be checked."""
+        import ray
+        for p, handle in list(txn.owners.items()):
+            if handle is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(handle.__ray_ready__.remote().future()), LIVENESS_TIMEOUT)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._finish(txn, error=f"participant {p} died before the save was committed")
+                return True
+            except (asyncio.TimeoutError, ray.exceptions.RayError):
+                continue  # busy or unreachable for a moment: the deadline still applies
+        return False
+
+    async def _watch(self, tid: str) -> None:
+        """While a transaction is open, notice dead participants within a few seconds."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            txn = self.txns.get(tid)
+            if txn is None or txn.done.is_set() or await self._abort_if_orphaned(txn):
+                return
+
+    def _open(self, final: str, participants: int, participant: int, timeout: float, owner: Any = None) -> dict:
         from .storage import hidden_name
         Path(final).parent.mkdir(parents=True, exist_ok=True)
         tmp = hidden_name(Path(final), "tmp")
         os.mkdir(tmp)
         txn = _Txn(uuid.uuid4().hex, final, str(tmp), participants, time.time() + timeout)
         txn.claimed.add(participant)
+        txn.owners[participant] = owner
         self.txns[txn.id] = txn
         self.open_by_final[final] = txn.id
         self.active = txn.id
         asyncio.get_running_loop().call_later(timeout, self._expire, txn.id)
+        if participants > 1:
+            asyncio.get_running_loop().create_task(self._watch(txn.id))
         return {"txn": txn.id, "tmp": txn.tmp, "deadline": txn.deadline}
 
     def _expire(self, tid: str) -> None:

@@ -245,7 +245,8 @@ class RayExecutor(Executor):
         coord = get_coordinator(final.parent)
         p, n = self.participant, self.participants
         try:
-            info = ray.get(coord.begin.remote(str(final), n, p, self.save_timeout), timeout=self.save_timeout)
+            owner = _current_actor() if n > 1 else None   # lets the coordinator notice if we die
+            info = ray.get(coord.begin.remote(str(final), n, p, self.save_timeout, owner), timeout=self.save_timeout)
         except ray.exceptions.RayError as e:
             raise SaveAbortedError(f"saving {final}: the coordinator failed to open the save: {_first_line(e)}") from e
         tid, tmp, deadline = info["txn"], Path(info["tmp"]), info["deadline"]
@@ -307,6 +308,16 @@ class _DeadlineExecutor(Executor):
 
     def read(self, jobs, *, verify, progress):
         return self.inner.read(jobs, verify=verify, progress=progress)
+
+
+def _current_actor():
+    """This process's actor handle when it runs in a Ray actor (a Ray Train worker), else None."""
+    import ray
+    try:
+        ctx = ray.get_runtime_context()
+        return ctx.current_actor if ctx.get_actor_id() else None
+    except Exception:  # noqa: BLE001 - driver or task
+        return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -181,3 +181,21 @@ def test_two_processes_saving_to_one_directory_lose_nothing(tmp_path):
     for s in m.all_steps():
         assert m.load_step(s, should_load_optimizer=False).extra["writer"] in ("a", "b")
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_dead_participant_aborts_the_save_and_a_restarted_group_saves_the_step(tmp_path):
+    first = Participant.remote(0, 2)
+    pending = first.save.remote(str(tmp_path), 4, 120.0)     # waits for participant 1 forever
+    time.sleep(3.0)
+    ray.kill(first)                                           # the worker dies mid-save
+    t0 = time.time()
+    group = [Participant.remote(i, 2) for i in range(2)]      # the restarted worker group
+    paths = ray.get([p.save.remote(str(tmp_path), 4, 120.0) for p in group])
+    assert paths == [str(tmp_path / "step_4")] * 2, paths
+    assert time.time() - t0 < 60, "the orphaned save was aborted long before its deadline"
+    assert Checkpoint(tmp_path / "step_4").step == 4
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(pending)
+    for p in group:
+        ray.kill(p)
