@@ -26,6 +26,7 @@ The one Ray Train internal we touch — the run's storage context — is read in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,21 @@ class RayTrainCheckpointer:
 
     # --- restore -------------------------------------------------------------------------
     def latest_path(self) -> Path | None:
-        """The checkpoint Ray Train hands this attempt (``ray.train.get_checkpoint()``)."""
+        """The checkpoint to resume from: the newer of the one Ray Train hands this attempt
+        (``ray.train.get_checkpoint()``) and the newest one committed in the run's directory.
+        Ray Train registers reports asynchronously, so after a crash it can hand out an
+        older checkpoint than the last one committed (or none); the directory is the truth."""
         import ray.train
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else Path(checkpoint.path)
+        candidates = []
+        if checkpoint is not None:
+            path = Path(checkpoint.path)
+            m = re.fullmatch(rf"{PREFIX}_(\d+)", path.name)
+            candidates.append((int(m.group(1)) if m else -1, path))
+        latest = self.manager.latest_step
+        if latest is not None:
+            candidates.append((latest, Path(self.manager.step_path(latest))))
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
     def restore(self, model: nnx.Module | None = None, *, tx: optax.GradientTransformation | None = None,
                 model_cls: type | None = None, config_cls: type | None = None,
