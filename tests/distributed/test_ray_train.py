@@ -78,8 +78,9 @@ def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_pat
     # Ray Train's retention applied to our checkpoints; each kept one is complete
     run_dir = tmp_path / "storage" / "run"
     kept = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_"))
-    # num_to_keep=2 best by loss, plus the latest, which Ray Train always keeps
-    assert 1 <= len(kept) <= 3, kept
+    # num_to_keep=2 best + the latest (Ray Train always keeps it) + at most one committed
+    # while the crash happened, which Ray Train never registered and so never deletes
+    assert 1 <= len(kept) <= 4, kept
     for name in kept:
         ck = Checkpoint(run_dir / name)
         pids = {f.writer["pid"] for f in ck.manifest.files.values()}
