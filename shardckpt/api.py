@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from .backends import executor_for_save, resolve_executor
-from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, read_consistently, save_checkpoint
 from .errors import CheckpointError, StructureMismatchError
 from .tree import FlatTree
 
@@ -80,9 +80,17 @@ def _build_config(cfg: dict | None, config_cls: type | None, where: str):
         config_cls = ModelConfig
     if cfg is None:
         raise CheckpointError(f"{where}: config.json has no model_config; pass model= to load into")
-    if hasattr(config_cls, "from_dict"):
-        return config_cls.from_dict(cfg)
-    return config_cls(**cfg)
+    try:
+        if hasattr(config_cls, "from_dict"):
+            return config_cls.from_dict(cfg)
+        if not isinstance(cfg, dict):
+            raise TypeError(f"expected a JSON object, got {type(cfg).__name__}")
+        return config_cls(**cfg)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the saved config makes the class raise
+        raise CheckpointError(f"{where}: config.json's model_config does not make a {config_cls.__name__}: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def _is_param(leaf: Any) -> bool:
@@ -151,20 +159,26 @@ def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
     restores only some keys (into a given ``model``; the rest keep their values).
     ``dtype`` casts floating-point parameters after loading. Returns ``(model, config_dict)``.
     """
-    ck = open_checkpoint(path)
     executor = resolve_executor(backend, num_writers)
-    cfg = (ck.read_json("config.json", {}) or {}).get("model_config")
-    if model is None:
-        if model_cls is None:
-            from .models import LMModel
-            model_cls = LMModel
-        config = _build_config(cfg, config_cls, ck.where)
-        model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
-                                     verify=verify, executor=executor, progress=progress,
-                                     shardings=shardings, select=select)
-    else:
-        restore_module_state(ck, "model", model, verify=verify, executor=executor, progress=progress,
-                             shardings=shardings, select=select)
+
+    def load_once():   # again if another process replaces the checkpoint meanwhile
+        ck = open_checkpoint(path)
+        cfg = ck.read_config().get("model_config")
+        if model is None:
+            config = _build_config(cfg, config_cls, ck.where)
+            cls = model_cls
+            if cls is None:
+                from .models import LMModel
+                cls = LMModel
+            loaded = restore_module_state(ck, "model", lambda: cls(config, rngs=nnx.Rngs(0)),
+                                          verify=verify, executor=executor, progress=progress,
+                                          shardings=shardings, select=select)
+        else:
+            loaded = restore_module_state(ck, "model", model, verify=verify, executor=executor,
+                                          progress=progress, shardings=shardings, select=select)
+        return loaded, cfg
+
+    model, cfg = read_consistently(load_once)
     if dtype is not None:
         _cast_floats(model, dtype)
     return model, cfg
@@ -200,9 +214,9 @@ def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.Gradien
     """Recreate the optimizer of ``model`` from ``path``: ``tx`` defaults to
     ``optax.adamw(learning_rate)``; see ``restore_optimizer`` for how a different ``tx``
     is handled."""
-    ck = open_checkpoint(path, allow_pickle=allow_pickle)
     tx = tx if tx is not None else optax.adamw(learning_rate)
-    optimizer, _ = restore_optimizer(ck, model, tx, wrt=wrt, strict=strict, verify=verify,
-                                     executor=resolve_executor(backend, num_writers), progress=progress,
-                                     shardings=shardings)
+    executor = resolve_executor(backend, num_writers)
+    optimizer, _ = read_consistently(lambda: restore_optimizer(   # again if replaced meanwhile
+        open_checkpoint(path, allow_pickle=allow_pickle), model, tx, wrt=wrt, strict=strict, verify=verify,
+        executor=executor, progress=progress, shardings=shardings))
     return optimizer

@@ -35,6 +35,25 @@ from .storage import (fsync_path, hidden_name, open_data_file, publish_dir, read
 from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key, split_values
 
 MAX_JSON_BYTES = 64 << 20
+READ_ATTEMPTS = 10
+
+
+class ReplacedWhileReadingError(CheckpointNotFoundError):
+    """The checkpoint being read was replaced by another save of the same path, or deleted
+    by retention, in another process meanwhile. The version that was opened is gone;
+    nothing read from it is returned. The load functions retry on it (``read_consistently``)."""
+
+
+def read_consistently(load: Callable[[], Any]) -> Any:
+    """Run ``load`` (open a checkpoint path and read from it) again when another process
+    replaced the checkpoint while it ran: the caller gets one whole version, the old one or
+    the new one, never a mix; CheckpointNotFoundError if it was deleted."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return load()
+        except ReplacedWhileReadingError:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise
 REPLICATED_SHARDS_PER_PARTICIPANT = 2
 
 
@@ -423,9 +442,9 @@ def device_boxes(spec: ArraySpec, sharding) -> dict[Any, Box]:
     return out
 
 
-def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any):
+def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = ""):
     """Stored bits -> the real dtype, then the target's dtype if it differs."""
-    value = decode_stored(spec, stored)
+    value = decode_stored(spec, stored, what)
     tdtype = getattr(target, "dtype", None)
     if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
         tdtype = np.dtype(tdtype)
@@ -453,6 +472,7 @@ class Checkpoint:
             raise CheckpointNotFoundError(f"{self.path}: no {MANIFEST}; this directory is not a "
                                           "committed checkpoint") from e
         self.manifest = Manifest.loads(raw, self.where)
+        self._manifest_raw = raw     # what this object reads; see _raise_if_replaced
         self._index = None
         nested = [n for n in list(self.manifest.files) + list(self.manifest.meta_files) if "/" in n]
         if nested:  # version prefixes belong to remote checkpoints only
@@ -487,10 +507,31 @@ class Checkpoint:
         try:
             raw = read_small_file(self.path / name, limit, self.where)
         except FileNotFoundError as e:
+            self._raise_if_replaced(e)
             raise CorruptCheckpointError(f"{self.where}: {name} is missing") from e
         if len(raw) != rec.size or xxhash.xxh3_64(raw).hexdigest() != rec.xxh3_64:
+            self._raise_if_replaced(None)
             raise CorruptCheckpointError(f"{self.where}: {name} does not match its checksum in the manifest")
         return raw
+
+    def _raise_if_replaced(self, cause: BaseException | None) -> None:
+        """Raise ``ReplacedWhileReadingError`` if ``self.path`` no longer holds the manifest
+        this object opened: another process replaced the checkpoint (a new save of the same
+        path) or deleted it (retention) while it was read, so the files read may belong to
+        two versions, or be gone. Files are read by path, and a replacement swaps the whole
+        directory at once: no file of the other version is ever checked against the wrong
+        manifest without this noticing."""
+        raw = getattr(self, "_manifest_raw", None)
+        if raw is None:
+            return
+        try:
+            now = read_small_file(self.path / MANIFEST, 256 << 20, self.where)
+        except (OSError, CheckpointError):
+            now = None
+        if now != raw:
+            what = "deleted" if now is None else "replaced by another save"
+            raise ReplacedWhileReadingError(f"{self.where} was {what} while being read; nothing read from "
+                                            "it is used (open it again)") from cause
 
     def meta_name(self, name: str) -> str | None:
         """The stored name of metadata file ``name`` (remote checkpoints keep it under a
@@ -510,6 +551,16 @@ class Checkpoint:
             return json.loads(raw)
         except (ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{self.where}: {name} is not valid JSON ({e})") from e
+
+    def read_config(self) -> dict:
+        """``config.json`` as a dict (empty when absent or null); anything else is refused."""
+        cfg = self.read_json("config.json", {})
+        if cfg is None:
+            return {}
+        if not isinstance(cfg, dict):
+            raise CorruptCheckpointError(f"{self.where}: config.json holds a {type(cfg).__name__}, "
+                                         "not a JSON object")
+        return cfg
 
     def restore(self, item: str, target: Any, *, strict: bool = True, verify: bool = True,
                 executor: Executor | None = None, progress: bool | None = None,
@@ -571,14 +622,14 @@ class Checkpoint:
             sharding, boxes = placement[key]
             pieces = host.pop(key)
             if boxes is None:
-                value = _to_real(spec, pieces[_full_box(spec)], tv)
+                value = _to_real(spec, pieces[_full_box(spec)], tv, f"{self.where}: array {key!r}")
                 if isinstance(tv, (np.ndarray, np.generic)):
                     new_values[key] = np.asarray(value)
                 else:
                     # may_alias: a 64-byte aligned host buffer becomes the CPU array without a copy
                     new_values[key] = jax.device_put(value, sharding, may_alias=True)
             else:
-                per_device = [jax.device_put(_to_real(spec, pieces[box], tv), device, may_alias=True)
+                per_device = [jax.device_put(_to_real(spec, pieces[box], tv, f"{self.where}: array {key!r}"), device, may_alias=True)
                               for device, box in boxes.items()]
                 new_values[key] = jax.make_array_from_single_device_arrays(spec.shape, sharding, per_device)
             report.restored.append(key)
@@ -596,7 +647,7 @@ class Checkpoint:
         rec = self.item_record(item)
         specs = {k: s for k, s in rec.arrays.items() if keys is None or k in keys}
         raw = self._read_arrays(item, specs, verify, executor, None)
-        return {k: decode_stored(specs[k], raw[k]) for k in specs}
+        return {k: decode_stored(specs[k], raw[k], f"{self.where}: array {k!r}") for k in specs}
 
     def _read_arrays(self, item: str, specs: dict[str, ArraySpec], verify: bool,
                      executor: Executor | None, progress: bool | None) -> dict[str, np.ndarray]:
@@ -607,6 +658,21 @@ class Checkpoint:
 
     def _read_boxes(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
                     verify: bool, executor: Executor | None, progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
+        """``_read_boxes_of_this_version``, then make sure no other process replaced or
+        deleted the checkpoint meanwhile (else ``ReplacedWhileReadingError``, never a mix of
+        two versions, also with ``verify=False``)."""
+        try:
+            out = self._read_boxes_of_this_version(item, specs, requests, verify, executor, progress)
+        except CheckpointError as e:
+            self._raise_if_replaced(e)
+            raise
+        if specs:
+            self._raise_if_replaced(None)
+        return out
+
+    def _read_boxes_of_this_version(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
+                                    verify: bool, executor: Executor | None,
+                                    progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
         """Allocate each requested box once and fill it from the chunks it overlaps (only
         those), file by file, in parallel."""
         if not specs:

@@ -13,7 +13,10 @@ target's dtype gives the bits their meaning back.
 from __future__ import annotations
 
 import json
+import math
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,14 @@ import numpy as np
 
 from .checkpoint import MAX_JSON_BYTES, Checkpoint
 from .errors import CheckpointError, CorruptCheckpointError
-from .format import ItemRecord
+from .format import MAX_DEFLATE_RATIO, ItemRecord
 from .storage import read_small_file
 from .tree import ArraySpec
 
 LEGACY_FILES = {"model": "model.npz", "optimizer": "optimizer.npz"}
+# what zipfile and np.load raise on a damaged archive
+_ZIP_ERRORS = (zipfile.BadZipFile, ValueError, OSError, zlib.error, EOFError, NotImplementedError,
+               RuntimeError, struct.error, OverflowError, KeyError, IndexError)
 PICKLE_META = "optimizer_meta.pkl"
 
 
@@ -56,7 +62,7 @@ class LegacyCheckpoint(Checkpoint):
             f = self.path / fname
             if f.is_file():
                 self._records[item], self._members[item] = self._scan(f)
-        cfg = self.read_json("config.json", {}) or {}
+        cfg = self.read_config()
         self._step = cfg.get("step") if isinstance(cfg.get("step"), int) else None
         self._metrics = self.read_json("metrics.json", {}) or {}
 
@@ -73,15 +79,26 @@ class LegacyCheckpoint(Checkpoint):
                         read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                 else np.lib.format.read_array_header_2_0)
                         shape, _, dtype = read(m, max_header_size=65536)
+                        header_len = m.tell()
                     if dtype.hasobject:
                         raise CorruptCheckpointError(f"{f}: member {info.filename} holds Python objects; refusing it")
+                    # np.load allocates what the header declares: it must be what the member
+                    # holds, and a deflated member cannot hold more than deflate's ratio allows.
+                    declared = math.prod(shape) * dtype.itemsize
+                    if (declared + header_len != info.file_size
+                            or info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 65536):
+                        raise CorruptCheckpointError(
+                            f"{f}: member {info.filename} declares {shape} {dtype} ({declared} bytes) but holds "
+                            f"{info.file_size - header_len} bytes ({info.compress_size} stored)")
                     key = normalize_key(info.filename[:-4])
                     rec.arrays[key] = ArraySpec(dtype=dtype.str if dtype.kind == "V" else dtype.name,
                                                 shape=tuple(shape), stored_dtype=dtype.str if dtype.kind == "V" else dtype.name,
                                                 stored_shape=tuple(shape))
                     members[key] = info.filename[:-4]
-        except (zipfile.BadZipFile, ValueError, OSError) as e:
-            raise CorruptCheckpointError(f"{f}: not a readable .npz file ({e})") from e
+        except CorruptCheckpointError:
+            raise
+        except _ZIP_ERRORS as e:
+            raise CorruptCheckpointError(f"{f}: not a readable .npz file ({type(e).__name__}: {e})") from e
         return rec, members
 
     @property
@@ -133,8 +150,10 @@ class LegacyCheckpoint(Checkpoint):
                     if tuple(arr.shape) != spec.shape:
                         raise CorruptCheckpointError(f"{f}: {key!r} changed shape while reading")
                     out[key] = arr
-        except (ValueError, zipfile.BadZipFile, OSError) as e:
-            raise CorruptCheckpointError(f"{f}: cannot read ({e})") from e
+        except CorruptCheckpointError:
+            raise
+        except _ZIP_ERRORS as e:
+            raise CorruptCheckpointError(f"{f}: cannot read ({type(e).__name__}: {e})") from e
         return out
 
     def _read_boxes(self, item, specs, requests, verify, executor, progress):

@@ -27,7 +27,7 @@ from flax import nnx
 from .api import model_config_of, restore_module_state, restore_optimizer, _build_config
 from .backends import executor_for_save, resolve_executor
 from .participants import participants
-from .checkpoint import Checkpoint, open_checkpoint, prepare_items, save_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, prepare_items, read_consistently, save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MANIFEST
 from .legacy import LegacyCheckpoint, is_legacy_dir
@@ -323,12 +323,20 @@ class CheckpointManager:
         """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout).
 
         ``shardings`` / ``optimizer_shardings`` restore onto another device layout (see
-        ``load_model``); by default arrays follow the target's own shardings.
+        ``load_model``); by default arrays follow the target's own shardings. A checkpoint
+        that another process replaces (or deletes) meanwhile is read again (or not found):
+        the state returned is always one whole saved version.
         """
         self.wait_until_finished()
+        return read_consistently(lambda: self._load_once(
+            path, model, model_cls, config_cls, tx, should_load_optimizer, strict=strict,
+            allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings))
+
+    def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
+                   allow_pickle, shardings, optimizer_shardings) -> CheckpointState:
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
         executor = self._executor()
-        cfg_file = ck.read_json("config.json", {}) or {}
+        cfg_file = ck.read_config()
         cfg = cfg_file.get("model_config")
         if model is None:
             if model_cls is None:

@@ -363,9 +363,10 @@ def read_compressed_chunk(path: str, file_name: str, chunk: ChunkRecord, dest: n
                                else np.lib.format.read_array_header_2_0)
                 shape, _fortran, _dtype = read_header(f, max_header_size=65536)
                 view = memoryview(dest).cast("B") if dest.nbytes else memoryview(bytearray())
-                if tuple(shape) != tuple(dest.shape):
+                if tuple(shape) != tuple(dest.shape) or _dtype != dest.dtype:
                     raise CorruptCheckpointError(
-                        f"{file_name}: member {chunk.member!r} holds shape {shape}, index says {dest.shape}")
+                        f"{file_name}: member {chunk.member!r} holds {shape} {_dtype}, the index says "
+                        f"{dest.shape} {dest.dtype}")
                 pos = 0
                 while pos < len(view):
                     n = f.readinto(view[pos:])

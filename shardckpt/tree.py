@@ -190,11 +190,16 @@ def encode_value(key: str, value: Any) -> ArrayEntry:
     return ArrayEntry(key, spec, _host_pieces(value, as_stored))
 
 
-def decode_stored(spec: ArraySpec, stored: np.ndarray) -> np.ndarray | jax.Array:
+def decode_stored(spec: ArraySpec, stored: np.ndarray, what: str = "") -> np.ndarray | jax.Array:
     """Inverse of the storage encoding: view the stored bits as the real dtype (no copy),
     or wrap PRNG key data back into a typed key array."""
     if spec.key_impl is not None:
-        return jax.random.wrap_key_data(stored, impl=spec.key_impl)
+        try:
+            return jax.random.wrap_key_data(stored, impl=spec.key_impl)
+        except (ValueError, TypeError, KeyError) as e:   # a name jax does not know
+            from .errors import CorruptCheckpointError
+            raise CorruptCheckpointError(f"{what or 'PRNG key'}: key data of unknown implementation {spec.key_impl!r:.80} "
+                                         f"({type(e).__name__}: {e})") from e
     dtype = real_dtype(spec.dtype)
     return stored.view(dtype) if stored.dtype != dtype else stored
 
