@@ -182,7 +182,7 @@ class SaveCoordinator:
             path = await asyncio.to_thread(
                 commit_parts, Path(txn.final), Path(txn.tmp), list(txn.parts.values()),
                 step=args.get("step"), json_files=args.get("json_files"), metrics=args.get("metrics"),
-                keep_other_items=args.get("keep_other_items", False))
+                keep_other_items=args.get("keep_other_items", False), transaction=txn.id)
             self._finish(txn, result=str(path))
         except BaseException as e:  # noqa: BLE001 - every failure aborts the transaction
             self._finish(txn, error=f"commit failed: {type(e).__name__}: {e}")

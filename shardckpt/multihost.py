@@ -143,6 +143,11 @@ class SharedStorageCommit(Executor):
             time.sleep(POLL_SECONDS)
 
 
+def committed_by(final: Path, txn: str) -> bool:
+    """Whether the checkpoint at ``final`` is the one transaction ``txn`` committed."""
+    return _committed(final, txn)
+
+
 def _committed(final: Path, txn: str) -> bool:
     try:
         raw = read_small_file(final / MANIFEST, 256 << 20, str(final))

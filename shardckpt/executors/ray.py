@@ -276,6 +276,9 @@ class RayExecutor(Executor):
             if isinstance(e, ray.exceptions.RayTaskError):
                 raise SaveAbortedError(f"saving {final} failed, nothing was committed: {_first_line(e.cause or e)}") from e
             if isinstance(e, ray.exceptions.RayActorError):
+                from ..multihost import committed_by
+                if committed_by(final, tid):   # it died after publishing: the save did commit
+                    return final
                 raise SaveAbortedError(f"saving {final}: the coordinator died; nothing was committed") from e
             if isinstance(e, ray.exceptions.GetTimeoutError):
                 raise SaveAbortedError(f"saving {final}: not committed within the deadline "
