@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from .backends import executor_for_save, resolve_executor
+from .backends import resolve_executor
 from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, read_consistently, save_checkpoint
 from .errors import CheckpointError, StructureMismatchError
 from .tree import FlatTree
@@ -54,12 +53,12 @@ def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *
     ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path. In a
     multi-process job every process calls it; each writes only its own shards.
     """
-    executor = executor_for_save(backend, num_writers, save_timeout, process_index, process_count)
     cfg = model_config_of(model, config)
     return save_checkpoint(path, {"model": nnx.state(model)}, step=step,
                            json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}},
-                           num_shards=num_shards, compress=compress, executor=executor,
-                           progress=progress, keep_other_items=True)
+                           num_shards=num_shards, compress=compress, progress=progress, keep_other_items=True,
+                           backend=backend, num_writers=num_writers, save_timeout=save_timeout,
+                           process_index=process_index, process_count=process_count)
 
 
 def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compress: bool = False,
@@ -68,10 +67,10 @@ def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compres
                    process_index: int | None = None, process_count: int | None = None,
                    progress: bool | None = None) -> Path:
     """Save an ``nnx.Optimizer``'s state (step and every optax state leaf) into ``path``."""
-    executor = executor_for_save(backend, num_writers, save_timeout, process_index, process_count)
     return save_checkpoint(path, {"optimizer": nnx.state(optimizer)}, num_shards=num_shards,
-                           compress=compress, executor=executor, progress=progress,
-                           keep_other_items=True)
+                           compress=compress, progress=progress, keep_other_items=True,
+                           backend=backend, num_writers=num_writers, save_timeout=save_timeout,
+                           process_index=process_index, process_count=process_count)
 
 
 def _build_config(cfg: dict | None, config_cls: type | None, where: str):

@@ -1,10 +1,14 @@
-"""Choosing the executor a save or load runs on (``backend=`` everywhere in the API)."""
+"""Choosing who runs a save or a load: the Coordinator and the Executor for ``backend=``,
+``num_writers=``, ``process_index=``/``process_count=``, whatever the Store."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .errors import CheckpointError
 from .executors.base import Executor
 from .executors.local import ThreadExecutor
+from .store import Store
 
 BACKENDS = ("auto", "threads", "ray")
 
@@ -18,14 +22,14 @@ def resolve_executor(backend: str | Executor = "auto", num_writers: int | None =
     if backend not in BACKENDS:
         raise CheckpointError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "ray" if _ray_running() else "threads"
+        backend = "ray" if ray_running() else "threads"
     if backend == "threads":
         return ThreadExecutor(num_writers)
     from .executors.ray import RayExecutor
     return RayExecutor.get(num_writers, save_timeout)
 
 
-def _ray_running() -> bool:
+def ray_running() -> bool:
     try:
         import ray
     except ImportError:
@@ -33,24 +37,54 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
-def executor_for_save(backend: str | Executor = "auto", num_writers: int | None = None,
-                      save_timeout: float | None = None, process_index: int | None = None,
-                      process_count: int | None = None) -> Executor:
-    """The executor for one participant of a save: with several participants, a Ray
-    coordinator transaction (Ray running or ``backend='ray'``), else the shared-storage
-    protocol of ``multihost`` for ``jax.distributed`` process groups."""
-    from .coordinator import DEFAULT_SAVE_TIMEOUT
+@dataclass
+class SaveSession:
+    """Who takes part in one save and how: this participant's index among ``count``, the
+    coordinator that commits and the executor that writes."""
+
+    coordinator: object
+    executor: Executor
+    participant: int = 0
+    count: int = 1
+    replicated: bool = False
+
+
+def save_session(store: Store, final: str, *, backend: str | Executor = "auto", num_writers: int | None = None,
+                 save_timeout: float | None = None, process_index: int | None = None,
+                 process_count: int | None = None, world: bool = False) -> SaveSession:
+    """One participant's view of a save of checkpoint ``final`` in ``store``.
+
+    One participant: the Ray coordinator and writer actors with Ray (``backend='ray'``, or
+    Ray running), this process alone otherwise. Several: a Ray coordinator transaction
+    (Ray running or ``backend='ray'``; each participant writes its own part with local
+    threads), else the shared-storage protocol for ``jax.distributed`` process groups.
+    ``world``: take the Ray Train world as the participants when not given (the manager).
+    """
     from .participants import participants
-    index, count = participants(process_index, process_count)
+    index, count = participants(process_index, process_count, ray_train_world=world)
+    use_ray = backend == "ray" or (backend == "auto" and ray_running())
+    if isinstance(backend, Executor):
+        use_ray = False
     if count == 1:
-        return resolve_executor(backend, num_writers, save_timeout)
+        executor = resolve_executor(backend, num_writers, save_timeout)
+        if use_ray:
+            from .coord.ray_actor import RayCoordinator
+            return SaveSession(RayCoordinator(store, final, 1, save_timeout), executor)
+        from .coord.local import LocalCoordinator
+        return SaveSession(LocalCoordinator(store, final, save_timeout), executor)
     import jax
     replicated = jax.process_count() == 1   # independent processes holding the same state
-    if backend == "ray" or (backend == "auto" and _ray_running()):
-        return resolve_executor("ray", num_writers, save_timeout).with_participant(index, count, replicated)
+    executor = ThreadExecutor(num_writers)   # each participant writes its own part from here
+    if use_ray:
+        from .coord.ray_actor import RayCoordinator
+        if backend == "ray":
+            from .executors.ray import ensure_ray
+            ensure_ray()
+        return SaveSession(RayCoordinator(store, final, count, save_timeout), executor, index, count, replicated)
     if jax.process_count() != count:
-        raise CheckpointError(f"{count} participants without Ray need jax.distributed with {count} processes "
-                              f"(jax.process_count() is {jax.process_count()}); start Ray or pass backend='ray'")
-    from .multihost import SharedStorageCommit
-    return SharedStorageCommit(ThreadExecutor(num_writers), index, count,
-                               save_timeout or DEFAULT_SAVE_TIMEOUT, replicated)
+        raise CheckpointError(f"process_count={count} without Ray needs jax.distributed with {count} processes "
+                              f"(jax.process_count() is {jax.process_count()}); start Ray, pass backend='ray', "
+                              "or pass process_count=1 to save from this process alone")
+    from .coord.jax_shared import SharedStorageCoordinator
+    return SaveSession(SharedStorageCoordinator(store, final, count, save_timeout), executor, index, count,
+                       replicated)

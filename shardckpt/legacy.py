@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import MAX_JSON_BYTES, Checkpoint
+from .reader import MAX_JSON_BYTES, Checkpoint
 from .errors import CheckpointError, CorruptCheckpointError
 from .format import MAX_DEFLATE_RATIO, ItemRecord
 from .storage import read_small_file

@@ -9,33 +9,27 @@ at any moment leaves only hidden ``.tmp``/``.del`` leftovers that the next start
 from __future__ import annotations
 
 import copy
-import operator
 import functools
-import math
+import operator
 import os
 import re
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import optax
 from flax import nnx
 
-from .api import model_config_of, restore_module_state, restore_optimizer, _build_config
-from .backends import executor_for_save, resolve_executor
-from .participants import participants
-from .checkpoint import Checkpoint, open_checkpoint, prepare_items, read_consistently, save_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import MANIFEST
-from .legacy import LegacyCheckpoint, is_legacy_dir
-from .remote import RemoteCheckpoint, delete_remote_checkpoint, is_remote, list_remote_steps, open_store
-from .storage import (finish_deletes, owner_alive, parse_hidden, recover_replacements, remove_tree,
-                      retire_dir)
+from .api import _build_config, model_config_of, restore_module_state, restore_optimizer
+from .backends import resolve_executor
+from .catalog import Catalog, CheckpointInfo
+from .checkpoint import save_checkpoint
+from .errors import CheckpointError, CheckpointNotFoundError
+from .reader import open_checkpoint, read_consistently
+from .store import LocalStore, open_store
+from .transaction import prepare_items
 
-STALE_FOREIGN_SECONDS = 24 * 3600   # a tmp dir of another host untouched this long is dead
+LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
 
 
 @dataclass
@@ -49,16 +43,6 @@ class CheckpointState:
     train_config: Dict
     metrics: Dict[str, float]
     extra: Dict
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint as listed by the manager."""
-
-    step: int
-    path: Path
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    created: str = ""
 
 
 class CheckpointManager:
@@ -81,8 +65,8 @@ class CheckpointManager:
             raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (or None for all)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", prefix):
             raise CheckpointError(f"prefix={prefix!r}: use letters, digits, '_' and '-'")
-        self.remote = open_store(str(directory)) if is_remote(directory) else None
-        self.directory = self.remote.uri if self.remote else Path(directory).absolute()
+        self.store = open_store(directory)
+        self.directory = self.store.location("")
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -95,92 +79,36 @@ class CheckpointManager:
         self.compress = compress
         self.verify = verify
         self.progress = progress
-        self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
-        self._cache: dict[str, tuple[tuple, CheckpointInfo]] = {}
+        self.catalog = Catalog(self.store, prefix)
         self.async_save = async_save
         self._pending: Future | None = None
         self._background = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async")
-        if self.remote is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.cleanup_leftovers()
+        try:
+            self.store.prepare_parent()   # best effort: a read-only mount still loads
+        except OSError:
+            pass
+        self.cleanup_leftovers()
 
     # --- discovery -------------------------------------------------------------------------
-    def step_path(self, step: int) -> Path | str:
-        """Where ``step`` lives: a path, or a URI for a remote directory."""
-        name = f"{self.prefix}_{int(step)}"
-        return self.remote.child(name).uri if self.remote else self.directory / name
+    def step_path(self, step: int) -> Any:
+        """Where ``step`` lives: a path, or a URI for an object store."""
+        return self.store.location(self.catalog.name_of(step))
 
-    def cleanup_leftovers(self) -> list[Path]:
+    def cleanup_leftovers(self) -> list:
         """Remove saves and deletes that a dead process left half done; put back a
-        checkpoint whose replacement was interrupted. Returns what was removed."""
-        recover_replacements(self.directory)
-        finish_deletes(self.directory)
-        removed = []
-        for entry in os.scandir(self.directory):
-            info = parse_hidden(entry.name)
-            if not info or info["kind"] == "old" or not self._pattern.match(info["name"]):
-                continue
-            alive = owner_alive(info)
-            if alive and info["host"] != _this_host():
-                alive = time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_FOREIGN_SECONDS
-            if not alive:
-                remove_tree(Path(entry.path))
-                removed.append(Path(entry.path))
-        return removed
-
-    def _scan_remote(self) -> list[CheckpointInfo]:
-        infos = []
-        for step, name in list_remote_steps(self.remote, self._pattern):
+        checkpoint whose replacement was interrupted. Best effort: never raises, never
+        needed for loading (a read-only or foreign directory loads all the same); several
+        processes may run it at once. Returns what was done."""
+        if isinstance(self.store, LocalStore):
+            from .storage import finish_deletes
             try:
-                ck = RemoteCheckpoint(self.remote.child(name))
-            except (CorruptCheckpointError, CheckpointNotFoundError):
-                continue  # no valid manifest: not a checkpoint (an upload that never committed)
-            infos.append(CheckpointInfo(step, self.remote.child(name).uri, dict(ck.metrics), ck.manifest.created))
-        return infos
+                finish_deletes(self.store.root)
+            except OSError:
+                pass
+        return self.catalog.cleanup_leftovers()
 
     def _scan(self) -> list[CheckpointInfo]:
-        if self.remote is not None:
-            return self._scan_remote()
-        infos, seen = [], set()
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            m = self._pattern.match(entry.name)
-            if not m or not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                st = os.stat(Path(entry.path) / MANIFEST, follow_symlinks=False)
-            except FileNotFoundError:
-                if is_legacy_dir(Path(entry.path)):   # the guide's original layout: listed, read-only
-                    infos.append(self._legacy_info(int(m.group(1)), Path(entry.path)))
-                continue  # no manifest, no checkpoint
-            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
-            seen.add(entry.name)
-            cached = self._cache.get(entry.name)
-            if cached and cached[0] == ident:
-                infos.append(cached[1])
-                continue
-            try:
-                ck = Checkpoint(entry.path)
-            except (CorruptCheckpointError, CheckpointNotFoundError):
-                continue  # an invalid manifest is not a checkpoint
-            # the directory name is the step: it is what load_step and retention address
-            info = CheckpointInfo(int(m.group(1)), Path(entry.path), dict(ck.metrics), ck.manifest.created)
-            self._cache[entry.name] = (ident, info)
-            infos.append(info)
-        for name in list(self._cache):
-            if name not in seen:
-                del self._cache[name]
-        return sorted(infos, key=lambda i: i.step)
-
-    def _legacy_info(self, step: int, path: Path) -> CheckpointInfo:
-        try:
-            metrics = LegacyCheckpoint(path).metrics
-        except CheckpointError:
-            metrics = {}
-        return CheckpointInfo(step, path, dict(metrics), "")
+        return self.catalog.checkpoints()
 
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -198,16 +126,8 @@ class CheckpointManager:
         infos = self._scan()
         return infos[-1].step if infos else None
 
-    def _metric(self, info: CheckpointInfo) -> float | None:
-        value = info.metrics.get(self.best_metric) if self.best_metric else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        return None
-
     def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        scored = [i for i in infos if self._metric(i) is not None]
-        sign = 1 if self.best_mode == "min" else -1
-        return sorted(scored, key=lambda i: (sign * self._metric(i), -i.step))
+        return Catalog.ranked_best(infos, self.best_metric, self.best_mode)
 
     @property
     def best_step(self) -> int | None:
@@ -222,7 +142,7 @@ class CheckpointManager:
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
              config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
              extra: dict | None = None, *, process_index: int | None = None,
-             process_count: int | None = None, blocking: bool | None = None) -> Path:
+             process_count: int | None = None, blocking: bool | None = None) -> Any:
         """Commit a checkpoint of ``step`` atomically, then apply retention.
 
         With several participants (``process_count`` > 1, or taken from the Ray Train context
@@ -247,26 +167,28 @@ class CheckpointManager:
             json_files["metrics.json"] = metrics
         if extra is not None:
             json_files["extra.json"] = extra
-        index, _ = participants(process_index, process_count)
-        executor = executor_for_save(self.backend, self.num_writers, self.save_timeout,
-                                     process_index, process_count)
+        from .participants import participants
+        index, _ = participants(process_index, process_count, ray_train_world=True)
         final = self.step_path(step)
         blocking = not self.async_save if blocking is None else blocking
         prepared = prepare_items(items, snapshot=not blocking)
         if not blocking:
             json_files = copy.deepcopy(json_files)
             metrics = copy.deepcopy(metrics)
-        run = functools.partial(self._save_prepared, final, prepared, step, json_files, metrics, executor,
-                                index == 0)
+        run = functools.partial(self._save_prepared, final, prepared, step, json_files, metrics,
+                                index == 0, process_index, process_count)
         if blocking:
             return run()
         self._pending = self._background.submit(run)
         return final
 
-    def _save_prepared(self, final, prepared, step, json_files, metrics, executor, retain) -> Path:
+    def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
+                       process_count) -> Any:
         path = save_checkpoint(final, {}, step=step, json_files=json_files, metrics=metrics,
-                               num_shards=self.num_shards, compress=self.compress, executor=executor,
-                               progress=self.progress, prepared=prepared)
+                               num_shards=self.num_shards, compress=self.compress, progress=self.progress,
+                               prepared=prepared, backend=self.backend, num_writers=self.num_writers,
+                               save_timeout=self.save_timeout, process_index=process_index,
+                               process_count=process_count, world=True)
         if retain:
             self.apply_retention()
         return path
@@ -292,30 +214,17 @@ class CheckpointManager:
 
     def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
         """(kept, deleted) under the retention rules, without deleting anything."""
-        infos = self._scan()
-        if not infos:
-            return [], []
-        keep = {infos[-1].step}
-        keep.update(i.step for i in (infos if self.max_to_keep is None else infos[-self.max_to_keep:]))
-        if self.best_metric:
-            keep.update(i.step for i in self._ranked_best(infos)[: self.best_to_keep])
-        return [i for i in infos if i.step in keep], [i for i in infos if i.step not in keep]
+        return Catalog.retention_plan(self._scan(), self.max_to_keep, self.best_metric, self.best_mode,
+                                      self.best_to_keep)
 
     def apply_retention(self) -> list[int]:
-        finish_deletes(self.directory)
         _, doomed = self.retention_plan()
         for info in doomed:
-            try:
-                if self.remote is not None:
-                    delete_remote_checkpoint(self.remote.child(Path(str(info.path).split("?")[0]).name))
-                else:
-                    retire_dir(info.path)
-            except FileNotFoundError:
-                pass  # another manager retired it first
+            self.catalog.delete(info)   # False: another manager retired it first
         return [i.step for i in doomed]
 
     # --- load ------------------------------------------------------------------------------
-    def load(self, path: os.PathLike | str, model: nnx.Module | None = None,
+    def load(self, path: Any, model: nnx.Module | None = None,
              model_cls: type | None = None, config_cls: type | None = None,
              tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
              *, strict: bool = False, allow_pickle: bool = False, shardings: Any = None,
@@ -363,23 +272,34 @@ class CheckpointManager:
 
     def load_step(self, step: int, **kw) -> CheckpointState:
         self.wait_until_finished()
-        path = self.step_path(step)
+        step = _check_step(step)
         if step not in self.all_steps():
-            raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint for step {step} "
+            raise CheckpointNotFoundError(f"{self.store.where()}: no committed checkpoint for step {step} "
                                           f"(have {self.all_steps()})")
-        return self.load(path, **kw)
+        return self.load(self.step_path(step), **kw)
+
+    def _load_picked(self, pick, **kw) -> CheckpointState | None:
+        """Load the step ``pick()`` chooses; if another process's retention deletes it
+        meanwhile, choose again (a concurrent saver made a newer one)."""
+        self.wait_until_finished()
+        for attempt in range(LATEST_ATTEMPTS):
+            step = pick()
+            if step is None:
+                return None
+            try:
+                return self.load_step(step, **kw)
+            except CheckpointNotFoundError:
+                if attempt + 1 == LATEST_ATTEMPTS:
+                    raise
+        return None
 
     def load_latest(self, **kw) -> CheckpointState | None:
         """The newest committed checkpoint, or None in an empty directory."""
-        self.wait_until_finished()
-        step = self.latest_step
-        return None if step is None else self.load_step(step, **kw)
+        return self._load_picked(lambda: self.latest_step, **kw)
 
     def load_best(self, **kw) -> CheckpointState | None:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
-        self.wait_until_finished()
-        step = self.best_step
-        return None if step is None else self.load_step(step, **kw)
+        return self._load_picked(lambda: self.best_step, **kw)
 
 
 def _check_step(step: Any) -> int:
@@ -396,6 +316,3 @@ def _check_step(step: Any) -> int:
     return value
 
 
-def _this_host() -> str:
-    import socket
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"

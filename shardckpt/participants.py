@@ -5,11 +5,16 @@ from __future__ import annotations
 from .errors import CheckpointError
 
 
-def participants(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
+def participants(process_index: int | None = None, process_count: int | None = None, *,
+                 ray_train_world: bool = False) -> tuple[int, int]:
     """(index, count) of this save participant: given; else ``jax.process_index()/
     process_count()`` in a multi-process JAX job (each process holds different shards);
-    else the Ray Train worker's world rank and size; else (0, 1)."""
+    else, with ``ray_train_world`` (the manager, ``RayTrainCheckpointer``), the Ray Train
+    worker's world rank and size; else (0, 1): the plain functions save from one process,
+    as Ray's own docs do (rank 0 saves, then reports the directory)."""
     if process_index is not None or process_count is not None:
+        if process_index is None and process_count == 1:
+            return 0, 1
         if process_index is None or process_count is None or not 0 <= process_index < process_count:
             raise CheckpointError(f"process_index={process_index!r}, process_count={process_count!r}: "
                                   "give both, with 0 <= process_index < process_count")
@@ -17,7 +22,7 @@ def participants(process_index: int | None = None, process_count: int | None = N
     import jax
     if jax.process_count() > 1:
         return jax.process_index(), jax.process_count()
-    rank = _ray_train_rank()
+    rank = _ray_train_rank() if ray_train_world else None
     return rank if rank is not None else (0, 1)
 
 

@@ -154,6 +154,8 @@ def read_small_file(path: os.PathLike | str, limit: int, where: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not block
     except FileNotFoundError:
         raise
+    except NotADirectoryError as e:   # a parent is a file: nothing of ours is there
+        raise FileNotFoundError(e.errno, e.strerror, e.filename) from e
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CorruptCheckpointError(f"{where}: {Path(path).name} is a symlink; refusing it") from e

@@ -235,14 +235,35 @@ def _check_file(path: Path, name: str, rec, chunks: list[tuple[ChunkRecord, np.d
         problems.insert(0, f"{path}: {name} changed size while being verified")
     elif digest != rec.xxh3_64:
         problems.insert(0, f"{path}: {name} does not match its xxh3-64 checksum in the manifest")
-    for c, dtype in packed:
-        dest = np.empty(c.shape, dtype)    # the chunk's size, which the index bounds
+    if packed:
+        problems += _check_compressed(p, name, packed, advance)
+    return problems
+
+
+def _check_compressed(p: Path, name: str, packed: list, advance) -> list[str]:
+    """Inflate every compressed chunk through the bounded reader, the zip directory
+    parsed once for the file."""
+    from .shard_io import open_zip
+    from .store.local import FileSource
+    problems = []
+    try:
+        source = FileSource(p, name)
+    except CheckpointError as e:
+        return [f"{p.parent}: {e}"]
+    with source:
         try:
-            read_compressed_chunk(str(p), name, c, dest, verify=True)
+            zf = open_zip(source, name)
         except CheckpointError as e:
-            problems.append(f"{path}: {e} (key {c.key!r})")
-        if advance is not None:
-            advance(c.nbytes)
+            return [f"{p.parent}: {e}"]
+        with zf:
+            for c, dtype in packed:
+                dest = np.empty(c.shape, dtype)    # the chunk's size, which the index bounds
+                try:
+                    read_compressed_chunk(zf, name, c, dest, verify=True)
+                except CheckpointError as e:
+                    problems.append(f"{p.parent}: {e} (key {c.key!r})")
+                if advance is not None:
+                    advance(c.nbytes)
     return problems
 
 

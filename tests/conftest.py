@@ -27,6 +27,11 @@ if str(_ROOT) not in sys.path:
 from shardckpt import LMModel, ModelConfig  # noqa: E402
 from shardckpt.models import lm_loss  # noqa: E402
 
+# Credentials for the loopback S3 server, set before anything starts Ray so that writer and
+# reader actors see them too (the endpoint travels in each URI: ?endpoint_url=...).
+for _k, _v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
+
 BATCH, SEQ = 2, 16
 LR = 1e-3
 
@@ -34,6 +39,17 @@ LR = 1e-3
 # --------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 for the whole session, with bucket "ckpts"."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    from tests.scenarios.s3server import MotoServer
+    with MotoServer(str(tmp_path_factory.mktemp("moto"))) as server:
+        server.create_bucket("ckpts")
+        yield server
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig()

@@ -27,6 +27,7 @@ from shardckpt import cli
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 from shardckpt.executors.local import ThreadExecutor
 from shardckpt.inspection import describe, diff, leftovers, list_dir, retention, scan
+from shardckpt.executors.local import map_threads
 from shardckpt.shard_io import write_shard, writer_identity
 
 from conftest import dead_pid, this_host
@@ -68,13 +69,13 @@ def save_small(path: Path, *, compress: bool = False, executor=None, tree=None, 
 class RayLikeExecutor(ThreadExecutor):
     """Writes like the thread executor but reports writers the way Ray actors do."""
 
-    def write_shards(self, tmp_dir, plans, *, compress, progress=None):
+    def write_shards(self, staging, plans, *, compress, progress=None, deadline=None, writer=None):
         def write(i_plan):
             i, plan = i_plan
             ident = writer_identity(writer=f"writer-{i}@0123abcd", node_id="0123abcd" * 7, backend="ray")
-            return write_shard(str(tmp_dir / plan.file), plan.members, compress=compress,
+            return write_shard(staging, plan.file, plan.members, compress=compress,
                                progress=progress, writer=ident)
-        return self._map(write, list(enumerate(plans)))
+        return map_threads(write, list(enumerate(plans)), self.num_workers)
 
 
 @pytest.fixture(scope="module")

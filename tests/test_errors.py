@@ -387,9 +387,9 @@ def test_failure_after_shards_were_written(tmp_path, model, optimizer):
 class _FailingExecutor(ThreadExecutor):
     """Writes every shard for real, then fails as a full disk would on the last one."""
 
-    def write_shards(self, tmp_dir, plans, *, compress, progress=None):
-        reports = super().write_shards(tmp_dir, plans, compress=compress, progress=progress)
-        assert any(Path(tmp_dir).iterdir())
+    def write_shards(self, staging, plans, *, compress, progress=None, deadline=None, writer=None):
+        super().write_shards(staging, plans, compress=compress, progress=progress)
+        assert any(Path(staging.tmp).iterdir())
         raise OSError(28, "No space left on device")
 
 

@@ -141,8 +141,8 @@ def test_fault_at_a_random_write(held, seed):
 def test_direct_io_refused_mid_file_falls_back_to_buffered(tmp_path):
     """O_DIRECT accepted at open, refused (EINVAL) at the first write: the shard is written
     again buffered, byte-identical to an undisturbed save."""
-    from shardckpt.shard_io import _HashingFile
-    probe = _HashingFile(str(tmp_path / "probe"))
+    from shardckpt.store.local import FileSink
+    probe = FileSink(str(tmp_path / "probe"))
     direct = probe.direct
     probe.abort()
     if not direct:

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
 def test_both_processes_committed_one_checkpoint_each_writing_its_own_shards(run):
     work, results = run
     assert [r["count"] for r in results] == [2, 2]
-    assert all(r["executor"] == "SharedStorageCommit" for r in results)
+    assert all(r["coordinator"] == "SharedStorageCoordinator" for r in results)
     files = results[0]["files"]
     assert files == results[1]["files"]
     writers = set(files.values())

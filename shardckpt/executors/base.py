@@ -1,22 +1,23 @@
-"""The seam between planning and I/O: an executor writes planned shards and reads chunks.
+"""The Executor seam: who moves the bytes. An executor writes planned shards into a save's
+staging area and fills read targets from stored files, in parallel; it knows nothing of
+stores, coordinators or the format beyond that, so any executor runs with any store.
 
-The thread executor (local.py) and the Ray executor (ray.py) implement the same two calls,
-so the format never depends on who wrote it.
+The thread executor (local.py) works in this process; the Ray executor (ray.py) runs the
+same two calls in writer/reader actors on every node.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import CorruptCheckpointError
 from ..plan import ShardPlan
-from ..shard_io import ChunkRecord, ShardReport, read_chunk_into, read_compressed_chunk
-from ..storage import open_data_file
+from ..shard_io import (ChunkRecord, ShardReport, open_zip, read_chunk_into, read_chunk_part,
+                        read_compressed_chunk, write_shard)
 
 
 @dataclass
@@ -31,9 +32,11 @@ class ReadTarget:
 
 @dataclass
 class ReadJob:
-    """Everything to read from one file."""
+    """Everything to read from one stored file: ``store`` and ``name`` (root-relative)
+    locate it, ``file_name`` is its name in the manifest (for messages)."""
 
-    path: Path
+    store: Any
+    name: str
     file_name: str
     expected_size: int
     targets: list[ReadTarget] = field(default_factory=list)
@@ -44,12 +47,15 @@ class ReadJob:
 
 
 class Executor(ABC):
-    name = "abstract"
+    """Moves bytes; ``num_workers`` is how many files it writes at once (plans use it)."""
+
+    num_workers: int = 1
 
     @abstractmethod
-    def write_shards(self, tmp_dir: Path, plans: list[ShardPlan], *, compress: bool,
-                     progress: Callable[[int], None] | None) -> list[ShardReport]:
-        """Write every planned shard into ``tmp_dir`` (fsynced), in parallel."""
+    def write_shards(self, staging, plans: list[ShardPlan], *, compress: bool,
+                     progress: Callable[[int], None] | None, deadline: float | None = None,
+                     writer: dict | None = None) -> list[ShardReport]:
+        """Write every planned shard into ``staging`` (durable), in parallel."""
 
     @abstractmethod
     def read(self, jobs: list[ReadJob], *, verify: bool,
@@ -60,42 +66,39 @@ class Executor(ABC):
         pass
 
 
-def run_read_job(job: ReadJob, verify: bool, where: str, progress=None) -> None:
-    """Read one file's chunks: whole chunks straight into their destination with
-    ``preadv``; partial ones through a memory map, touching only the pages needed (plus the
-    whole chunk once when its checksum is verified)."""
-    from ..errors import CorruptCheckpointError
+def write_one(staging, plan: ShardPlan, compress: bool, progress, writer: dict) -> ShardReport:
+    return write_shard(staging, plan.file, plan.members, compress=compress, progress=progress, writer=writer)
 
-    fd, size = open_data_file(job.path, where)
+
+def run_read_job(job: ReadJob, verify: bool, progress=None) -> None:
+    """Read one file's chunks: whole chunks straight into their destination, partial ones
+    through ``Source.buffer`` (a map on local disks), compressed ones through the zip
+    directory parsed once for the whole file."""
     try:
-        if size != job.expected_size:
-            raise CorruptCheckpointError(f"{where}: {job.file_name} is {size} bytes, the manifest "
-                                         f"says {job.expected_size}")
-        mm = None
-        for t in job.targets:
-            c = t.chunk
-            if c.data_offset is None:
-                tmp = np.empty(c.shape, t.dest.dtype) if t.sub is not None else t.dest
-                read_compressed_chunk(str(job.path), job.file_name, c, tmp, verify=verify)
-                if t.sub is not None:
-                    t.dest[...] = tmp[t.sub]
-            elif t.sub is None:
-                read_chunk_into(fd, job.file_name, size, c, t.dest, verify=verify)
-            else:
-                if mm is None:
-                    import mmap
-                    mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if size else b""
-                src = np.ndarray(c.shape, t.dest.dtype, buffer=mm, offset=c.data_offset)
-                if verify:
-                    from ..shard_io import crc32
-                    if crc32(memoryview(mm)[c.data_offset:c.data_offset + c.nbytes]) != c.crc32:
-                        raise CorruptCheckpointError(f"{where}: checksum mismatch in {job.file_name} "
-                                                     f"chunk of {c.key!r}")
-                t.dest[...] = src[t.sub]
-                del src
-            if progress is not None:
-                progress(t.dest.nbytes)
-        if mm is not None and not isinstance(mm, bytes):
-            mm.close()
-    finally:
-        os.close(fd)
+        source = job.store.open(job.name)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{job.store.where(job.name)}: shard file {job.file_name} is missing") from e
+    with source:
+        if source.size != job.expected_size:
+            raise CorruptCheckpointError(f"{job.store.where(job.name)}: {job.file_name} is {source.size} bytes, "
+                                         f"the manifest says {job.expected_size}")
+        zf = None
+        try:
+            for t in job.targets:
+                c = t.chunk
+                if c.data_offset is None:
+                    if zf is None:
+                        zf = open_zip(source, job.file_name)
+                    tmp = np.empty(c.shape, t.dest.dtype) if t.sub is not None else t.dest
+                    read_compressed_chunk(zf, job.file_name, c, tmp, verify=verify)
+                    if t.sub is not None:
+                        t.dest[...] = tmp[t.sub]
+                elif t.sub is None:
+                    read_chunk_into(source, c, t.dest, verify=verify)
+                else:
+                    read_chunk_part(source, c, t.dest.dtype, t.sub, t.dest, verify=verify)
+                if progress is not None:
+                    progress(t.dest.nbytes)
+        finally:
+            if zf is not None:
+                zf.close()

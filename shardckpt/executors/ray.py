@@ -1,9 +1,9 @@
-"""Ray executor: writer and reader actors pinned to nodes, saves run as coordinator
-transactions.
+"""Ray executor: writer and reader actors pinned to nodes, writing straight into the store.
 
 Per save the driver puts each shard's host arrays into the object store once (one object
-per shard); a writer actor on some node maps them zero-copy and writes the shard with the
-same ``write_shard`` the thread executor uses, so files are identical whoever wrote them.
+per shard); a writer actor on some node maps them zero-copy and writes the shard into the
+save's staging area (a local tmp directory, or multipart uploads to an object store) with
+the same ``write_shard`` the thread executor uses, so files are identical whoever wrote them.
 Each writer reports its node id, pid and name, which the manifest keeps. By default there
 is one writer per alive node (each writing several shards with its own threads); a writer
 or node that dies makes the save abort with the writer and node named, and the next save
@@ -12,11 +12,8 @@ builds fresh writers.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,13 +22,14 @@ from ..errors import CheckpointError, SaveAbortedError
 from ..plan import ShardPlan
 from ..shard_io import MemberToWrite, ShardReport, write_shard, writer_identity
 from .base import Executor, ReadJob, ReadTarget, run_read_job
-from .local import ThreadExecutor
+from .local import map_threads
 
 _ACTOR_THREADS = 4
 
 
 class ShardWriter:
-    """Actor body: writes shards on its node with a few threads."""
+    """Actor body: writes shards into a staging area and reads chunks, on its node, with a
+    few threads."""
 
     def __init__(self, name: str):
         self.name = name
@@ -41,7 +39,7 @@ class ShardWriter:
     def identity(self) -> dict:
         return writer_identity(writer=self.name, node_id=self.node_id, backend="ray")
 
-    def write(self, tmp_dir: str, files: list[str], metas: list[list[tuple]], *datas, compress: bool,
+    def write(self, staging, files: list[str], metas: list[list[tuple]], *datas, compress: bool,
               delay: float = 0.0) -> list[dict]:
         ident = self.identity()
         if delay:  # fault-injection seam for tests: widens the window in which a writer can die
@@ -50,24 +48,21 @@ class ShardWriter:
         def one(i):
             members = [MemberToWrite(key, member, tuple(offset), arr)
                        for (key, member, offset), arr in zip(metas[i], datas[i])]
-            return write_shard(os.path.join(tmp_dir, files[i]), members, compress=compress, writer=ident)
+            return write_shard(staging, files[i], members, compress=compress, writer=ident)
 
-        reports = ThreadExecutor(_ACTOR_THREADS)._map(one, list(range(len(files))))
+        reports = map_threads(one, list(range(len(files))), _ACTOR_THREADS)
         return [r.__dict__ for r in reports]
 
-    def read(self, jobs: list[dict], verify: bool, where: str) -> list[list[np.ndarray]]:
+    def read(self, jobs: list[dict], verify: bool) -> list[list[np.ndarray]]:
         """Read each job's targets into fresh arrays and return them (through the object
         store, where the driver maps them without a copy)."""
-        out = []
         built = []
         for j in jobs:
             targets = [ReadTarget(chunk, np.empty(shape, np.dtype(dtype)), sub)
                        for chunk, shape, dtype, sub in j["targets"]]
-            built.append(ReadJob(Path(j["path"]), j["file_name"], j["expected_size"], targets))
-        ThreadExecutor(_ACTOR_THREADS)._map(lambda job: run_read_job(job, verify, where), built)
-        for job in built:
-            out.append([t.dest for t in job.targets])
-        return out
+            built.append(ReadJob(j["store"], j["name"], j["file_name"], j["expected_size"], targets))
+        map_threads(lambda job: run_read_job(job, verify), built, _ACTOR_THREADS)
+        return [[t.dest for t in job.targets] for job in built]
 
 
 def _alive_nodes() -> list[str]:
@@ -76,19 +71,15 @@ def _alive_nodes() -> list[str]:
 
 
 class RayExecutor(Executor):
-    name = "ray"
     _instances: dict = {}
     _lock = threading.Lock()
 
     def __init__(self, num_writers: int | None = None, save_timeout: float | None = None):
-        from ..coordinator import DEFAULT_SAVE_TIMEOUT
+        from ..coord.base import DEFAULT_SAVE_TIMEOUT
         self.requested = num_writers
         self.save_timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
         self._actors: list[tuple[Any, str, str]] = []   # (handle, name, node id)
         self._nodes: tuple = ()
-        self.participant = 0
-        self.participants = 1
-        self.replicated = False
         self.test_write_delay = 0.0   # seconds each writer waits before writing (tests only)
 
     @classmethod
@@ -101,22 +92,12 @@ class RayExecutor(Executor):
                 cls._instances[key] = cls(num_writers, save_timeout)
             return cls._instances[key]
 
-    def with_participant(self, participant: int, participants: int, replicated: bool) -> "RayExecutor":
-        clone = RayExecutor.__new__(RayExecutor)
-        clone.__dict__.update(self.__dict__)
-        clone.participant, clone.participants, clone.replicated = participant, participants, replicated
-        clone._parent = self
-        return clone
-
     @property
     def num_workers(self) -> int:
         return max(1, len(self.actors()) * _ACTOR_THREADS // 2)
 
     # --- actors ---------------------------------------------------------------------------
     def actors(self) -> list[tuple[Any, str, str]]:
-        parent = getattr(self, "_parent", self)
-        if parent is not self:
-            return parent.actors()
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         nodes = tuple(sorted(_alive_nodes()))
@@ -135,14 +116,13 @@ class RayExecutor(Executor):
 
     def reset(self) -> None:
         """Drop the writers (after a failure the next save builds fresh ones)."""
-        parent = getattr(self, "_parent", self)
         import ray
-        for handle, _, _ in parent._actors:
+        for handle, _, _ in self._actors:
             try:
                 ray.kill(handle)
             except Exception:  # noqa: BLE001 - already dead
                 pass
-        parent._actors, parent._nodes = [], ()
+        self._actors, self._nodes = [], ()
 
     def _gather(self, refs: list, owners: list[tuple[str, str]], deadline: float, what: str) -> list:
         import ray
@@ -170,8 +150,8 @@ class RayExecutor(Executor):
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
     # --- Executor interface -----------------------------------------------------------------
-    def write_shards(self, tmp_dir: Path, plans: list[ShardPlan], *, compress: bool,
-                     progress=None, deadline: float | None = None) -> list[ShardReport]:
+    def write_shards(self, staging, plans: list[ShardPlan], *, compress: bool, progress=None,
+                     deadline: float | None = None, writer: dict | None = None) -> list[ShardReport]:
         import ray
         if not plans:
             return []
@@ -190,16 +170,16 @@ class RayExecutor(Executor):
                 continue
             datas = [ray.put([m.data for m in plan.members]) for plan in group]
             metas = [[(m.key, m.member, tuple(m.offset)) for m in plan.members] for plan in group]
-            refs.append(handle.write.remote(str(tmp_dir), [p.file for p in group], metas, *datas,
+            refs.append(handle.write.remote(staging, [p.file for p in group], metas, *datas,
                                             compress=compress, delay=self.test_write_delay))
             owners.append((name, node))
-        results = self._gather(refs, owners, deadline, f"saving {Path(tmp_dir).name}")
+        results = self._gather(refs, owners, deadline, f"saving {staging.final}")
         reports = [ShardReport(**d) for group in results for d in group]
         if progress is not None:
             progress(sum(p.nbytes for p in plans))
         return reports
 
-    def read(self, jobs: list[ReadJob], *, verify: bool, progress=None, where: str = "") -> None:
+    def read(self, jobs: list[ReadJob], *, verify: bool, progress=None) -> None:
         import ray
         if not jobs:
             return
@@ -214,14 +194,14 @@ class RayExecutor(Executor):
         for (handle, name, node), group in zip(actors, assigned):
             if not group:
                 continue
-            descs = [{"path": str(j.path), "file_name": j.file_name, "expected_size": j.expected_size,
+            descs = [{"store": j.store, "name": j.name, "file_name": j.file_name, "expected_size": j.expected_size,
                       "targets": [(t.chunk, t.dest.shape, t.dest.dtype.str, t.sub) for t in j.targets]}
                      for j in group]
-            refs.append(handle.read.remote(descs, verify, where or str(group[0].path.parent)))
+            refs.append(handle.read.remote(descs, verify))
             owners.append((name, node))
             groups.append(group)
         try:
-            results = self._gather(refs, owners, time.time() + self.save_timeout, f"loading {where}")
+            results = self._gather(refs, owners, time.time() + self.save_timeout, f"loading {jobs[0].store.where(jobs[0].name).rsplit('/', 1)[0]}")
         except SaveAbortedError as e:
             cause = e.__cause__
             if isinstance(cause, ray.exceptions.RayTaskError) and isinstance(cause.cause, CheckpointError):
@@ -233,84 +213,6 @@ class RayExecutor(Executor):
                     t.dest[...] = arr
         if progress is not None:
             progress(sum(j.nbytes for j in jobs))
-
-    # --- transactions -----------------------------------------------------------------------
-    def save_transaction(self, final: Path, entries: dict, records: dict, *, step, json_files, metrics,
-                         num_shards, compress, progress, keep_other_items) -> Path:
-        """Run a save as a coordinator transaction (see coordinator.py)."""
-        import ray
-        from ..checkpoint import write_part
-        from ..coordinator import get_coordinator
-
-        coord = get_coordinator(final.parent)
-        p, n = self.participant, self.participants
-        try:
-            owner = _current_actor() if n > 1 else None   # lets the coordinator notice if we die
-            info = ray.get(coord.begin.remote(str(final), n, p, self.save_timeout, owner), timeout=self.save_timeout)
-        except ray.exceptions.RayError as e:
-            raise SaveAbortedError(f"saving {final}: the coordinator failed to open the save: {_first_line(e)}") from e
-        tid, tmp, deadline = info["txn"], Path(info["tmp"]), info["deadline"]
-        try:
-            # Single controller: writer actors. Multi controller: each participant writes its
-            # own part straight to storage with local threads; only metadata goes to the
-            # coordinator.
-            writer = _DeadlineExecutor(self if n == 1 else ThreadExecutor(), deadline)
-            part = write_part(tmp, entries, records, writer, num_shards=num_shards,
-                              compress=compress, progress=progress, participant=p, participants=n,
-                              replicated=self.replicated)
-            commit_args = None
-            if p == 0:
-                commit_args = {"step": step, "json_files": json_files, "metrics": metrics,
-                               "keep_other_items": keep_other_items}
-            ray.get(coord.report.remote(tid, p, part, commit_args), timeout=max(0.1, deadline - time.time()))
-            path = ray.get(coord.wait.remote(tid), timeout=max(0.1, deadline - time.time()) + 30)
-            return Path(path)
-        except BaseException as e:
-            try:  # synchronous, so the tmp directory is gone when the error reaches the caller
-                ray.get(coord.abort.remote(tid, f"participant {p}: {type(e).__name__}: {_first_line(e)}"),
-                        timeout=30)
-            except Exception:  # noqa: BLE001 - the coordinator is gone: nobody can commit it now
-                shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, CheckpointError):
-                raise
-            if isinstance(e, ray.exceptions.RayTaskError):
-                raise SaveAbortedError(f"saving {final} failed, nothing was committed: {_first_line(e.cause or e)}") from e
-            if isinstance(e, ray.exceptions.RayActorError):
-                from ..multihost import committed_by
-                if committed_by(final, tid):   # it died after publishing: the save did commit
-                    return final
-                raise SaveAbortedError(f"saving {final}: the coordinator died; nothing was committed") from e
-            if isinstance(e, ray.exceptions.GetTimeoutError):
-                raise SaveAbortedError(f"saving {final}: not committed within the deadline "
-                                       f"(save_timeout={self.save_timeout}s)") from e
-            if isinstance(e, Exception):
-                raise SaveAbortedError(f"saving {final} failed, nothing was committed: {type(e).__name__}: {e}") from e
-            raise
-
-
-class _DeadlineExecutor(Executor):
-    """The Ray executor bound to one transaction's deadline."""
-
-    name = "ray"
-
-    def __init__(self, inner: Executor, deadline: float):
-        self.inner, self.deadline = inner, deadline
-
-    @property
-    def num_workers(self) -> int:
-        return self.inner.num_workers
-
-    def write_shards(self, tmp_dir, plans, *, compress, progress):
-        if isinstance(self.inner, RayExecutor):
-            return self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress,
-                                           deadline=self.deadline)
-        reports = self.inner.write_shards(tmp_dir, plans, compress=compress, progress=progress)
-        if time.time() > self.deadline:
-            raise SaveAbortedError(f"saving {Path(tmp_dir).name}: shards written after the deadline")
-        return reports
-
-    def read(self, jobs, *, verify, progress):
-        return self.inner.read(jobs, verify=verify, progress=progress)
 
 
 def _current_actor():

@@ -14,7 +14,8 @@ import ray
 
 from shardckpt import CheckpointManager, Checkpoint, SaveAbortedError, CheckpointError
 from shardckpt.checkpoint import save_checkpoint
-from shardckpt.coordinator import get_coordinator
+from shardckpt.coord.ray_actor import get_coordinator
+from shardckpt.store import open_store
 from shardckpt.executors.local import ThreadExecutor
 from shardckpt.executors.ray import RayExecutor
 from shardckpt.training import new_run, state_digest, train_step, batch_for_step
@@ -153,7 +154,7 @@ def test_coordinator_death_fails_the_save_and_a_new_one_takes_over(tmp_path):
     t = threading.Thread(target=run)
     t.start()
     time.sleep(1.0)
-    ray.kill(get_coordinator(tmp_path))
+    ray.kill(get_coordinator(open_store(tmp_path)))
     t.join(60)
     assert errors and isinstance(errors[0], SaveAbortedError), errors
     assert not (tmp_path / "step_1").exists()

@@ -119,13 +119,14 @@ class RayControl:
 
     def between_saves(self, log, mgr) -> None:
         import ray
-        from shardckpt.coordinator import get_coordinator
+        from shardckpt.coord.ray_actor import get_coordinator
+        from shardckpt.store import open_store
         if self.pause.is_set():
             log("PAUSED")
             self.resume.wait()
             log("RESUMED")
         try:
-            coord = ray.get(get_coordinator(Path(self.directory)).ping.remote(), timeout=60)["pid"]
+            coord = ray.get(get_coordinator(open_store(self.directory)).ping.remote(), timeout=60)["pid"]
             ex = mgr._executor()
             writers = ray.get([h.identity.remote() for h, _, _ in ex.actors()], timeout=60)
             pids = (coord, ",".join(str(w["pid"]) for w in writers))

@@ -24,18 +24,19 @@ def main(work, port, pid):
                                initialization_timeout=120)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from shardckpt import Checkpoint
-    from shardckpt.backends import executor_for_save
+    from shardckpt.backends import save_session
     from shardckpt.checkpoint import save_checkpoint
+    from shardckpt.store import resolve
 
     full = expected()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     specs = {"w": P("data", "model"), "v": P("data"), "b": P()}
     tree = {k: jax.make_array_from_callback(full[k].shape, NamedSharding(mesh, specs[k]), lambda idx, k=k: full[k][idx])
             for k in full}
-    ex = executor_for_save("threads", save_timeout=120)
-    path = save_checkpoint(os.path.join(work, "step_1"), {"state": tree}, step=1, executor=ex)
+    path = save_checkpoint(os.path.join(work, "step_1"), {"state": tree}, step=1, backend="threads",
+                           save_timeout=120)
     ck = Checkpoint(path)
-    res = {"process": jax.process_index(), "count": jax.process_count(), "executor": type(ex).__name__,
+    res = {"process": jax.process_index(), "count": jax.process_count(), "coordinator": type(save_session(*resolve(path), backend="threads").coordinator).__name__,
            "files": {n: f.writer["pid"] for n, f in ck.manifest.files.items()}, "pid": os.getpid()}
     # restore onto another layout: 8 devices in one axis, other specs
     mesh2 = Mesh(np.array(jax.devices()), ("x",))

@@ -1,0 +1,1 @@
+"""Coordinators: who agrees that every part of a save is written (see base.py)."""

@@ -1,0 +1,500 @@
+"""Reading a committed checkpoint from any Store: the validated reader.
+
+``Checkpoint`` opens a committed checkpoint, validates its manifest and index as untrusted
+input and restores items into targets (abstract or concrete trees), reading only the chunks
+the target needs: each device's box is assembled from the chunks it overlaps, through the
+executor (threads here, reader actors on Ray), with ranged reads on any store. A checkpoint
+that another process replaces or deletes while it is read raises
+``ReplacedWhileReadingError`` (the load functions retry, ``read_consistently``): a load
+returns one whole version, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
+from .executors.base import Executor, ReadJob, ReadTarget
+from .format import MANIFEST, ItemRecord, Manifest, check_file_name, load_index
+from .plan import box_overlap
+from .progress import byte_progress
+from .shard_io import ChunkRecord
+from .store import Store, resolve
+from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key
+
+MAX_JSON_BYTES = 64 << 20
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_INDEX_BYTES = 2 << 30
+READ_ATTEMPTS = 10
+
+
+class ReplacedWhileReadingError(CheckpointNotFoundError):
+    """The checkpoint being read was replaced by another save of the same path, or deleted
+    by retention, in another process meanwhile. The version that was opened is gone;
+    nothing read from it is returned. The load functions retry on it (``read_consistently``)."""
+
+
+def read_consistently(load: Callable[[], Any]) -> Any:
+    """Run ``load`` (open a checkpoint and read from it) again when another process
+    replaced the checkpoint while it ran: the caller gets one whole version, the old one or
+    the new one, never a mix; CheckpointNotFoundError if it was deleted."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return load()
+        except ReplacedWhileReadingError:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise
+
+
+def default_executor() -> Executor:
+    from .executors.local import ThreadExecutor
+    return ThreadExecutor()
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did with each key of the target."""
+
+    restored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)      # in the target, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)   # in the checkpoint, not in the target
+    mismatched: list[str] = field(default_factory=list)   # shape/dtype differ ("key: why")
+    chunks_read: int = 0                                    # chunk reads (whole or partial)
+    bytes_read: int = 0                                     # bytes copied out of the files
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = []
+        for label, keys in (("missing from the checkpoint", self.missing),
+                            ("not in the target", self.unexpected), ("mismatched", self.mismatched)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{label}: {shown}")
+        return "; ".join(parts)
+
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]   # (offset, shape) in stored coordinates
+HOST_ALIGN = 64     # XLA's CPU client adopts host buffers aligned to this without copying
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data is HOST_ALIGN-aligned, so ``jax.device_put(...,
+    may_alias=True)`` on CPU wraps it instead of copying: restore copies each byte once
+    (file -> this buffer) and peaks at the state's size, not twice it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % HOST_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _target_sharding(value: Any):
+    sharding = getattr(value, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+
+
+def concrete_sharding(sharding: Any, key: str, where: str):
+    """A sharding on real devices: an abstract target from ``nnx.eval_shape`` under
+    ``jax.sharding.set_mesh`` names an AbstractMesh, bound here to the mesh in force."""
+    if sharding is None or not isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+        return sharding
+    mesh = jax.sharding.get_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or dict(mesh.shape) != dict(sharding.mesh.shape):
+        raise StructureMismatchError(
+            f"{where}: {key!r} targets an abstract mesh {dict(sharding.mesh.shape)}; restore under "
+            "`with jax.sharding.set_mesh(mesh):` with that mesh, or pass shardings=")
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def sharding_resolver(shardings: Any) -> Callable[[str], Any]:
+    """``shardings=`` as key -> Sharding: one Sharding for all, a dict by dotted key, a
+    callable, or a pytree shaped like the target (e.g. ``nnx.get_named_sharding``)."""
+    if shardings is None:
+        return lambda key: None
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda key: shardings
+    if callable(shardings) and not isinstance(shardings, dict):
+        return shardings
+    if isinstance(shardings, dict) and all(isinstance(k, str) and "." in k for k in shardings):
+        return shardings.get
+    by_key = {k: v for k, v in FlatTree.of(shardings).values().items()
+              if isinstance(v, jax.sharding.Sharding)}
+    return by_key.get
+
+
+def _full_box(spec: ArraySpec) -> Box:
+    return (0,) * len(spec.stored_shape), tuple(spec.stored_shape)
+
+
+def device_boxes(spec: ArraySpec, sharding) -> dict[Any, Box]:
+    """The stored-coordinate box each addressable device of ``sharding`` needs (key data
+    arrays carry their trailing key dimension whole)."""
+    extra = tuple(spec.stored_shape[len(spec.shape):])
+    out = {}
+    for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
+        starts, sizes = [], []
+        for sl, dim in zip(index, spec.shape):
+            start, stop, _ = sl.indices(dim)
+            starts.append(start)
+            sizes.append(stop - start)
+        out[device] = (tuple(starts) + (0,) * len(extra), tuple(sizes) + extra)
+    return out
+
+
+def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = ""):
+    """Stored bits -> the real dtype, then the target's dtype if it differs."""
+    value = decode_stored(spec, stored, what)
+    tdtype = getattr(target, "dtype", None)
+    if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
+        tdtype = np.dtype(tdtype)
+        untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
+        value = value.view(tdtype) if untyped else value.astype(tdtype)
+    return value
+
+
+class Checkpoint:
+    """A committed checkpoint, opened and validated for reading: ``Checkpoint(path)`` for a
+    path or URI, ``Checkpoint.at(store, name)`` inside a store."""
+
+    legacy = False
+
+    def __init__(self, path: Any, *, filesystem: Any = None):
+        store, name = resolve(path, filesystem)
+        self._attach(store, name)
+        self._open()
+
+    @classmethod
+    def at(cls, store: Store, name: str) -> "Checkpoint":
+        ck = cls.__new__(cls)
+        ck._attach(store, name)
+        ck._open()
+        return ck
+
+    def _attach(self, store: Store, name: str) -> None:
+        self.store, self.name = store, name
+        self.path = store.location(name)       # a Path on a local disk, a URI elsewhere
+        self.where = store.where(name)
+
+    def _open(self) -> None:
+        try:
+            raw = self.store.read_bytes(f"{self.name}/{MANIFEST}", MAX_MANIFEST_BYTES)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise CheckpointNotFoundError(f"{self.where}: no {MANIFEST}; this is not a committed "
+                                          "checkpoint") from e
+        self.manifest = Manifest.loads(raw, self.where)
+        self._manifest_raw = raw     # what this object reads; see _raise_if_replaced
+        self._index = None
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.step
+
+    @property
+    def items(self) -> list[str]:
+        return list(self.manifest.items)
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.metrics
+
+    def index(self) -> dict[str, dict[str, list[tuple[str, ChunkRecord]]]]:
+        if self._index is None:
+            name = self.manifest.index_file
+            raw = self._read_meta(name, MAX_INDEX_BYTES)
+            self._index = load_index(raw, self.manifest, self.where)
+        return self._index
+
+    def _read_meta(self, name: str, limit: int) -> bytes:
+        import xxhash
+        check_file_name(name, self.where)
+        rec = self.manifest.meta_files.get(name)
+        if rec is None:
+            raise CorruptCheckpointError(f"{self.where}: {name} is not listed in the manifest")
+        try:
+            raw = self.store.read_bytes(f"{self.name}/{name}", limit)
+        except FileNotFoundError as e:
+            self._raise_if_replaced(e)
+            raise CorruptCheckpointError(f"{self.where}: {name} is missing") from e
+        if len(raw) != rec.size or xxhash.xxh3_64(raw).hexdigest() != rec.xxh3_64:
+            self._raise_if_replaced(None)
+            raise CorruptCheckpointError(f"{self.where}: {name} does not match its checksum in the manifest")
+        return raw
+
+    def _raise_if_replaced(self, cause: BaseException | None) -> None:
+        """Raise ``ReplacedWhileReadingError`` if ``self.path`` no longer holds the manifest
+        this object opened: another process replaced the checkpoint (a new save of the same
+        path) or deleted it (retention) while it was read, so the files read may belong to
+        two versions, or be gone. Files are read by path, and a replacement swaps the whole
+        directory at once: no file of the other version is ever checked against the wrong
+        manifest without this noticing."""
+        raw = getattr(self, "_manifest_raw", None)
+        if raw is None:
+            return
+        try:
+            now = self.store.read_bytes(f"{self.name}/{MANIFEST}", MAX_MANIFEST_BYTES)
+        except (OSError, CheckpointError):
+            now = None
+        if now != raw:
+            what = "deleted" if now is None else "replaced by another save"
+            raise ReplacedWhileReadingError(f"{self.where} was {what} while being read; nothing read from "
+                                            "it is used (open it again)") from cause
+
+    def meta_name(self, name: str) -> str | None:
+        """The stored name of metadata file ``name`` (object stores keep it under a
+        version prefix), or None if the checkpoint has none."""
+        if name in self.manifest.meta_files:
+            return name
+        found = [n for n in self.manifest.meta_files if n.rsplit("/", 1)[-1] == name]
+        return found[0] if len(found) == 1 else None
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """A JSON metadata file of the checkpoint (``config.json``, ``extra.json``...)."""
+        stored = self.meta_name(name)
+        if stored is None:
+            return default
+        raw = self._read_meta(stored, MAX_JSON_BYTES)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise CorruptCheckpointError(f"{self.where}: {name} is not valid JSON ({e})") from e
+
+    def read_config(self) -> dict:
+        """``config.json`` as a dict (empty when absent or null); anything else is refused."""
+        cfg = self.read_json("config.json", {})
+        if cfg is None:
+            return {}
+        if not isinstance(cfg, dict):
+            raise CorruptCheckpointError(f"{self.where}: config.json holds a {type(cfg).__name__}, "
+                                         "not a JSON object")
+        return cfg
+
+    def restore(self, item: str, target: Any, *, strict: bool = True, verify: bool = True,
+                executor: Executor | None = None, progress: bool | None = None,
+                select: Callable[[str], bool] | None = None,
+                shardings: Any = None) -> tuple[Any, RestoreReport]:
+        """Restore ``item`` into the structure of ``target`` (abstract or concrete).
+
+        Keys are matched by name. With ``strict`` any key missing, unexpected or of another
+        shape raises ``StructureMismatchError``; otherwise such leaves keep the target's
+        value and the report lists them. ``select(key)`` limits the keys read (the others
+        keep the target's value). Arrays land on ``shardings`` (see ``sharding_resolver``)
+        or else on the target leaf's own sharding (a concrete array's, or an abstract
+        ``ShapeDtypeStruct``'s from ``nnx.eval_shape`` under a mesh); each device's slice is
+        assembled from the chunks it overlaps, read from the files in place.
+        """
+        resolve = sharding_resolver(shardings)
+        rec = self.item_record(item)
+        flat = FlatTree.of(target)
+        values = flat.values()
+        report = RestoreReport()
+        wanted: dict[str, tuple[ArraySpec, Any]] = {}
+        new_values = dict(values)
+        for key, tv in values.items():
+            if select is not None and not select(key):
+                continue
+            if key in rec.arrays:
+                spec = rec.arrays[key]
+                why = _mismatch(spec, tv)
+                if why:
+                    report.mismatched.append(f"{key}: {why}")
+                else:
+                    wanted[key] = (spec, tv)
+            elif key in rec.scalars:
+                new_values[key] = decode_scalar(key, rec.scalars[key])
+                report.restored.append(key)
+            else:
+                report.missing.append(key)
+        report.unexpected = [k for k in list(rec.arrays) + list(rec.scalars)
+                             if k not in values and (select is None or select(k))]
+        if strict and not report.complete:
+            raise StructureMismatchError(f"{self.where}: item {item!r} does not match the target: "
+                                         + report.describe())
+        # Each device gets only its box: read the boxes the addressable devices need (once per
+        # distinct box), never the whole array on a host that holds only a slice.
+        placement, requests = {}, {}
+        for key, (spec, tv) in wanted.items():
+            sharding = concrete_sharding(resolve(key) or _target_sharding(tv), key, self.where)
+            if sharding is not None and not isinstance(tv, (np.ndarray, np.generic)) and len(sharding.device_set) > 1:
+                boxes = device_boxes(spec, sharding)
+                placement[key] = (sharding, boxes)
+                requests[key] = sorted(set(boxes.values()))
+            else:
+                placement[key] = (sharding, None)
+                requests[key] = [_full_box(spec)]
+        self.last_read = (0, 0)
+        host = self._read_boxes(item, {k: s for k, (s, _) in wanted.items()}, requests, verify, executor, progress)
+        report.chunks_read, report.bytes_read = self.last_read
+        for key, (spec, tv) in wanted.items():
+            sharding, boxes = placement[key]
+            pieces = host.pop(key)
+            if boxes is None:
+                value = _to_real(spec, pieces[_full_box(spec)], tv, f"{self.where}: array {key!r}")
+                if isinstance(tv, (np.ndarray, np.generic)):
+                    new_values[key] = np.asarray(value)
+                else:
+                    # may_alias: a 64-byte aligned host buffer becomes the CPU array without a copy
+                    new_values[key] = jax.device_put(value, sharding, may_alias=True)
+            else:
+                per_device = [jax.device_put(_to_real(spec, pieces[box], tv, f"{self.where}: array {key!r}"), device, may_alias=True)
+                              for device, box in boxes.items()]
+                new_values[key] = jax.make_array_from_single_device_arrays(spec.shape, sharding, per_device)
+            report.restored.append(key)
+        return flat.rebuild(new_values), report
+
+    def item_record(self, item: str) -> ItemRecord:
+        if item not in self.items:
+            raise StructureMismatchError(f"{self.where}: checkpoint has no {item!r} (it has "
+                                         f"{', '.join(self.items) or 'nothing'})")
+        return self.manifest.items[item]
+
+    def read_arrays(self, item: str, keys: list[str] | None = None, *, verify: bool = True,
+                    executor: Executor | None = None) -> dict[str, Any]:
+        """Host arrays of ``item`` in their real dtypes (PRNG keys as typed key arrays)."""
+        rec = self.item_record(item)
+        specs = {k: s for k, s in rec.arrays.items() if keys is None or k in keys}
+        raw = self._read_arrays(item, specs, verify, executor, None)
+        return {k: decode_stored(specs[k], raw[k], f"{self.where}: array {k!r}") for k in specs}
+
+    def _read_arrays(self, item: str, specs: dict[str, ArraySpec], verify: bool,
+                     executor: Executor | None, progress: bool | None) -> dict[str, np.ndarray]:
+        """Whole arrays (stored dtype) of ``item``."""
+        boxes = self._read_boxes(item, specs, {k: [_full_box(s)] for k, s in specs.items()},
+                                 verify, executor, progress)
+        return {k: boxes[k][_full_box(s)] for k, s in specs.items()}
+
+    def _read_boxes(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
+                    verify: bool, executor: Executor | None, progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
+        """``_read_boxes_of_this_version``, then make sure no other process replaced or
+        deleted the checkpoint meanwhile (else ``ReplacedWhileReadingError``, never a mix of
+        two versions, also with ``verify=False``)."""
+        try:
+            out = self._read_boxes_of_this_version(item, specs, requests, verify, executor, progress)
+        except CheckpointError as e:
+            self._raise_if_replaced(e)
+            raise
+        if specs:
+            self._raise_if_replaced(None)
+        return out
+
+    def _read_boxes_of_this_version(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
+                                    verify: bool, executor: Executor | None,
+                                    progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
+        """Allocate each requested box once and fill it from the chunks it overlaps (only
+        those), file by file, in parallel."""
+        if not specs:
+            return {}
+        index = self.index()[item]
+        executor = executor or default_executor()
+        # Sizes against the real files before anything is allocated: the index's bounds
+        # checks hold against the manifest's sizes, which a hostile manifest could inflate.
+        self._check_file_sizes({f for key in specs for f, _ in index[key]})
+        out: dict[str, dict[Box, np.ndarray]] = {}
+        jobs: dict[str, ReadJob] = {}
+        total = 0
+        for key, spec in specs.items():
+            dtype = np.dtype(spec.stored_dtype)
+            out[key] = {}
+            for box in requests[key]:
+                dest = aligned_empty(box[1], dtype)
+                out[key][box] = dest
+                total += dest.nbytes
+                for fname, chunk in index[key]:
+                    target = _chunk_target(chunk, dest, box)
+                    if target is None:
+                        continue
+                    job = jobs.get(fname)
+                    if job is None:
+                        job = jobs[fname] = ReadJob(self.store, f"{self.name}/{fname}", fname,
+                                                    self.manifest.files[fname].size)
+                    job.targets.append(target)
+        with byte_progress(f"loading {self.name}", total, progress) as advance:
+            executor.read(list(jobs.values()), verify=verify, progress=advance)
+        self.last_read = (sum(len(j.targets) for j in jobs.values()), sum(j.nbytes for j in jobs.values()))
+        return out
+
+
+    def _check_file_sizes(self, names: set[str]) -> None:
+        from .executors.local import map_threads
+
+        def check(fname: str) -> None:
+            size = self.store.size(f"{self.name}/{fname}")
+            if size is None:
+                self._raise_if_replaced(None)
+                raise CorruptCheckpointError(f"{self.where}: shard file {fname} is missing (or not a regular file)")
+            expected = self.manifest.files[fname].size
+            if size != expected:
+                raise CorruptCheckpointError(f"{self.where}: {fname} is {size} bytes, the manifest says {expected}")
+        map_threads(check, sorted(names), 16 if len(names) > 4 else 1)
+
+
+def _chunk_target(chunk: ChunkRecord, dest: np.ndarray, box: Box) -> ReadTarget | None:
+    """How ``chunk`` fills the part of ``dest`` (holding ``box``) it overlaps: a direct read
+    when the chunk lies whole in a contiguous region, else a copy of the overlap."""
+    hit = box_overlap(chunk.offset, chunk.shape, box[0], box[1])
+    if hit is None:
+        return None
+    offset, shape = hit
+    dest_sl = tuple(slice(o - b, o - b + n) for o, b, n in zip(offset, box[0], shape))
+    view = dest[dest_sl] if dest_sl else dest
+    whole = shape == tuple(chunk.shape)
+    if whole and view.flags.c_contiguous:
+        return ReadTarget(chunk, view)
+    sub = tuple(slice(o - c, o - c + n) for o, c, n in zip(offset, chunk.offset, shape))
+    return ReadTarget(chunk, view, sub=sub)
+
+
+def _mismatch(spec: ArraySpec, target: Any) -> str | None:
+    shape = getattr(target, "shape", None)
+    if shape is None:
+        return f"saved an array {spec.shape} {spec.dtype}, target holds {type(target).__name__}"
+    if tuple(shape) != spec.shape:
+        return f"saved shape {spec.shape}, target shape {tuple(shape)}"
+    target_is_key = is_prng_key(target)
+    if target_is_key != (spec.key_impl is not None):
+        return f"saved dtype {spec.dtype}, target dtype {target.dtype}"
+    return None
+
+
+def open_checkpoint(path: Any, *, allow_pickle: bool = False, filesystem: Any = None) -> Checkpoint:
+    """Open a committed shardckpt checkpoint (a path or a URI such as ``s3://...``), or a
+    directory in the guide's single-file layout (``model.npz``, ``optimizer.npz``,
+    ``config.json``) read-only."""
+    store, name = resolve(path, filesystem)
+    return open_in(store, name, allow_pickle=allow_pickle)
+
+
+def open_in(store: Store, name: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """``open_checkpoint`` for checkpoint ``name`` of ``store``."""
+    if not store.exists(f"{name}/{MANIFEST}"):
+        from .legacy import LegacyCheckpoint, is_legacy_dir
+        from .store.local import LocalStore
+        if isinstance(store, LocalStore) and is_legacy_dir(store.path(name)):
+            return LegacyCheckpoint(store.path(name), allow_pickle=allow_pickle)
+    return Checkpoint.at(store, name)
+
+
+def existing_checkpoint(store: Store, name: str) -> Checkpoint | None:
+    """The committed checkpoint ``name`` of ``store``, None if there is none or it is ours
+    but damaged (not a checkpoint anyone can load: replaceable)."""
+    try:
+        return Checkpoint.at(store, name)
+    except (CheckpointNotFoundError, CorruptCheckpointError):
+        return None
+
+
+def committed_by(store: Store, name: str, txn: str) -> bool:
+    """Whether checkpoint ``name`` of ``store`` is the one transaction ``txn`` committed."""
+    try:
+        raw = store.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES)
+        return Manifest.loads(raw, store.where(name)).transaction == txn
+    except Exception:  # noqa: BLE001 - not there yet, or being replaced
+        return False

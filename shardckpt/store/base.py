@@ -1,0 +1,199 @@
+"""The Store seam: where a checkpoint's bytes live and how a commit is published.
+
+Everything above this package (the save transaction, the reader, the coordinators, the
+executors, the catalog) talks to a ``Store`` and never asks which kind it is. A store is a
+directory of checkpoints addressed by root-relative names (``"step_7/manifest.json"``); a
+save goes through a ``Staging`` area that the store hands out per transaction:
+
+* writers stream shard files into it (``write_stream``) and small files (``write_bytes``);
+  each returns the file's size and xxh3-64, computed while writing, never by reading back;
+* the committer ``publish``es it with the manifest bytes, atomically: a POSIX rename (or
+  exchange) on a local disk, one manifest PUT on an object store;
+* an aborted save ``discard``s it; what a crash leaves behind is invisible (never listed as
+  a checkpoint) and removable by ``gc``.
+
+Stores and staging areas are picklable: Ray writer actors and every participant of a
+multi-process save rebuild them on their own node and write straight into the store.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+# What a crashed or aborted save of step directory NAME leaves: a hidden local directory
+# (".NAME.tmp-host-pid-txn") or an unreferenced version prefix ("NAME/v<txn>/").
+VERSION_DIR = re.compile(r"^v[0-9a-f]{8,32}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry directly under a listed prefix."""
+
+    name: str
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0          # seconds since the epoch; 0 where the store cannot tell
+    is_link: bool = False       # a symlink (local stores): never followed, never ours
+
+
+class Sink(ABC):
+    """A file being written: bytes go in order; ``pos`` is the count written so far."""
+
+    pos: int
+
+    @abstractmethod
+    def write(self, data) -> None:
+        ...
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file a staging area holds, durable: its name in the manifest, size and checksum."""
+
+    name: str
+    size: int
+    xxh3_64: str
+
+
+class Source(ABC):
+    """One stored file opened for reading, checked to be a plain file of ``size`` bytes."""
+
+    size: int
+    name: str
+
+    @abstractmethod
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset`` exactly (CorruptCheckpointError when short)."""
+
+    def buffer(self, offset: int, nbytes: int):
+        """``nbytes`` from ``offset`` as a buffer (a local store maps the file instead of
+        copying); only the pages touched are read."""
+        out = bytearray(nbytes)
+        if nbytes:
+            self.readinto(offset, memoryview(out))
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Store(ABC):
+    """A directory of checkpoints. Names are relative to its root, '/'-separated."""
+
+    uri: str                      # how users name the root (a path or "s3://bucket/prefix")
+
+    # --- naming ----------------------------------------------------------------------------
+    def where(self, name: str = "") -> str:
+        """``name`` as the user would write it, for messages and return values."""
+        return f"{self.uri.rstrip('/')}/{name}" if name else self.uri
+
+    def location(self, name: str) -> Any:
+        """What a save or ``step_path`` returns for checkpoint ``name``: a ``Path`` on a
+        local disk, a URI string elsewhere."""
+        return self.where(name)
+
+    # --- reading ---------------------------------------------------------------------------
+    @abstractmethod
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        """A whole small file (FileNotFoundError if absent; CorruptCheckpointError if larger
+        than ``limit``, a link, or not a plain file)."""
+
+    @abstractmethod
+    def open(self, name: str) -> Source:
+        """A file for ranged reads (FileNotFoundError if absent)."""
+
+    @abstractmethod
+    def size(self, name: str) -> int | None:
+        """The size of file ``name``, None if there is none."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Entries directly under ``prefix`` ("" is the root); [] when it does not exist."""
+
+    # --- writing ---------------------------------------------------------------------------
+    @abstractmethod
+    def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> "Staging":
+        """The staging area of transaction ``txn`` saving checkpoint ``final``: created on
+        first call, the same area on every later call with the same arguments (every
+        participant of a save calls it). ``owner`` (host, pid) is who drives the save,
+        so a later cleanup can tell a dead save from a running one."""
+
+    @abstractmethod
+    def retire(self, name: str) -> None:
+        """Delete checkpoint ``name`` so that it stops being one at once (manifest first or a
+        rename out of sight), then remove its files. FileNotFoundError when it is gone."""
+
+    @abstractmethod
+    def remove_leftover(self, name: str) -> None:
+        """Remove something a dead save left (a staging area), best effort."""
+
+    def prepare_parent(self) -> None:
+        """Make sure the root exists (a local directory); object stores need nothing."""
+
+    def exists(self, name: str) -> bool:
+        return self.size(name) is not None
+
+
+class Staging(ABC):
+    """The files of one save transaction before they are published (see module doc)."""
+
+    store: Store
+    final: str
+    txn: str
+
+    @abstractmethod
+    def stored_name(self, name: str) -> str:
+        """The name the manifest records for staged file ``name`` (relative to the
+        checkpoint directory: plain on a local disk, under the version prefix elsewhere)."""
+
+    @abstractmethod
+    def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
+        """Create file ``name`` and let ``fill`` write it; durable when this returns. On any
+        error nothing of the file remains and the error is raised."""
+
+    def write_bytes(self, name: str, data: bytes) -> Written:
+        def fill(sink: Sink) -> None:
+            sink.write(data)
+        return self.write_stream(name, fill)[1]
+
+    @abstractmethod
+    def read_staged(self, name: str, limit: int) -> bytes | None:
+        """A small file staged earlier (by any participant), None when not (yet) there."""
+
+    @abstractmethod
+    def remove_staged(self, name: str) -> None:
+        """Remove a staged file that is not part of the checkpoint (a part report)."""
+
+    @abstractmethod
+    def adopt(self, checkpoint_name: str, stored: str) -> str:
+        """Carry file ``stored`` of the checkpoint being replaced into this save without
+        copying data where the store allows; returns its name in the new manifest."""
+
+    @abstractmethod
+    def publish(self, manifest: bytes) -> list[str]:
+        """Commit: make the staged files plus ``manifest`` the checkpoint ``final``,
+        atomically, replacing the one there (which stays whole until then). Returns the
+        names of the replaced version's files that are no longer referenced (removed)."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Remove everything staged, best effort (an abort)."""
+
+    @abstractmethod
+    def aborted(self) -> bool:
+        """Whether the area is gone or marked aborted (participants poll it)."""
+
+    def mark_aborted(self, reason: str) -> None:
+        """Tell every participant polling this area that the save is off, then discard."""
+        self.discard()

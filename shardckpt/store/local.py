@@ -1,0 +1,363 @@
+"""Local POSIX store: a directory on a local or shared filesystem.
+
+A save writes into a hidden tmp directory beside its final name, fsyncs every file, writes
+the manifest last, fsyncs the directory, renames it into place (an atomic exchange when it
+replaces a checkpoint) and fsyncs the parent; see ``storage.py`` for those primitives.
+Shard files are written with ``O_DIRECT`` through reused page-aligned buffers where the
+filesystem allows (3x faster than buffered writes + fsync on the machines measured, and a
+save does not evict the training job's page cache), buffered elsewhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import re
+import socket
+import stat
+import threading
+from pathlib import Path
+from typing import Callable
+
+import xxhash
+
+from .. import storage
+from ..errors import CheckpointError, CorruptCheckpointError
+from .base import Entry, Sink, Source, Staging, Store, T, Written
+
+WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
+DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
+BOUNCE_BYTES = 8 << 20          # staging buffer per writing thread
+
+
+def this_host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+class _BouncePool:
+    """Page-aligned staging buffers, reused across saves so their memory stays touched
+    (first touch of fresh memory is the slow part on VMs that reclaim idle pages)."""
+
+    def __init__(self):
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> mmap.mmap:
+        with self._lock:
+            return self._free.pop() if self._free else mmap.mmap(-1, BOUNCE_BYTES)
+
+    def release(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+_BOUNCE = _BouncePool()
+
+
+class RetryBuffered(Exception):
+    """O_DIRECT turned out unsupported mid-file: rewrite the file buffered."""
+
+
+class FileSink(Sink):
+    """A new local file that hashes every byte it writes, in file order; O_DIRECT through a
+    page-aligned bounce buffer when ``direct`` and the filesystem allows, else buffered."""
+
+    def __init__(self, path: str, direct: bool = True):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self.direct = False
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o644)
+        self.pos = 0
+        self.hasher = xxhash.xxh3_64()
+        self.buf = _BOUNCE.acquire() if self.direct else None
+        self.view = memoryview(self.buf) if self.direct else None
+        self.fill = 0
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.pos += len(view)
+        if not self.direct:
+            for start in range(0, len(view), WRITE_BLOCK):
+                block = view[start:start + WRITE_BLOCK]
+                self.hasher.update(block)
+                self._write_all(block)
+            return
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, BOUNCE_BYTES - self.fill)
+            self.view[self.fill:self.fill + n] = view[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == BOUNCE_BYTES:
+                self._flush(BOUNCE_BYTES)
+
+    def _write_all(self, block) -> None:
+        while len(block):
+            storage.inject("write", self.path)
+            n = os.write(self.fd, block)
+            block = block[n:]
+
+    def _flush(self, length: int) -> None:
+        self.hasher.update(self.view[:self.fill])
+        try:
+            self._write_all(self.view[:length])
+        except OSError as e:
+            if e.errno != errno.EINVAL or self.pos > BOUNCE_BYTES + self.fill:
+                raise
+            # O_DIRECT accepted at open but refused on write: continue buffered
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.ftruncate(self.fd, 0)
+            raise RetryBuffered() from e
+        self.fill = 0
+
+    def finish(self) -> None:
+        if self.direct and self.fill:
+            padded = -(-self.fill // DIRECT_BLOCK) * DIRECT_BLOCK
+            self.view[self.fill:padded] = bytes(padded - self.fill)
+            self._flush(padded)
+            os.ftruncate(self.fd, self.pos)
+        storage.inject("fsync", self.path)
+        os.fsync(self.fd)
+        self._close()
+
+    def abort(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.buf is not None:
+            self.view.release()
+            _BOUNCE.release(self.buf)
+            self.buf = self.view = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True) -> tuple[T, int, str]:
+    """Create ``path`` (must not exist), let ``fill`` write it, fsync; returns (fill's
+    result, size, xxh3-64). On any error the partial file is removed and the error raised."""
+    for attempt_direct in ((direct, False) if direct else (False,)):
+        sink = FileSink(path, direct=attempt_direct)
+        try:
+            result = fill(sink)
+            sink.finish()
+            return result, sink.pos, sink.hasher.hexdigest()
+        except BaseException as e:
+            sink.abort()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            if isinstance(e, RetryBuffered):
+                continue
+            if isinstance(e, OSError):
+                storage.raise_named(e, path)   # "No space left on device" alone names no file
+            raise
+    raise AssertionError("unreachable")
+
+
+class FileSource(Source):
+    """A local file opened without following links; ``buffer`` maps it (no copy)."""
+
+    def __init__(self, path: Path, name: str):
+        self.name = name
+        self.fd, self.size = storage.open_data_file(path, str(path.parent))
+        self._map = None
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        if offset < 0 or offset + len(view) > self.size:
+            raise CorruptCheckpointError(f"{self.name}: bytes {offset}..{offset + len(view)} lie outside "
+                                         f"the file ({self.size} bytes)")
+        pos = 0
+        while pos < len(view):
+            n = os.preadv(self.fd, [view[pos:]], offset + pos)
+            if n <= 0:
+                raise CorruptCheckpointError(f"{self.name}: truncated at byte {offset + pos}")
+            pos += n
+
+    def buffer(self, offset: int, nbytes: int):
+        if offset < 0 or offset + nbytes > self.size:
+            raise CorruptCheckpointError(f"{self.name}: bytes {offset}..{offset + nbytes} lie outside "
+                                         f"the file ({self.size} bytes)")
+        if not nbytes:
+            return b""
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+        return memoryview(self._map)[offset:offset + nbytes]
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass   # a view still refers to it: the mapping goes with the last view
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalStore(Store):
+    """A directory of checkpoints on a POSIX filesystem."""
+
+    def __init__(self, root: os.PathLike | str):
+        self.root = Path(root).absolute()
+        self.uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.uri!r})"
+
+    def path(self, name: str) -> Path:
+        return self.root / name if name else self.root
+
+    def location(self, name: str) -> Path:
+        return self.path(name)
+
+    def where(self, name: str = "") -> str:
+        return str(self.path(name))
+
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        return storage.read_small_file(self.path(name), limit, str(self.path(name).parent))
+
+    def open(self, name: str) -> FileSource:
+        p = self.path(name)
+        try:
+            return FileSource(p, name.rsplit("/", 1)[-1])
+        except CorruptCheckpointError as e:
+            if not os.path.lexists(p):
+                raise FileNotFoundError(str(p)) from e
+            raise
+
+    def size(self, name: str) -> int | None:
+        try:
+            st = os.lstat(self.path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        try:
+            entries = list(os.scandir(self.path(prefix)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue   # removed while listing
+            out.append(Entry(e.name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime,
+                             stat.S_ISLNK(st.st_mode)))
+        return out
+
+    def prepare_parent(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> "LocalStaging":
+        host, pid = owner or (this_host(), os.getpid())
+        host = re.sub(r"[^A-Za-z0-9]", "", host)[:32] or "host"
+        tmp = self.root / f".{final}.tmp-{host}-{pid}-{txn[:12]}"
+        self.prepare_parent()
+        tmp.mkdir(exist_ok=True)
+        return LocalStaging(self, final, txn, tmp)
+
+    def retire(self, name: str) -> None:
+        storage.retire_dir(self.path(name))
+
+    def remove_leftover(self, name: str) -> None:
+        try:
+            storage.remove_tree(self.path(name))
+        except FileNotFoundError:
+            pass
+
+
+class LocalStaging(Staging):
+    """A hidden tmp directory beside the final one; published by rename."""
+
+    def __init__(self, store: LocalStore, final: str, txn: str, tmp: Path):
+        self.store, self.final, self.txn, self.tmp = store, final, txn, tmp
+
+    def stored_name(self, name: str) -> str:
+        return name
+
+    def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
+        result, size, digest = write_file(str(self.tmp / name), fill)
+        return result, Written(name, size, digest)
+
+    def write_bytes(self, name: str, data: bytes) -> Written:
+        storage.write_file_durable(self.tmp / name, data)
+        return Written(name, len(data), xxhash.xxh3_64(data).hexdigest())
+
+    def read_staged(self, name: str, limit: int) -> bytes | None:
+        try:
+            return storage.read_small_file(self.tmp / name, limit, str(self.tmp))
+        except FileNotFoundError:
+            return None
+
+    def remove_staged(self, name: str) -> None:
+        os.unlink(self.tmp / name)
+        storage.fsync_path(self.tmp)
+
+    def adopt(self, checkpoint_name: str, stored: str) -> str:
+        """Hard-link the file; where links fail (FUSE mounts of object stores), copy it, but
+        only a regular file inside the checkpoint, opened without following links."""
+        src = self.store.path(checkpoint_name) / stored
+        dst = self.tmp / stored
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{src} vanished while carrying it into the new checkpoint") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptCheckpointError(f"{src} is not a regular file (a symlink?); refusing to carry it "
+                                         "into the new checkpoint")
+        try:
+            os.link(src, dst, follow_symlinks=False)
+            return stored
+        except OSError:
+            pass
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptCheckpointError(f"{src} is not a regular file; refusing to copy it")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                def fill(sink: Sink) -> None:
+                    while block := f.read(WRITE_BLOCK):
+                        sink.write(block)
+                write_file(str(dst), fill, direct=False)
+        finally:
+            os.close(fd)
+        return stored
+
+    def publish(self, manifest: bytes) -> list[str]:
+        from ..format import MANIFEST
+        storage.write_file_durable(self.tmp / MANIFEST, manifest)
+        storage.publish_dir(self.tmp, self.store.path(self.final))
+        return []
+
+    def discard(self) -> None:
+        for _ in range(5):   # again if a writer being stopped still created a file meanwhile
+            try:
+                storage.remove_tree(self.tmp)
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass
+            if not self.tmp.exists():
+                return
+            import time
+            time.sleep(0.2)
+
+    def aborted(self) -> bool:
+        return not self.tmp.is_dir()

@@ -1,0 +1,595 @@
+"""Object stores: S3 (and S3-compatible servers) through boto3, other schemes through
+``pyarrow.fs``.
+
+Object stores have no rename, so a save writes its files under a fresh version prefix
+inside the step directory and commits by writing the manifest last, in one PUT::
+
+    s3://bucket/run/step_100/manifest.json               <- the commit record (one PUT, last)
+    s3://bucket/run/step_100/v3f9c2a1b00c4d2e1/model-00000-of-00002.npz
+    s3://bucket/run/step_100/v3f9c2a1b00c4d2e1/config.json  ...
+
+Re-saving a step uploads the new version beside the old one, switches the manifest, and only
+then deletes the old version's objects. Every writer (a Ray writer actor, a Ray Train rank,
+a ``jax.distributed`` process) streams its own shards as multipart uploads from memory
+through a few part buffers: no local staging, no local disk. Reads are ranged GETs of just
+the chunks a target needs. Transient errors (HTTP 5xx, throttling, dropped connections) are
+retried with exponential backoff, bounded by the save's deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import xxhash
+
+from ..errors import CheckpointError, CorruptCheckpointError
+from .base import Entry, Sink, Source, Staging, Store, T, Written
+
+PART_BYTES = int(os.environ.get("SHARDCKPT_S3_PART_BYTES", 8 << 20))   # >= 5 MiB (S3's minimum)
+PARTS_IN_FLIGHT = 2             # uploads running per file while the next part fills
+RETRY_SECONDS = 120.0           # retry budget of a request outside a save (loads, listing)
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "RequestLimitExceeded", "TooManyRequestsException", "BadDigest"}
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+
+# Counters of what this process asked of object stores (tests and benchmarks read them).
+STATS = {"get_bytes": 0, "gets": 0, "put_bytes": 0, "puts": 0, "retries": 0}
+_STATS_LOCK = threading.Lock()
+
+
+def _count(**kw) -> None:
+    with _STATS_LOCK:
+        for k, v in kw.items():
+            STATS[k] += v
+
+
+def _code(e: BaseException) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _transient(e: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError
+    except ImportError:  # pragma: no cover - boto3 is what raised it
+        return False
+    if isinstance(e, HTTPClientError):       # connection reset, timeouts, closed streams
+        return True
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return _code(e) in _TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(e, (ConnectionError, TimeoutError))
+
+
+def retrying(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
+    """``call()``, again after transient failures with exponential backoff and jitter,
+    until ``deadline`` (or RETRY_SECONDS from now); then the last error is raised."""
+    end = deadline if deadline is not None else time.time() + RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not _transient(e) or time.time() + delay > end:
+                raise
+        _count(retries=1)
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 5.0)
+
+
+class S3Store(Store):
+    """``s3://bucket/prefix``; the endpoint comes from ``?endpoint_url=`` in the URI or
+    ``AWS_ENDPOINT_URL`` (boto3's own rule), credentials the usual boto3 way."""
+
+    def __init__(self, uri: str):
+        parts = urlsplit(uri)
+        self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        if not self.bucket:
+            raise CheckpointError(f"{uri}: no bucket in the URI")
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._query = ("?" + parts.query) if parts.query else ""
+        self.deadline: float | None = None
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"], state["_lock"] = None, None     # rebuilt in the receiving process
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r})"
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        import boto3
+                        from botocore.config import Config
+                    except ImportError as e:
+                        raise CheckpointError("s3:// paths need boto3: pip install 'shardckpt[s3]'") from e
+                    config = Config(retries={"total_max_attempts": 1}, max_pool_connections=64,
+                                    connect_timeout=10, read_timeout=120)
+                    self._client = boto3.client("s3", endpoint_url=self.query.get("endpoint_url"),
+                                                region_name=self.query.get("region"), config=config)
+        return self._client
+
+    def where(self, name: str = "") -> str:
+        return (f"{self.uri}/{name}" if name else self.uri) + self._query
+
+    def child_store(self, name: str) -> "S3Store":
+        return S3Store(self.where(name))
+
+    def key(self, name: str) -> str:
+        if not name:
+            return self.prefix
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _do(self, what: str, call: Callable[[], T]) -> T:
+        return retrying(call, what, self.deadline)
+
+    # --- reading ---------------------------------------------------------------------------
+    def size(self, name: str) -> int | None:
+        try:
+            return self._do("HEAD", lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))["ContentLength"]
+        except Exception as e:  # noqa: BLE001 - botocore ClientError
+            if _code(e) in _MISSING_CODES:
+                return None
+            raise
+
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        def get():
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+        try:
+            resp = self._do("GET", get)
+        except Exception as e:  # noqa: BLE001
+            if _code(e) in _MISSING_CODES:
+                raise FileNotFoundError(self.where(name)) from e
+            raise
+        if resp["ContentLength"] > limit:
+            resp["Body"].close()
+            raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the {limit} limit")
+        data = self._do("GET body", lambda: resp["Body"].read(limit + 1))
+        _count(gets=1, get_bytes=len(data))
+        return data
+
+    def open(self, name: str) -> "S3Source":
+        size = self.size(name)
+        if size is None:
+            raise FileNotFoundError(self.where(name))
+        return S3Source(self, name, size)
+
+    def read_range(self, name: str, offset: int, view: memoryview) -> None:
+        if not len(view):
+            return
+
+        def get() -> None:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name),
+                                          Range=f"bytes={offset}-{offset + len(view) - 1}")["Body"]
+            pos = 0
+            while pos < len(view):
+                block = body.read(min(PART_BYTES, len(view) - pos))
+                if not block:
+                    raise CorruptCheckpointError(f"{self.where(name)} is truncated at byte {offset + pos}")
+                view[pos:pos + len(block)] = block
+                pos += len(block)
+        self._do("ranged GET", get)
+        _count(gets=1, get_bytes=len(view))
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        base = self.key(prefix).rstrip("/")
+        base = base + "/" if base else ""
+        out: list[Entry] = []
+        token = None
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._do("LIST", lambda: self.client.list_objects_v2(**kw))
+            out += [Entry(p["Prefix"][len(base):].rstrip("/"), True) for p in page.get("CommonPrefixes", [])]
+            out += [Entry(o["Key"][len(base):], False, o["Size"], o["LastModified"].timestamp())
+                    for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+    def _keys_under(self, name: str) -> list[str]:
+        base = self.key(name).rstrip("/")
+        base = base + "/" if base else ""
+        keys, token = [], None
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": base}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._do("LIST", lambda: self.client.list_objects_v2(**kw))
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            token = page["NextContinuationToken"]
+
+    # --- writing ---------------------------------------------------------------------------
+    def put(self, name: str, data: bytes) -> None:
+        self.put_key(self.key(name), data)
+
+    def put_key(self, key: str, data: bytes) -> None:
+        self._do("PUT", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data))
+        _count(puts=1, put_bytes=len(data))
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            self._do("DELETE", lambda: self.client.delete_objects(Bucket=self.bucket, Delete=batch))
+
+    def delete(self, names: list[str]) -> None:
+        self.delete_keys([self.key(n) for n in names])
+
+    def abort_uploads(self, name: str, older_than: float | None = None) -> int:
+        """Abort unfinished multipart uploads under ``name`` (invisible, but they cost
+        storage); with ``older_than`` only those started before that time."""
+        base = self.key(name).rstrip("/")
+        base = base + "/" if base else ""
+        n = 0
+        page = self._do("LIST uploads", lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=base))
+        for up in page.get("Uploads", []):
+            if older_than is not None and up["Initiated"].timestamp() > older_than:
+                continue
+            try:
+                self._do("ABORT", lambda: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]))
+                n += 1
+            except Exception as e:  # noqa: BLE001
+                if _code(e) not in _MISSING_CODES:
+                    raise
+        return n
+
+    def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> "ObjectStaging":
+        return ObjectStaging(self, final, txn)
+
+    def retire(self, name: str) -> None:
+        from ..format import MANIFEST
+        if self.size(f"{name}/{MANIFEST}") is None:
+            raise FileNotFoundError(self.where(name))
+        self.delete([f"{name}/{MANIFEST}"])          # it stops being a checkpoint here
+        self.delete_keys(self._keys_under(name))
+
+    def remove_leftover(self, name: str) -> None:
+        try:
+            self.abort_uploads(name)
+            self.delete_keys(self._keys_under(name))
+        except Exception:  # noqa: BLE001 - best effort: unreferenced objects are invisible
+            pass
+
+    def sink(self, name: str) -> "MultipartSink":
+        return MultipartSink(self, self.key(name))
+
+
+class S3Source(Source):
+    def __init__(self, store: S3Store, name: str, size: int):
+        self.store, self.path, self.size = store, name, size
+        self.name = name.rsplit("/", 1)[-1]
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        if offset < 0 or offset + len(view) > self.size:
+            raise CorruptCheckpointError(f"{self.name}: bytes {offset}..{offset + len(view)} lie outside "
+                                         f"the object ({self.size} bytes)")
+        self.store.read_range(self.path, offset, view)
+
+
+_PART_POOL: ThreadPoolExecutor | None = None
+_PART_POOL_LOCK = threading.Lock()
+
+
+def _part_pool() -> ThreadPoolExecutor:
+    global _PART_POOL
+    with _PART_POOL_LOCK:
+        if _PART_POOL is None:
+            _PART_POOL = ThreadPoolExecutor(16, thread_name_prefix="shardckpt-s3-part")
+        return _PART_POOL
+
+
+class MultipartSink(Sink):
+    """Streams one object as a multipart upload: bytes fill a part buffer; a full part is
+    uploaded in the background while the next fills, at most ``PARTS_IN_FLIGHT`` at a time,
+    so a file costs at most ``PARTS_IN_FLIGHT + 1`` part buffers of memory whatever its
+    size. A file smaller than one part is a single PUT. The xxh3-64 is computed in file order
+    as bytes arrive."""
+
+    def __init__(self, store: S3Store, key: str, part_bytes: int = PART_BYTES):
+        self.store, self.key, self.part_bytes = store, key, part_bytes
+        self.pos = 0
+        self.hasher = xxhash.xxh3_64()
+        self.buf = bytearray(part_bytes)
+        self.fill = 0
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+        self.in_flight: list = []
+        self.spare: list[bytearray] = []
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.hasher.update(view)
+        self.pos += len(view)
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, self.part_bytes - self.fill)
+            self.buf[self.fill:self.fill + n] = view[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == self.part_bytes:
+                self._ship()
+
+    def _ship(self) -> None:
+        s = self.store
+        if self.upload_id is None:
+            self.upload_id = s._do("CreateMultipartUpload", lambda: s.client.create_multipart_upload(
+                Bucket=s.bucket, Key=self.key))["UploadId"]
+        while len(self.in_flight) >= PARTS_IN_FLIGHT:
+            self._reap(block=True)
+        number = len(self.parts) + len(self.in_flight) + 1
+        body = self.buf if self.fill == len(self.buf) else bytes(memoryview(self.buf)[:self.fill])
+
+        def upload(body=body, number=number):
+            resp = s._do("UploadPart", lambda: s.client.upload_part(
+                Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body))
+            _count(puts=1, put_bytes=len(body))
+            return {"PartNumber": number, "ETag": resp["ETag"]}, body
+        self.in_flight.append(_part_pool().submit(upload))
+        self.buf = self.spare.pop() if self.spare else bytearray(self.part_bytes)
+        self.fill = 0
+
+    def _reap(self, block: bool) -> None:
+        first = self.in_flight.pop(0)
+        part, body = first.result()
+        self.parts.append(part)
+        if isinstance(body, bytearray) and len(body) == self.part_bytes and not self.spare:
+            self.spare.append(body)
+
+    def finish(self) -> None:
+        s = self.store
+        if self.upload_id is None:                  # small file: one PUT
+            s.put_key(self.key, bytes(memoryview(self.buf)[:self.fill]))
+            return
+        if self.fill:
+            self._ship()
+        while self.in_flight:
+            self._reap(block=True)
+        parts = sorted(self.parts, key=lambda p: p["PartNumber"])
+        s._do("CompleteMultipartUpload", lambda: s.client.complete_multipart_upload(
+            Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
+        self.buf = bytearray()
+        self.spare.clear()
+
+    def abort(self) -> None:
+        for f in self.in_flight:
+            f.cancel()
+        for f in self.in_flight:
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001 - aborting anyway
+                pass
+        self.in_flight.clear()
+        if self.upload_id is not None:
+            s = self.store
+            try:
+                s._do("AbortMultipartUpload", lambda: s.client.abort_multipart_upload(
+                    Bucket=s.bucket, Key=self.key, UploadId=self.upload_id))
+            except Exception:  # noqa: BLE001 - gc aborts what is left
+                pass
+        self.buf = bytearray()
+
+
+ABORT_MARKER = "_ABORTED"
+
+
+class ObjectStaging(Staging):
+    """A version prefix inside the step directory, published by the manifest PUT."""
+
+    def __init__(self, store: S3Store, final: str, txn: str):
+        self.store, self.final, self.txn = store, final, txn
+        self.version = f"v{txn[:16]}"
+
+    def stored_name(self, name: str) -> str:
+        return f"{self.version}/{name}"
+
+    def _name(self, name: str) -> str:
+        return f"{self.final}/{self.version}/{name}"
+
+    def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
+        sink = self.store.sink(self._name(name))
+        try:
+            result = fill(sink)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        return result, Written(self.stored_name(name), sink.pos, sink.hasher.hexdigest())
+
+    def read_staged(self, name: str, limit: int) -> bytes | None:
+        try:
+            return self.store.read_bytes(self._name(name), limit)
+        except FileNotFoundError:
+            return None
+
+    def remove_staged(self, name: str) -> None:
+        self.store.delete([self._name(name)])
+
+    def adopt(self, checkpoint_name: str, stored: str) -> str:
+        return stored      # the previous version's object stays; publish keeps what is referenced
+
+    def publish(self, manifest: bytes) -> list[str]:
+        from ..format import MANIFEST, Manifest
+        previous = None
+        try:
+            previous = Manifest.loads(self.store.read_bytes(f"{self.final}/{MANIFEST}", 256 << 20),
+                                      self.store.where(self.final))
+        except (FileNotFoundError, CheckpointError):
+            pass
+        self.store.put(f"{self.final}/{MANIFEST}", manifest)                # the commit
+        if previous is None:
+            return []
+        now = Manifest.loads(manifest, self.store.where(self.final))
+        keep = set(now.files) | set(now.meta_files)
+        stale = [n for n in list(previous.files) + list(previous.meta_files) if n not in keep]
+        try:
+            self.store.delete([f"{self.final}/{n}" for n in stale])
+        except Exception:  # noqa: BLE001 - unreferenced objects are invisible; gc removes them
+            pass
+        return stale
+
+    def discard(self) -> None:
+        self.store.remove_leftover(f"{self.final}/{self.version}")
+
+    def mark_aborted(self, reason: str) -> None:
+        self.discard()
+        try:
+            self.store.put(self._name(ABORT_MARKER), reason.encode()[:4096])
+        except Exception:  # noqa: BLE001 - participants still stop at the deadline
+            pass
+
+    def aborted(self) -> bool:
+        return self.store.exists(self._name(ABORT_MARKER))
+
+
+class ArrowStore(Store):
+    """Any pyarrow filesystem (``gs://``, ``hdfs://``, fsspec wrapped in
+    ``pyarrow.fs.PyFileSystem``): the same layout and commit rule as S3, with pyarrow's own
+    buffered output streams (which upload in parts on object stores)."""
+
+    def __init__(self, uri: str, filesystem: Any = None):
+        self.uri = uri.rstrip("/")
+        self._filesystem = filesystem
+        self._fs = None
+        self.deadline: float | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._filesystem is None:
+            state["_fs"] = None
+        return state
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import pyarrow.fs as pafs
+            parts = urlsplit(self.uri)
+            if self._filesystem is not None:
+                self._fs, self._root = self._filesystem, (parts.netloc + parts.path)
+            else:
+                try:
+                    self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+                except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+                    raise CheckpointError(f"{self.uri}: cannot open this filesystem ({e})") from e
+            self._root = self._root.rstrip("/")
+        return self._fs
+
+    def _path(self, name: str) -> str:
+        _ = self.fs
+        return f"{self._root}/{name}" if name else self._root
+
+    def size(self, name: str) -> int | None:
+        import pyarrow.fs as pafs
+        info = self.fs.get_file_info(self._path(name))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        size = self.size(name)
+        if size is None:
+            raise FileNotFoundError(self.where(name))
+        if size > limit:
+            raise CorruptCheckpointError(f"{self.where(name)} is {size} bytes, over the {limit} limit")
+        with self.fs.open_input_file(self._path(name)) as f:
+            return f.read()
+
+    def open(self, name: str) -> Source:
+        size = self.size(name)
+        if size is None:
+            raise FileNotFoundError(self.where(name))
+        return _ArrowSource(self, name, size)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        import pyarrow.fs as pafs
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(prefix), allow_not_found=True))
+        return [Entry(i.base_name, i.type == pafs.FileType.Directory, i.size or 0,
+                      i.mtime.timestamp() if i.mtime else 0.0) for i in infos]
+
+    def put(self, name: str, data: bytes) -> None:
+        with self.fs.open_output_stream(self._path(name)) as out:
+            out.write(data)
+
+    def delete(self, names: list[str]) -> None:
+        for n in names:
+            try:
+                self.fs.delete_file(self._path(n))
+            except FileNotFoundError:
+                pass
+
+    def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> "ArrowStaging":
+        return ArrowStaging(self, final, txn)
+
+    def retire(self, name: str) -> None:
+        from ..format import MANIFEST
+        if self.size(f"{name}/{MANIFEST}") is None:
+            raise FileNotFoundError(self.where(name))
+        self.delete([f"{name}/{MANIFEST}"])
+        self.remove_leftover(name)
+
+    def remove_leftover(self, name: str) -> None:
+        try:
+            self.fs.delete_dir(self._path(name))
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+class _ArrowSource(Source):
+    def __init__(self, store: ArrowStore, name: str, size: int):
+        self.store, self.path, self.size = store, name, size
+        self.name = name.rsplit("/", 1)[-1]
+        self.f = store.fs.open_input_file(store._path(name))
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        got = self.f.read_at(len(view), offset)
+        if len(got) != len(view):
+            raise CorruptCheckpointError(f"{self.name} is truncated at byte {offset + len(got)}")
+        view[:] = memoryview(got)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _ArrowSink(Sink):
+    def __init__(self, out):
+        self.out, self.pos, self.hasher = out, 0, xxhash.xxh3_64()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.hasher.update(view)
+        self.out.write(view)
+        self.pos += len(view)
+
+
+class ArrowStaging(ObjectStaging):
+    def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
+        path = self.store._path(self._name(name))
+        self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.store.fs.open_output_stream(path) as out:
+            sink = _ArrowSink(out)
+            try:
+                result = fill(sink)
+            except BaseException:
+                out.abort() if hasattr(out, "abort") else None
+                raise
+        return result, Written(self.stored_name(name), sink.pos, sink.hasher.hexdigest())

@@ -1,0 +1,297 @@
+"""The one save pipeline: prepare -> plan -> write parts -> commit, for every Store,
+Coordinator and Executor.
+
+``run_save`` is what every save runs, whether one process writes a local directory or a
+thousand Ray Train ranks write to S3::
+
+    txn  = coordinator.begin(participant)           # a transaction id, a staging area, a deadline
+    part = write_part(txn.staging, ...)             # this participant's shards, by the executor
+    coordinator.report(txn, participant, part, ...) # only metadata travels
+    coordinator.wait(txn)                           # the coordinator ran ``commit`` once all reported
+
+``commit`` is the committer the coordinators run: it checks that the parts agree, writes the
+metadata files and the chunk index into the staging area, and publishes it with the
+manifest, atomically (the Store decides how). Nothing here knows which store it writes to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import __version__
+from .errors import CheckpointError, SaveAbortedError
+from .executors.base import Executor
+from .format import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, dump_index, load_index
+from .plan import default_num_shards, plan_save
+from .progress import byte_progress
+from .shard_io import ChunkRecord, ShardReport
+from .store import Staging, Store
+from .store.base import VERSION_DIR
+from .tree import FlatTree, split_values
+
+REPLICATED_SHARDS_PER_PARTICIPANT = 2
+
+
+@dataclass
+class PartReport:
+    """One participant's contribution to a save: what its items hold (specs and scalar
+    leaves, the same on every participant) and the reports of the shards it wrote."""
+
+    participant: int
+    items: dict[str, ItemRecord]
+    reports: list[ShardReport]
+    item_of_file: dict[str, str]
+
+
+@dataclass
+class CommitArgs:
+    """What participant 0 hands the committer besides the parts."""
+
+    step: int | None = None
+    json_files: dict[str, Any] | None = None
+    metrics: dict | None = None
+    keep_other_items: bool = False
+
+
+def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dict[str, list], dict[str, ItemRecord]]:
+    """Flatten each item into array entries (with this process's host pieces) and records.
+
+    The host pieces of ``jax.Array`` leaves are a consistent snapshot already: on CPU they
+    are views that hold a reference to the buffer (XLA then refuses to donate it to the next
+    step and copies instead), elsewhere device-to-host copies. ``snapshot`` also copies
+    NumPy leaves, which their owner could change in place while an async save runs.
+    """
+    entries, records = {}, {}
+    for name, tree in items.items():
+        arrays, scalars = split_values(FlatTree.of(tree).values(), copy_numpy=snapshot)
+        entries[name] = arrays
+        records[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
+    return entries, records
+
+
+def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *, participant: int = 0,
+              participants: int = 1, replicated: bool = False) -> list[tuple[str, Any]]:
+    """The shards this participant writes, as (item, ShardPlan).
+
+    ``replicated``: every participant holds the same full state (data parallel). All of them
+    compute the same global plan over ``participants`` x ``num_shards`` files and each writes
+    every ``participants``-th file, so each writes ~1/N and nothing crosses the network.
+    Otherwise each participant plans only the pieces it holds (its addressable shards).
+    """
+    out = []
+    for name, arrays in entries.items():
+        nbytes = sum(p.data.nbytes for e in arrays for p in e.pieces)
+        # replicated: every participant must compute the same global plan, so the default
+        # may not depend on this machine's thread count
+        n = num_shards or default_num_shards(nbytes, REPLICATED_SHARDS_PER_PARTICIPANT if replicated else workers)
+        if replicated and participants > 1:
+            plans = plan_save(name, arrays, n * participants)
+            out.extend((name, plan) for i, plan in enumerate(plans) if i % participants == participant)
+        else:
+            plans = plan_save(name, arrays, n, process_index=participant, process_count=participants)
+            out.extend((name, plan) for plan in plans)
+    return out
+
+
+def write_part(staging: Staging, entries: dict[str, list], records: dict[str, ItemRecord], executor: Executor,
+               *, num_shards: int | None = None, compress: bool = False, progress: bool | None = None,
+               participant: int = 0, participants: int = 1, replicated: bool = False,
+               deadline: float | None = None) -> PartReport:
+    """Plan this participant's shards and have ``executor`` write them into ``staging``."""
+    planned = plan_part(entries, num_shards, executor.num_workers or 1, participant=participant,
+                        participants=participants, replicated=replicated)
+    total = sum(plan.nbytes for _, plan in planned)
+    with byte_progress(f"saving {staging.final}", total, progress) as advance:
+        reports = executor.write_shards(staging, [plan for _, plan in planned], compress=compress,
+                                        progress=advance, deadline=deadline)
+    expected = {staging.stored_name(plan.file) for _, plan in planned}
+    got = [r.file for r in reports]
+    if sorted(got) != sorted(expected):
+        raise SaveAbortedError(f"saving {staging.final}: writers did not report "
+                               f"{sorted(expected - set(got)) or 'as planned'}")
+    return PartReport(participant, records,
+                      reports, {staging.stored_name(plan.file): item for item, plan in planned})
+
+
+# --- commit ----------------------------------------------------------------------------------
+
+def writer_versions() -> dict[str, str]:
+    import flax
+    return {"shardckpt": __version__, "jax": jax.__version__, "flax": flax.__version__,
+            "numpy": np.__version__}
+
+
+def json_bytes(obj: Any, name: str) -> bytes:
+    try:
+        return json.dumps(obj, indent=1, default=_json_default, allow_nan=True).encode()
+    except (TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name}: value is not JSON-serialisable ({e})") from e
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.generic, jax.Array)) and np.ndim(o) == 0:
+        return np.asarray(o).item()
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, transaction: str = "") -> None:
+    """The committer: check the parts agree, write metadata and index into ``staging``, then
+    publish it with the manifest, atomically. Raises (and publishes nothing) on any problem."""
+    from .reader import existing_checkpoint
+    where = staging.store.where(staging.final)
+    records: dict[str, ItemRecord] = {}
+    for part in sorted(parts, key=lambda p: p.participant):
+        for name, rec in part.items.items():
+            if name not in records:
+                records[name] = rec
+            elif records[name].to_json() != rec.to_json():
+                raise SaveAbortedError(f"saving {where}: participants disagree on the structure of "
+                                       f"{name!r} (participant {part.participant} differs)")
+    chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in records}
+    files: dict[str, FileRecord] = {}
+    for part in parts:
+        for r in part.reports:
+            if r.file in files:
+                raise SaveAbortedError(f"saving {where}: shard {r.file} was reported twice")
+            item = part.item_of_file[r.file]
+            files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
+            for c in r.chunks:
+                chunks_by_item[item][c.key].append((r.file, c))
+    step, metrics, json_files = args.step, args.metrics, dict(args.json_files or {})
+    meta_files: dict[str, FileRecord] = {}
+    if args.keep_other_items:
+        previous = existing_checkpoint(staging.store, staging.final)
+        if previous is not None:
+            _carry_over(previous, staging, set(records), json_files, records, chunks_by_item, files, meta_files)
+            # Adding an item keeps what the checkpoint is listed by (its step and metrics).
+            step = previous.step if step is None else step
+            metrics = previous.metrics if metrics is None else metrics
+    for fname, obj in json_files.items():
+        _add_meta(staging, meta_files, fname, json_bytes(obj, fname))
+    structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
+                 for item, rec in records.items()}
+    _add_meta(staging, meta_files, "structure.json", json_bytes(structure, "structure.json"))
+    index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
+    index_rec = _add_meta(staging, meta_files, INDEX, index)
+    writers = {(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}
+    manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
+                        metrics=plain_metrics(metrics or {}), writers=writer_versions(),
+                        host_count=len(writers) or 1, transaction=transaction, index_file=index_rec)
+    # The index validator is the loader's: a commit never publishes what a load would refuse.
+    load_index(index, manifest, where)
+    staging.publish(manifest.dumps())
+
+
+def _add_meta(staging: Staging, meta_files: dict, name: str, data: bytes) -> str:
+    written = staging.write_bytes(name, data)
+    meta_files[written.name] = FileRecord(written.size, written.xxh3_64)
+    return written.name
+
+
+def _carry_over(previous, staging: Staging, items: set, json_files: dict, manifest_items,
+                chunks_by_item, files, meta_files) -> None:
+    """Bring the previous checkpoint's other items and metadata files into this save
+    (``staging.adopt``: a hard link on local disks, the same object on object stores)."""
+    old = previous.manifest
+    for name, rec in old.items.items():
+        if name in items:
+            continue
+        manifest_items[name] = rec
+        renamed = {}
+        for fname, frec in old.files.items():
+            if frec.item == name:
+                renamed[fname] = staging.adopt(staging.final, fname)
+                files[renamed[fname]] = frec
+        rows = previous.index().get(name, {})
+        chunks_by_item[name] = defaultdict(list, {k: [(renamed.get(f, f), c) for f, c in v] for k, v in rows.items()})
+    for fname, frec in old.meta_files.items():
+        base = fname.rsplit("/", 1)[-1]
+        if base in json_files or base in (INDEX, "structure.json"):
+            continue
+        meta_files[staging.adopt(staging.final, fname)] = frec
+
+
+def plain_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = _finite_json(json.loads(json_bytes(v, "metrics")))
+        except CheckpointError:
+            out[str(k)] = repr(v)
+    return out
+
+
+def _finite_json(v: Any) -> Any:
+    """The manifest is strict JSON: a NaN or infinite metric (a diverged loss) is kept as
+    its repr string ("nan", "inf") instead of failing the save."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite_json(x) for x in v]
+    return v
+
+
+def check_replaceable(store: Store, final: str) -> None:
+    """Refuse early to save over something that is not ours: a file, or a directory holding
+    anything but a checkpoint (or the invisible leftovers of our own aborted saves)."""
+    where = store.where(final)
+    if store.size(final) is not None:
+        raise CheckpointError(f"{where} exists and is not a directory; refusing to overwrite it")
+    if store.exists(f"{final}/{MANIFEST}"):
+        return
+    foreign = [e.name for e in store.list(final) if not (e.is_dir and VERSION_DIR.match(e.name))]
+    if foreign:
+        raise CheckpointError(f"{where} exists and is not a shardckpt checkpoint (no {MANIFEST}; it holds "
+                              f"{', '.join(sorted(foreign)[:5])}); refusing to overwrite it: choose an empty "
+                              "or new directory")
+
+
+def as_save_error(e: BaseException, where: str) -> BaseException:
+    """Our error for a failed save (KeyboardInterrupt and friends pass through)."""
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+        return e
+    return SaveAbortedError(f"saving {where} failed, nothing was committed: {type(e).__name__}: {e}")
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+def run_save(store: Store, final: str, prepared: tuple, *, coordinator, executor: Executor,
+             participant: int = 0, participants: int = 1, replicated: bool = False,
+             num_shards: int | None = None, compress: bool = False, progress: bool | None = None,
+             commit_args: CommitArgs | None = None) -> Any:
+    """Save ``prepared`` (``prepare_items`` output) as checkpoint ``final`` of ``store``;
+    returns its location once committed. Every participant of a save calls this."""
+    where = store.where(final)
+    if participant == 0:
+        check_replaceable(store, final)
+    entries, records = prepared
+    txn = coordinator.begin(participant)
+    try:
+        part = write_part(txn.staging, entries, records, executor, num_shards=num_shards, compress=compress,
+                          progress=progress, participant=participant, participants=participants,
+                          replicated=replicated, deadline=txn.deadline)
+        coordinator.report(txn, participant, part, (commit_args or CommitArgs()) if participant == 0 else None)
+        coordinator.wait(txn)
+    except BaseException as e:
+        coordinator.abort(txn, f"participant {participant}: {type(e).__name__}: {_first_line(e)}")
+        raise as_save_error(e, where) from e
+    return store.location(final)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
