@@ -98,7 +98,10 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _existing_dir(p: str) -> Path:
+def _existing_dir(p: str):
+    from .store import is_uri
+    if is_uri(p):
+        return p
     path = Path(p)
     if not path.exists():
         raise UsageError(f"{p}: no such directory")
@@ -315,7 +318,7 @@ def cmd_diff(args) -> int:
 # --- gc --------------------------------------------------------------------------------------
 
 def cmd_gc(args) -> int:
-    from .inspection import leftovers, retention, scan
+    from .inspection import gc_plan, run_gc
 
     _check_prefix(args.prefix)
     directory = _existing_dir(args.dir)
@@ -323,28 +326,14 @@ def cmd_gc(args) -> int:
         raise UsageError(f"--max-to-keep {args.max_to_keep}: keep at least 1 (omit it to keep all)")
     if args.best_to_keep < 0:
         raise UsageError(f"--best-to-keep {args.best_to_keep}: expected >= 0")
-    planned = leftovers(directory, args.prefix)
-    infos, _ = scan(directory, args.prefix)
-    _, doomed = retention(infos, args.max_to_keep, args.best_metric, args.best_mode, args.best_to_keep)
-    result: dict[str, Any] = {"directory": str(directory), "dry_run": args.dry_run}
+    plan = gc_plan(directory, args.prefix, args.max_to_keep, args.best_metric, args.best_mode, args.best_to_keep)
+    result: dict[str, Any] = {"directory": str(directory), "dry_run": args.dry_run,
+                              "kept_leftovers": plan["kept_leftovers"], "protected": plan["protected"]}
     if args.dry_run:
-        result["leftovers"] = [lo for lo in planned if lo["action"] != "keep"]
-        result["kept_leftovers"] = [lo for lo in planned if lo["action"] == "keep"]
-        result["deleted_steps"] = [i["step"] for i in doomed]
+        result["leftovers"], result["deleted_steps"] = plan["leftovers"], plan["deleted_steps"]
     else:
-        from .manager import CheckpointManager
-        # The constructor removes dead leftovers (and puts back interrupted replacements).
-        manager = CheckpointManager(directory, max_to_keep=args.max_to_keep, best_metric=args.best_metric,
-                                    best_mode=args.best_mode, best_to_keep=args.best_to_keep,
-                                    prefix=args.prefix, backend="threads")
-        again = {str(p) for p in manager.cleanup_leftovers()}
-        gone = [lo for lo in planned if lo["action"] != "keep" and not os.path.lexists(lo["path"])]
-        gone += [{"name": Path(p).name, "path": p, "action": "remove"} for p in sorted(again)
-                 if p not in {lo["path"] for lo in gone}]
-        result["leftovers"] = gone
-        result["kept_leftovers"] = [lo for lo in planned if os.path.lexists(lo["path"])
-                                    and lo["action"] == "keep"]
-        result["deleted_steps"] = sorted(manager.apply_retention())
+        result.update(run_gc(plan))
+    infos = [{"step": s, "name": n} for s, n in sorted(plan["names"].items())]
     result["kept_steps"] = [i["step"] for i in infos if i["step"] not in result["deleted_steps"]]
     if args.json:
         _print_json(result)
@@ -361,6 +350,9 @@ def cmd_gc(args) -> int:
         con.print(f"kept leftover {_e(lo['name'])} (its owner, pid {lo['pid']} on {_e(lo['host'])}, may still run)")
     step_verb = "would delete" if args.dry_run else "deleted"
     by_step = {i["step"]: i for i in infos}
+    for p in result["protected"]:
+        why = "the original single-file layout" if p["legacy"] else f"files shardckpt did not write: {', '.join(p['foreign'][:5])}"
+        con.print(f"left alone {_e(p['name'])} ({_e(why)})")
     for s in result["deleted_steps"]:
         name = by_step[s]["name"] if s in by_step else f"{args.prefix}_{s}"
         con.print(f"{step_verb} {_e(name)}")

@@ -12,23 +12,14 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import re
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .catalog import Catalog
 from .errors import CheckpointError
-from .format import MANIFEST
-from .storage import owner_alive, parse_hidden
-
-STALE_FOREIGN_SECONDS = 24 * 3600   # as manager.STALE_FOREIGN_SECONDS
-
-
-def _this_host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+from .store import open_store
 
 
 def _shape(shape) -> list[int]:
@@ -141,114 +132,90 @@ def _plain(v: Any) -> Any:
 
 # --- ls ------------------------------------------------------------------------------------
 
-def _metric_value(metrics: dict, name: str | None) -> float | None:
-    """A metric as the manager ranks it: finite numbers only."""
-    value = metrics.get(name) if name else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+def _info_dict(i) -> dict:
+    return {"step": i.step, "name": i.name, "path": str(i.path), "created": i.created,
+            "metrics": _plain(i.metrics), "bytes": i.nbytes, "files": i.files, "items": list(i.items),
+            "legacy": i.legacy, "foreign": list(i.foreign), "latest": False, "best": False}
 
 
-def rank_best(infos: list[dict], metric: str | None, mode: str) -> list[dict]:
-    """Best first, as ``CheckpointManager._ranked_best`` orders (ties: newer first)."""
-    scored = [i for i in infos if _metric_value(i["metrics"], metric) is not None]
-    sign = 1 if mode == "min" else -1
-    return sorted(scored, key=lambda i: (sign * _metric_value(i["metrics"], metric), -i["step"]))
+def _leftover_dict(lo, catalog) -> dict:
+    return {"name": lo.name, "path": str(catalog.store.location(lo.name)), "kind": lo.kind,
+            "checkpoint": lo.checkpoint, "host": lo.host, "pid": lo.pid, "owner_alive": lo.owner_alive,
+            "age_s": lo.age_s, "action": lo.action, "reason": lo.reason}
 
 
-def scan(directory: os.PathLike | str, prefix: str = "step") -> tuple[list[dict], list[dict]]:
-    """(committed checkpoints oldest first, unreadable ones) in a manager directory, found
-    the way ``CheckpointManager`` finds them (``{prefix}_{step}`` with a valid manifest)."""
-    from .checkpoint import Checkpoint
-
-    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
-    infos, invalid = [], []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        m = pattern.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False):
-            continue
-        if not os.path.lexists(os.path.join(entry.path, MANIFEST)):
-            invalid.append({"name": entry.name, "path": entry.path,
-                            "problem": f"no {MANIFEST} (not committed; ignored by the manager)"})
-            continue
-        try:
-            ck = Checkpoint(entry.path)
-        except CheckpointError as e:
-            invalid.append({"name": entry.name, "path": entry.path, "problem": str(e)})
-            continue
-        man = ck.manifest
-        size = sum(r.size for r in man.files.values()) + sum(r.size for r in man.meta_files.values())
-        try:
-            size += os.lstat(os.path.join(entry.path, MANIFEST)).st_size
-        except OSError:
-            pass
-        infos.append({"step": ck.step if ck.step is not None else int(m.group(1)), "name": entry.name,
-                      "path": entry.path, "created": man.created, "metrics": _plain(man.metrics),
-                      "bytes": size, "files": len(man.files),
-                      "items": list(man.items), "latest": False, "best": False})
-    infos.sort(key=lambda i: i["step"])
-    return infos, invalid
+def scan(directory: Any, prefix: str = "step") -> tuple[list[dict], list[dict]]:
+    """(committed checkpoints oldest first, step directories that are not checkpoints), as
+    the Catalog lists them for the manager."""
+    catalog = Catalog(open_store(directory), prefix)
+    infos, invalid = catalog.scan()
+    return ([_info_dict(i) for i in infos],
+            [{"name": b.name, "path": str(b.path), "problem": b.problem} for b in invalid])
 
 
-def leftovers(directory: os.PathLike | str, prefix: str = "step", *, now: float | None = None) -> list[dict]:
-    """Hidden tmp/del/old directories of ``{prefix}_*`` saves in ``directory``, with what
-    ``CheckpointManager.cleanup_leftovers`` would do to each ("remove", "restore" or
-    "keep": the owner still runs, or another host's save is younger than a day)."""
-    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
-    now = time.time() if now is None else now
-    host = _this_host()
-    out = []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        info = parse_hidden(entry.name)
-        if not info or not pattern.match(info["name"]):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        alive = owner_alive(info)
-        foreign = info["host"] != host
-        if info["kind"] == "old":
-            # recover_replacements: a dead replacement's old copy goes back if its final
-            # name is gone; otherwise it is obsolete. (A foreign host counts as alive.)
-            action = "keep" if alive else ("restore" if not os.path.lexists(Path(directory) / info["name"])
-                                           else "remove")
-        else:
-            if alive and foreign:
-                alive = now - st.st_mtime < STALE_FOREIGN_SECONDS
-            action = "keep" if alive else "remove"
-        out.append({"name": entry.name, "path": entry.path, "kind": info["kind"], "checkpoint": info["name"],
-                    "host": info["host"], "pid": int(info["pid"]), "owner_alive": alive,
-                    "foreign": foreign, "age_s": round(now - st.st_mtime, 1), "action": action})
-    return out
+def leftovers(directory: Any, prefix: str = "step", *, now: float | None = None) -> list[dict]:
+    """What dead saves left, with what cleanup does to each ("remove", "restore" or
+    "keep": the owner still runs, or the save may still be running)."""
+    catalog = Catalog(open_store(directory), prefix)
+    return [_leftover_dict(lo, catalog) for lo in catalog.leftovers(now)]
 
 
-def list_dir(directory: os.PathLike | str, prefix: str = "step", best_metric: str | None = None,
+def list_dir(directory: Any, prefix: str = "step", best_metric: str | None = None,
              best_mode: str = "min") -> dict[str, Any]:
     """What ``ls`` shows: checkpoints (with latest/best marks), unreadable step
     directories and leftovers."""
-    infos, invalid = scan(directory, prefix)
+    catalog = Catalog(open_store(directory), prefix)
+    found, bad = catalog.scan()
+    infos = [_info_dict(i) for i in found]
     if infos:
         infos[-1]["latest"] = True
-    ranked = rank_best(infos, best_metric, best_mode) if best_metric else []
+    ranked = Catalog.ranked_best(found, best_metric, best_mode) if best_metric else []
     if ranked:
-        ranked[0]["best"] = True
+        next(i for i in infos if i["step"] == ranked[0].step)["best"] = True
     return {"directory": str(directory), "prefix": prefix, "best_metric": best_metric,
-            "best_mode": best_mode, "checkpoints": infos, "invalid": invalid,
-            "leftovers": leftovers(directory, prefix),
+            "best_mode": best_mode, "checkpoints": infos,
+            "invalid": [{"name": b.name, "path": str(b.path), "problem": b.problem} for b in bad],
+            "leftovers": [_leftover_dict(lo, catalog) for lo in catalog.leftovers()],
             "total_bytes": sum(i["bytes"] for i in infos)}
 
 
-def retention(infos: list[dict], max_to_keep: int | None, best_metric: str | None, best_mode: str,
-              best_to_keep: int) -> tuple[list[dict], list[dict]]:
-    """(kept, deleted): ``CheckpointManager.retention_plan`` on already scanned infos."""
-    if not infos:
-        return [], []
-    keep = {infos[-1]["step"]}
-    keep.update(i["step"] for i in (infos if max_to_keep is None else infos[-max_to_keep:]))
-    if best_metric:
-        keep.update(i["step"] for i in rank_best(infos, best_metric, best_mode)[:best_to_keep])
-    return [i for i in infos if i["step"] in keep], [i for i in infos if i["step"] not in keep]
+def gc_plan(directory: Any, prefix: str, max_to_keep: int | None, best_metric: str | None,
+            best_mode: str, best_to_keep: int) -> dict[str, Any]:
+    """What ``gc`` does, decided once: the leftovers to remove or restore and the steps to
+    delete. ``gc --dry-run`` prints this plan; ``gc`` carries out exactly this plan."""
+    catalog = Catalog(open_store(directory), prefix)
+    infos, _ = catalog.scan()
+    kept, doomed = Catalog.retention_plan(infos, max_to_keep, best_metric, best_mode, best_to_keep)
+    planned = catalog.leftovers()
+    return {"catalog": catalog, "leftover_objs": planned, "doomed": doomed,
+            "leftovers": [_leftover_dict(lo, catalog) for lo in planned if lo.action != "keep"],
+            "kept_leftovers": [_leftover_dict(lo, catalog) for lo in planned if lo.action == "keep"],
+            "deleted_steps": [i.step for i in doomed], "kept_steps": [i.step for i in kept],
+            "protected": [{"step": i.step, "name": i.name, "legacy": i.legacy, "foreign": list(i.foreign)}
+                          for i in infos if i.protected],
+            "names": {i.step: i.name for i in infos}}
+
+
+def run_gc(plan: dict[str, Any]) -> dict[str, Any]:
+    """Carry out ``gc_plan``'s plan; returns what was done (leftovers someone else removed
+    meanwhile, or steps another process deleted first, are reported as not done)."""
+    catalog = plan["catalog"]
+    done_leftovers, deleted = [], []
+    for lo in plan["leftover_objs"]:
+        if lo.action == "keep":
+            continue
+        try:
+            if lo.action == "restore":
+                os.rename(catalog.store.path(lo.name), catalog.store.path(lo.checkpoint))
+            else:
+                catalog.store.remove_leftover(lo.name)
+            done_leftovers.append(_leftover_dict(lo, catalog))
+        except OSError:
+            continue
+    for info in plan["doomed"]:
+        if catalog.delete(info):
+            deleted.append(info.step)
+    return {"leftovers": done_leftovers, "deleted_steps": deleted}
 
 
 def format_time(created: str) -> str:

@@ -26,7 +26,7 @@ from shardckpt import CheckpointManager, LMModel, ModelConfig, VerifyReport
 from shardckpt import cli
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 from shardckpt.executors.local import ThreadExecutor
-from shardckpt.inspection import describe, diff, leftovers, list_dir, retention, scan
+from shardckpt.inspection import describe, diff, gc_plan, leftovers, list_dir
 from shardckpt.executors.local import map_threads
 from shardckpt.shard_io import write_shard, writer_identity
 
@@ -543,13 +543,12 @@ def test_gc_plan_matches_manager_retention(tmp_path, case):
     for step, value in steps.items():
         save_checkpoint(tmp_path / f"step_{step}", {"model": {"a": np.full(2, step)}}, step=step,
                         metrics=None if value is None else {"loss": value})
-    infos, _ = scan(tmp_path)
-    kept, deleted = retention(infos, max_to_keep, metric, mode, best_k)
+    plan = gc_plan(tmp_path, "step", max_to_keep, metric, mode, best_k)
     mgr = CheckpointManager(tmp_path, max_to_keep=max_to_keep, best_metric=metric, best_mode=mode,
                             best_to_keep=best_k)
     mkept, mdeleted = mgr.retention_plan()
-    assert [i["step"] for i in kept] == [i.step for i in mkept]
-    assert [i["step"] for i in deleted] == [i.step for i in mdeleted]
+    assert plan["kept_steps"] == [i.step for i in mkept]
+    assert plan["deleted_steps"] == [i.step for i in mdeleted]
     marked = [c["step"] for c in list_dir(tmp_path, best_metric=metric or "loss", best_mode=mode)["checkpoints"]
               if c["best"]]
     mgr.best_metric = metric or "loss"
