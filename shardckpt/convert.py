@@ -21,9 +21,10 @@ What Orbax 0.12 writes (``use_ocdbt=True``, the default):
       _CHECKPOINT_METADATA         {"item_handlers": {"default"|"state"|"model"|...: "<handler class>"}, "metrics"}
       <item>/                      each item laid out as above (a JsonSave item: <item>/metadata)
 
-bfloat16 arrays are stored as bfloat16 (zarr ``<V2`` / ``bfloat16``), typed PRNG keys as their
-``uint32`` key data (shape ``+ (2,)``), the key implementation only in
-``array_metadatas/process_*``. ``nnx.state(...)`` trees show every ``nnx.Variable`` as a
+Inside the OCDBT database each array is a zarr v2 array ``<param.name>/.zarray`` + chunks
+(zstd level 1). bfloat16 is stored as bfloat16 (zarr dtype ``"bfloat16"``), typed PRNG keys
+as their key data (``"<u4"``, shape ``+ (2,)`` for threefry); the key implementation is only
+in ``array_metadatas/process_*`` (``_METADATA`` and ``.metadata()`` report ``uint32``). ``nnx.state(...)`` trees show every ``nnx.Variable`` as a
 ``{"value": leaf}`` node. The conversion reads Orbax's own metadata to build the restore
 arguments (host numpy arrays in the saved dtype, nothing on an accelerator), so no target
 is needed, and restores with Orbax itself; it is bit exact in both directions.

@@ -110,7 +110,10 @@ def test_pytree_checkpointer_bare_state(tmp_path):
     with ocp.PyTreeCheckpointer() as ck:
         ck.save(src, args=ocp.args.PyTreeSave(nnx.state(model)))
     assert cv.orbax_kind(src) == "pytree"
-    cv.from_orbax(src, tmp_path / "ours", model_config=cfg.to_dict() if hasattr(cfg, "to_dict") else None)
+    cv.from_orbax(src, tmp_path / "ours", model_config=cfg.to_dict())
+    loaded, config = load_model(tmp_path / "ours")   # builds the model from the config
+    assert config == cfg.to_dict()
+    assert_bit_equal(loaded, model, "load_model without a model")
     ck = open_checkpoint(tmp_path / "ours")
     assert ck.items == ["model"] and ck.step is None
     spec = next(s for k, s in ck.item_record("model").arrays.items() if k.endswith("rngs.key"))
@@ -154,6 +157,16 @@ def test_checkpoint_manager_steps(trained, tmp_path):
     assert CheckpointManager(tmp_path / "all").all_steps() == [3, 5]
     rmodel, _ = _restore_shardckpt(tmp_path / "all" / "step_5", cfg)
     assert_bit_equal(rmodel, nnx.state(model), "step 5")
+
+    # and the manager directory back to an Orbax CheckpointManager: same steps, items, bits
+    report = cv.to_orbax(tmp_path / "all", tmp_path / "orbax_again")
+    assert report.kind == "manager" and report.steps == [3, 5]
+    for step in (3, 5):
+        for item in ("model", "optimizer"):
+            _assert_same_orbax(root / str(step) / item, tmp_path / "orbax_again" / str(step) / item)
+    assert json.loads((tmp_path / "orbax_again" / "3" / "meta" / "metadata").read_text()) == {"run": "a", "lr": 1e-3}
+    with ocp.CheckpointManager(tmp_path / "orbax_again") as mngr:
+        assert mngr.all_steps() == [3, 5] and mngr.metrics(5) == {"loss": 1.25}
 
 
 def test_checkpoint_manager_default_item_is_split(tmp_path):
