@@ -5,6 +5,8 @@
     shardckpt verify PATH...  checksums and structure (exit 1 if anything is wrong)
     shardckpt diff A B        which arrays differ and by how much (exit 1 if any)
     shardckpt gc DIR          remove leftovers of dead saves, apply retention
+    shardckpt convert SRC DST Orbax -> shardckpt or shardckpt -> Orbax (direction from SRC)
+    shardckpt export --safetensors SRC OUT   model weights as one .safetensors file
     shardckpt demo            train, save through Ray, get killed, resume bit-exactly
 
 Exit codes: 0 all good, 1 a problem was found (a damaged checkpoint, a difference),
@@ -364,6 +366,90 @@ def cmd_gc(args) -> int:
     return EXIT_OK
 
 
+# --- convert / export ------------------------------------------------------------------------
+
+def _print_report(report) -> None:
+    con = _console()
+    verb = "exported" if report.direction == "export" else "converted"
+    what = {"from_orbax": f"Orbax {report.kind} -> shardckpt", "to_orbax": f"shardckpt -> Orbax {report.kind}",
+            "export": "safetensors"}[report.direction]
+    con.print(f"{verb} {_e(report.src)} ({what}), items: {_e(', '.join(report.items) or '-')}")
+    for path in report.written:
+        con.print(f"  wrote {_e(path)}")
+    for note in report.notes:
+        con.print(f"  note: {_e(note)}")
+
+
+def _new_destination(p: str) -> Path:
+    path = Path(p)
+    if os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(os.scandir(path))):
+        raise UsageError(f"{p}: exists and is not an empty directory; refusing to overwrite it")
+    return path
+
+
+def cmd_convert(args) -> int:
+    from . import convert
+
+    if not Path(args.src).exists():
+        raise UsageError(f"{args.src}: no such directory")
+    dst = _new_destination(args.dst)
+    model_config = None
+    if args.model_config:
+        try:
+            model_config = json.loads(Path(args.model_config).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model-config {args.model_config}: {e}") from e
+    report = convert.convert(args.src, dst, step=args.step, model_config=model_config,
+                             skip_unknown=args.skip_unknown, kind=args.orbax_kind,
+                             nnx_values=False if args.pure_dict else None)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        _print_report(report)
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from . import convert
+
+    if not Path(args.src).exists():
+        raise UsageError(f"{args.src}: no such checkpoint")
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise UsageError(f"{args.out}: exists; refusing to overwrite it (--overwrite replaces it)")
+    report = convert.export_safetensors(args.src, args.out, item=args.item, overwrite=args.overwrite)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        _print_report(report)
+    return EXIT_OK
+
+
+def _add_convert_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="Orbax checkpoint -> shardckpt, or shardckpt -> Orbax (from SRC)")
+    p.add_argument("src", help="an Orbax checkpoint, step or CheckpointManager directory, or a shardckpt "
+                               "checkpoint or manager directory")
+    p.add_argument("dst", help="a new (or empty) directory")
+    p.add_argument("--step", type=int, default=None, help="Orbax -> shardckpt: the step to record")
+    p.add_argument("--model-config", default=None, metavar="FILE.json",
+                   help="Orbax -> shardckpt: model config for config.json (what load_model builds)")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="Orbax -> shardckpt: skip items of handlers other than pytree/standard/json")
+    p.add_argument("--orbax-kind", choices=("standard", "pytree", "manager"), default=None,
+                   help="shardckpt -> Orbax: checkpointer layout (default: standard; manager for a "
+                        "manager directory or a checkpoint that came from an Orbax step)")
+    p.add_argument("--pure-dict", action="store_true",
+                   help="shardckpt -> Orbax: leaves as in state.to_pure_dict(), without nnx's 'value' level")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write a checkpoint's model weights in another format")
+    p.add_argument("--safetensors", action="store_true", required=True, help="as one .safetensors file")
+    p.add_argument("src", help="a shardckpt checkpoint")
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("--item", default="model", help="which item (default: model)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true")
+
+
 # --- main ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,10 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="step")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed, change nothing")
     p.add_argument("--json", action="store_true")
+    _add_convert_parsers(sub)
     return parser
 
 
-COMMANDS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "diff": cmd_diff, "gc": cmd_gc}
+COMMANDS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "diff": cmd_diff, "gc": cmd_gc,
+            "convert": cmd_convert, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
