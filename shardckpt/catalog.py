@@ -21,7 +21,6 @@ effort and safe when several processes race (a leftover removed by someone else 
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointE
 from .format import MANIFEST
 from .store import Store
 from .store.base import VERSION_DIR
-from .store.local import LocalStore, this_host
+from .store.local import this_host
 
 STALE_FOREIGN_SECONDS = 24 * 3600   # a local tmp dir of another host untouched this long is dead
 STALE_VERSION_SECONDS = 3600         # an unreferenced object-store version this old is dead
@@ -134,9 +133,10 @@ class Catalog:
         except (OSError, CheckpointError):
             return None, ""
         if not any(c.name == MANIFEST and not c.is_dir for c in children):
-            if isinstance(self.store, LocalStore):
+            local = self.store.local_path(name)
+            if local is not None:
                 from .legacy import is_legacy_dir
-                if is_legacy_dir(self.store.path(name)):
+                if is_legacy_dir(local):
                     return self._legacy_info(name, step), ""
             return None, f"no {MANIFEST} (not committed; ignored)"
         mf = next(c for c in children if c.name == MANIFEST)
@@ -161,7 +161,7 @@ class Catalog:
     def _legacy_info(self, name: str, step: int) -> CheckpointInfo:
         from .legacy import LegacyCheckpoint
         try:
-            metrics = dict(LegacyCheckpoint(self.store.path(name)).metrics)
+            metrics = dict(LegacyCheckpoint(self.store.local_path(name)).metrics)
         except (CheckpointError, OSError, ValueError):
             metrics = {}
         return CheckpointInfo(step, self.store.location(name), metrics, "", name, legacy=True)
@@ -206,11 +206,10 @@ class Catalog:
     def leftovers(self, now: float | None = None) -> list[Leftover]:
         """What dead saves left in this directory and what cleanup would do with each."""
         now = time.time() if now is None else now
-        if isinstance(self.store, LocalStore):
-            return self._local_leftovers(now)
-        return self._version_leftovers(now)
+        return self._hidden_leftovers(now) + self._version_leftovers(now)
 
-    def _local_leftovers(self, now: float) -> list[Leftover]:
+    def _hidden_leftovers(self, now: float) -> list[Leftover]:
+        """Hidden ``.{name}.{tmp,del,old}-host-pid-rand`` directories (local stores)."""
         from .storage import owner_alive, parse_hidden
         out = []
         host = this_host()
@@ -284,7 +283,7 @@ class Catalog:
                 continue
             try:
                 if lo.action == "restore":
-                    os.rename(self.store.path(lo.name), self.store.path(lo.checkpoint))
+                    self.store.restore_leftover(lo.name, lo.checkpoint)
                 else:
                     self.store.remove_leftover(lo.name)
                 done.append(lo)

@@ -101,9 +101,9 @@ def _shape(shape) -> str:
 
 
 def _existing_dir(p: str):
-    from .store import is_uri
-    if is_uri(p):
-        return p
+    from .store import open_store
+    if open_store(p).local_path("") is None:
+        return p                  # an object store: listing tells whether anything is there
     path = Path(p)
     if not path.exists():
         raise UsageError(f"{p}: no such directory")

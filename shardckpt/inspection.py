@@ -206,7 +206,7 @@ def run_gc(plan: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             if lo.action == "restore":
-                os.rename(catalog.store.path(lo.name), catalog.store.path(lo.checkpoint))
+                catalog.store.restore_leftover(lo.name, lo.checkpoint)
             else:
                 catalog.store.remove_leftover(lo.name)
             done_leftovers.append(_leftover_dict(lo, catalog))

@@ -26,7 +26,7 @@ from .catalog import Catalog, CheckpointInfo
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError
 from .reader import open_checkpoint, read_consistently
-from .store import LocalStore, open_store
+from .store import open_store
 from .transaction import prepare_items
 
 LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
@@ -99,10 +99,11 @@ class CheckpointManager:
         checkpoint whose replacement was interrupted. Best effort: never raises, never
         needed for loading (a read-only or foreign directory loads all the same); several
         processes may run it at once. Returns what was done."""
-        if isinstance(self.store, LocalStore):
+        local = self.store.local_path("")
+        if local is not None:
             from .storage import finish_deletes
             try:
-                finish_deletes(self.store.root)
+                finish_deletes(local)
             except OSError:
                 pass
         return self.catalog.cleanup_leftovers()

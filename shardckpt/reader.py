@@ -474,11 +474,13 @@ def open_checkpoint(path: Any, *, allow_pickle: bool = False, filesystem: Any = 
 
 def open_in(store: Store, name: str, *, allow_pickle: bool = False) -> Checkpoint:
     """``open_checkpoint`` for checkpoint ``name`` of ``store``."""
-    if not store.exists(f"{name}/{MANIFEST}"):
+    local = store.local_path(name)
+    if local is not None and not store.exists(f"{name}/{MANIFEST}"):
+        from .convert import raise_if_orbax
         from .legacy import LegacyCheckpoint, is_legacy_dir
-        from .store.local import LocalStore
-        if isinstance(store, LocalStore) and is_legacy_dir(store.path(name)):
-            return LegacyCheckpoint(store.path(name), allow_pickle=allow_pickle)
+        if is_legacy_dir(local):
+            return LegacyCheckpoint(local, allow_pickle=allow_pickle)
+        raise_if_orbax(local)   # says so, and how to convert it
     return Checkpoint.at(store, name)
 
 

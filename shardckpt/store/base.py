@@ -138,6 +138,16 @@ class Store(ABC):
     def remove_leftover(self, name: str) -> None:
         """Remove something a dead save left (a staging area), best effort."""
 
+    def local_path(self, name: str):
+        """``name`` as a local filesystem path where the store is one (the guide's original
+        layout and Orbax directories are recognised there), else None."""
+        return None
+
+    def restore_leftover(self, name: str, final: str) -> None:
+        """Put back a checkpoint that an interrupted replacement moved aside (local stores
+        only: object stores never move a committed checkpoint)."""
+        raise OSError(f"{self.where(name)}: nothing to restore on this store")
+
     def prepare_parent(self) -> None:
         """Make sure the root exists (a local directory); object stores need nothing."""
 

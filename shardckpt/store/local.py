@@ -222,6 +222,13 @@ class LocalStore(Store):
     def path(self, name: str) -> Path:
         return self.root / name if name else self.root
 
+    def local_path(self, name: str) -> Path:
+        return self.path(name)
+
+    def restore_leftover(self, name: str, final: str) -> None:
+        os.rename(self.path(name), self.path(final))
+        storage.fsync_path(self.root)
+
     def location(self, name: str) -> Path:
         return self.path(name)
 
