@@ -344,6 +344,7 @@ def read_compressed_chunk(path: str, file_name: str, chunk: ChunkRecord, dest: n
                           *, verify: bool = True) -> None:
     """Inflate a compressed member into ``dest``, refusing to inflate more than the bytes
     the index declares (a zip bomb stops at the declared size)."""
+    import tokenize
     import zipfile
 
     try:
@@ -376,8 +377,9 @@ def read_compressed_chunk(path: str, file_name: str, chunk: ChunkRecord, dest: n
     except CorruptCheckpointError:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError,
-            RuntimeError, OSError, struct.error, OverflowError, IndexError) as e:
-        # a damaged archive makes zipfile raise any of these
+            RuntimeError, OSError, struct.error, OverflowError, IndexError, tokenize.TokenError,
+            SyntaxError) as e:
+        # a damaged archive makes zipfile raise any of these (numpy tokenizes the .npy header)
         raise CorruptCheckpointError(f"{file_name}: cannot read member {chunk.member!r}: "
                                      f"{type(e).__name__}: {e}") from e
     if verify and crc32(view) != chunk.crc32:
