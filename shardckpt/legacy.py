@@ -62,7 +62,6 @@ _POSITIONAL = re.compile(r"opt_(0|[1-9][0-9]{0,8})")
 _PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, zlib.error, EOFError,
                  NotImplementedError, RuntimeError, struct.error, OverflowError, KeyError, IndexError,
                  TypeError, SyntaxError, tokenize.TokenError, RecursionError)
-_ZIP_ERRORS = _PARSE_ERRORS   # the old name, kept for importers
 
 
 def is_legacy_dir(path: Path) -> bool:
@@ -288,11 +287,6 @@ class LegacyCheckpoint(Checkpoint):
     @property
     def metrics(self) -> dict:
         return self._metrics if isinstance(self._metrics, dict) else {}
-
-    @property
-    def positional_optimizer(self) -> bool:
-        """``optimizer.npz`` holds the original's ``opt_0 … opt_N`` leaves (by position)."""
-        return bool(self._positions)
 
     def bind_optimizer(self, optimizer: Any) -> None:
         """Name the original's positional leaves after ``optimizer``'s state keys.
