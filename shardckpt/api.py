@@ -40,6 +40,11 @@ def config_to_dict(config: Any) -> dict | None:
 
 
 def model_config_of(model: Any, config: Any = None) -> dict | None:
+    """The model config to record: ``config`` or else ``model.config``. The original
+    ``save_model(path, model, config)`` took the whole ``config.json`` dict
+    (``{"model_config": {...}, ...}``): such a dict gives its ``model_config``, not nested again."""
+    if isinstance(config, dict) and "model_config" in config:
+        config = config["model_config"]
     return config_to_dict(config if config is not None else getattr(model, "config", None))
 
 
@@ -191,11 +196,18 @@ def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTrans
     When every leaf is in the checkpoint the optimizer is built abstractly and filled;
     otherwise (another optimizer, fine-tuning) the matching leaves are restored, the rest
     keep their fresh ``tx.init`` values, and a warning lists them; ``strict`` raises instead.
+    When no leaf at all matches, StructureMismatchError: never a silently fresh optimizer.
     """
     abstract = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
+    bind = getattr(ck, "bind_optimizer", None)   # the original layout: leaves by position
+    if bind is not None:
+        bind(abstract)
     graphdef, state = nnx.split(abstract)
     restored, report = ck.restore("optimizer", state, strict=strict, verify=verify,
                                   executor=executor, progress=progress, shardings=shardings)
+    if not report.restored:
+        raise StructureMismatchError(f"{ck.where}: no leaf of the saved optimizer matches the new one "
+                                     f"(refusing to return a freshly initialised optimizer): {report.describe()}")
     if report.complete:
         return nnx.merge(graphdef, restored), report
     warnings.warn(f"{ck.where}: optimizer state restored only where it matches the new optimizer; "

@@ -415,7 +415,7 @@ def _legacy_dir(path: Path, marker: Path | None = None) -> Path:
     path.mkdir(parents=True)
     np.savez_compressed(path / "model.npz", **{"embed.embedding": np.arange(6, dtype=np.float32).reshape(2, 3),
                                                "head.bias": np.zeros(3, np.float32)})
-    np.savez(path / "optimizer.npz", **{"step": np.int32(4)})
+    np.savez(path / "optimizer.npz", **{"opt_0": np.int32(4)})   # the original (compress=False): opt_<i> by position
     (path / "config.json").write_text(json.dumps({"model_config": {"hidden_size": 3}, "step": 4}))
     (path / "metrics.json").write_text(json.dumps({"loss": 2.5}))
     if marker is not None:
