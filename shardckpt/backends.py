@@ -63,8 +63,9 @@ def save_session(store: Store, final: str, *, backend: str | Executor = "auto", 
     from .participants import participants
     index, count = participants(process_index, process_count, ray_train_world=world)
     use_ray = backend == "ray" or (backend == "auto" and ray_running())
-    if isinstance(backend, Executor):
-        use_ray = False
+    if isinstance(backend, Executor):   # an executor given: Ray's writers commit through Ray's coordinator
+        from .executors.ray import RayExecutor
+        use_ray = isinstance(backend, RayExecutor)
     if count == 1:
         executor = resolve_executor(backend, num_writers, save_timeout)
         if use_ray:

@@ -78,7 +78,7 @@ def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dic
 
 
 def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *, participant: int = 0,
-              participants: int = 1, replicated: bool = False) -> list[tuple[str, Any]]:
+              participants: int = 1, replicated: bool = False, shard_cap: int | None = None) -> list[tuple[str, Any]]:
     """The shards this participant writes, as (item, ShardPlan).
 
     ``replicated``: every participant holds the same full state (data parallel). All of them
@@ -92,6 +92,8 @@ def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *,
         # replicated: every participant must compute the same global plan, so the default
         # may not depend on this machine's thread count
         n = num_shards or default_num_shards(nbytes, REPLICATED_SHARDS_PER_PARTICIPANT if replicated else workers)
+        if not num_shards and shard_cap:
+            n = max(n, math.ceil(nbytes / shard_cap))
         if replicated and participants > 1:
             plans = plan_save(name, arrays, n * participants)
             out.extend((name, plan) for i, plan in enumerate(plans) if i % participants == participant)
@@ -106,8 +108,10 @@ def write_part(staging: Staging, entries: dict[str, list], records: dict[str, It
                participant: int = 0, participants: int = 1, replicated: bool = False,
                deadline: float | None = None) -> PartReport:
     """Plan this participant's shards and have ``executor`` write them into ``staging``."""
+    total = sum(p.data.nbytes for arrays in entries.values() for e in arrays for p in e.pieces)
     planned = plan_part(entries, num_shards, executor.num_workers or 1, participant=participant,
-                        participants=participants, replicated=replicated)
+                        participants=participants, replicated=replicated,
+                        shard_cap=executor.shard_bytes_cap(total))
     total = sum(plan.nbytes for _, plan in planned)
     with byte_progress(f"saving {staging.final}", total, progress) as advance:
         reports = executor.write_shards(staging, [plan for _, plan in planned], compress=compress,

@@ -43,6 +43,7 @@ class _Txn:
     owners: dict = field(default_factory=dict)     # participant -> actor handle (None: a plain process)
     parts: dict = field(default_factory=dict)
     commit_args: Any = None
+    finishing: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
 
@@ -87,7 +88,7 @@ class SaveCoordinator:
             if active is not None and not active.done.is_set() and await self._abort_if_orphaned(active):
                 continue
             if active is None or active.done.is_set():
-                info = await self._open(final, participants, participant, timeout, owner)
+                info = self._open(final, participants, participant, timeout, owner)
                 self._changed()
                 return info
             await self.changed.wait()
@@ -126,9 +127,11 @@ class SaveCoordinator:
             if txn is None or txn.done.is_set() or await self._abort_if_orphaned(txn):
                 return
 
-    async def _open(self, final: str, participants: int, participant: int, timeout: float, owner: Any) -> dict:
+    def _open(self, final: str, participants: int, participant: int, timeout: float, owner: Any) -> dict:
+        """Synchronous on purpose: no other ``begin`` may run between deciding to open and
+        registering the transaction (staging creation is a mkdir or nothing at all)."""
         tid = uuid.uuid4().hex
-        staging = await asyncio.to_thread(self.store.stage, final, tid, (this_host(), os.getpid()))
+        staging = self.store.stage(final, tid, (this_host(), os.getpid()))
         txn = _Txn(tid, final, staging, participants, time.time() + timeout)
         txn.claimed.add(participant)
         txn.owners[participant] = owner
@@ -148,8 +151,9 @@ class SaveCoordinator:
             await self._finish(txn, error=f"deadline passed with participants {missing} not reported")
 
     async def _finish(self, txn: _Txn, error: str | None = None) -> None:
-        if txn.done.is_set():
+        if txn.done.is_set() or txn.finishing:
             return
+        txn.finishing = True
         txn.error = error
         if error is not None:
             await asyncio.to_thread(_discard, txn.staging, error)

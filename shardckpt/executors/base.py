@@ -62,6 +62,11 @@ class Executor(ABC):
              progress: Callable[[int], None] | None) -> None:
         """Fill every target of every job, in parallel."""
 
+    def shard_bytes_cap(self, total_bytes: int) -> int | None:
+        """The largest shard this executor wants for a part of ``total_bytes`` (None: no
+        limit; the Ray executor streams shards through a bounded memory budget)."""
+        return None
+
     def close(self) -> None:
         pass
 

@@ -12,6 +12,7 @@ builds fresh writers.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -80,6 +81,8 @@ class RayExecutor(Executor):
         self.save_timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
         self._actors: list[tuple[Any, str, str]] = []   # (handle, name, node id)
         self._nodes: tuple = ()
+        self.max_inflight_bytes = int(os.environ.get("SHARDCKPT_RAY_INFLIGHT_BYTES", 0))
+        self.peak_inflight_bytes = 0
         self.test_write_delay = 0.0   # seconds each writer waits before writing (tests only)
 
     @classmethod
@@ -150,33 +153,69 @@ class RayExecutor(Executor):
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
     # --- Executor interface -----------------------------------------------------------------
+    def inflight_budget(self, total_bytes: int) -> int:
+        """Bytes of host copies the driver keeps in Ray's object store at once while a save
+        streams to the writers: a tenth of the state (at least 8 MiB, at most 1 GiB), so a
+        save never holds a second copy of the whole state in memory."""
+        if self.max_inflight_bytes:
+            return self.max_inflight_bytes
+        return int(min(1 << 30, max(8 << 20, total_bytes // 10)))
+
+    def shard_bytes_cap(self, total_bytes: int) -> int:
+        """Shards small enough that every writer has one in flight within the budget."""
+        return max(4 << 20, self.inflight_budget(total_bytes) // max(1, len(self.actors())))
+
     def write_shards(self, staging, plans: list[ShardPlan], *, compress: bool, progress=None,
                      deadline: float | None = None, writer: dict | None = None) -> list[ShardReport]:
+        """Stream the shards to the writers, largest first onto the least busy writer, with at
+        most ``inflight_budget`` bytes put into the object store and not yet written (a
+        shard's object is dropped as soon as it is written)."""
         import ray
         if not plans:
             return []
         actors = self.actors()
         deadline = deadline or time.time() + self.save_timeout
-        # balance by bytes: largest shard first onto the least-loaded writer
-        loads = [0] * len(actors)
-        assigned: list[list[ShardPlan]] = [[] for _ in actors]
-        for plan in sorted(plans, key=lambda p: -p.nbytes):
-            i = loads.index(min(loads))
-            assigned[i].append(plan)
-            loads[i] += plan.nbytes
-        refs, owners = [], []
-        for (handle, name, node), group in zip(actors, assigned):
-            if not group:
-                continue
-            datas = [ray.put([m.data for m in plan.members]) for plan in group]
-            metas = [[(m.key, m.member, tuple(m.offset)) for m in plan.members] for plan in group]
-            refs.append(handle.write.remote(staging, [p.file for p in group], metas, *datas,
-                                            compress=compress, delay=self.test_write_delay))
-            owners.append((name, node))
-        results = self._gather(refs, owners, deadline, f"saving {staging.final}")
-        reports = [ShardReport(**d) for group in results for d in group]
-        if progress is not None:
-            progress(sum(p.nbytes for p in plans))
+        queue = sorted(plans, key=lambda p: -p.nbytes)
+        budget = max(self.inflight_budget(sum(p.nbytes for p in plans)), queue[0].nbytes)
+        busy = [0] * len(actors)
+        inflight: dict = {}            # ref -> (writer index, plan, object ref of its arrays)
+        used = 0
+        reports: list[ShardReport] = []
+        self.peak_inflight_bytes = 0
+        while queue or inflight:
+            while queue and (not inflight or used + queue[0].nbytes <= budget):
+                plan = queue.pop(0)
+                i = busy.index(min(busy))
+                handle = actors[i][0]
+                data = ray.put([m.data for m in plan.members])
+                meta = [(m.key, m.member, tuple(m.offset)) for m in plan.members]
+                ref = handle.write.remote(staging, [plan.file], [meta], data, compress=compress,
+                                          delay=self.test_write_delay)
+                inflight[ref] = (i, plan, data)
+                busy[i] += 1
+                used += plan.nbytes
+                self.peak_inflight_bytes = max(self.peak_inflight_bytes, used)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.1, deadline - time.time()))
+            if not ready:
+                late = sorted({f"{actors[i][1]} on node {actors[i][2]}" for i, _, _ in inflight.values()})
+                self.reset()
+                raise SaveAbortedError(f"saving {staging.final}: not finished within the deadline: {', '.join(late)}")
+            for ref in ready:
+                i, plan, _ = inflight.pop(ref)
+                busy[i] -= 1
+                used -= plan.nbytes
+                try:
+                    reports += [ShardReport(**d) for d in ray.get(ref)]
+                except ray.exceptions.RayError as e:
+                    name, node = actors[i][1], actors[i][2]
+                    self.reset()
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, CheckpointError):
+                        raise cause from None
+                    raise SaveAbortedError(f"saving {staging.final}: {name} on node {node} failed "
+                                           f"({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}") from e
+                if progress is not None:
+                    progress(plan.nbytes)
         return reports
 
     def read(self, jobs: list[ReadJob], *, verify: bool, progress=None) -> None:
