@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="scratch directory for checkpoints (default: a new dir in $TMPDIR)")
     p.add_argument("--quick", action="store_true", help="~50 MB states (1 repeat, 2 s idle)")
     p.add_argument("--smoke", action="store_true",
-                   help="proves every system runs: ~4 MB states, 300 small arrays, 1 repeat, 0.2 s idle")
+                   help="proves every system runs: ~4 MB states, 300 small arrays, 1 repeat, 0.2 s idle, "
+                        "host memory on the first state only")
     # internal: subprocess modes
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mem-mode", default=None, help=argparse.SUPPRESS)
@@ -192,7 +193,7 @@ def run_states(args, classes, console, out_dir: Path, meta: dict) -> int:
     console.print(f"systems: {', '.join(c.name for c in classes)}")
     per_state = {}
     try:
-        for name, spec in specs.items():
+        for i, (name, spec) in enumerate(specs.items()):
             t0 = time.perf_counter()
             state = State.build(name, spec)
             workdir = Path(tempfile.mkdtemp(prefix=f"shardckpt-bench-{name}-", dir=args.workdir))
@@ -202,7 +203,9 @@ def run_states(args, classes, console, out_dir: Path, meta: dict) -> int:
             memory = {"restore": {}, "save": {}}
             try:
                 run.run()
-                if not args.no_rss:
+                if args.smoke and i and not args.no_rss:
+                    console.print("host memory: measured on the first state only with --smoke")
+                elif not args.no_rss:
                     console.print("host memory of each save and restore (fresh subprocesses) ...")
                     memory = run_memory(args, run, console)
             finally:

@@ -15,6 +15,12 @@ from typing import ClassVar
 from .base import System, register
 
 
+def _quiet_absl() -> None:
+    """Orbax logs a WARNING per save without OCDBT ("Skipping merge of OCDBT checkpoints")."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 @register
 class OrbaxDefault(System):
     """``StandardCheckpointer().save(path, items)`` + ``wait_until_finished()``; restore
@@ -28,6 +34,7 @@ class OrbaxDefault(System):
 
     def setup(self):
         import orbax.checkpoint as ocp
+        _quiet_absl()
         self.ckptr = ocp.StandardCheckpointer()
 
     def teardown(self):
@@ -76,6 +83,7 @@ class OrbaxVariant(System):
 
     def setup(self):
         import orbax.checkpoint as ocp
+        _quiet_absl()
         self.ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(**self.handler_kwargs))
 
     def teardown(self):
