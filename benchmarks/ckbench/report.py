@@ -203,7 +203,7 @@ def plot(rows, regimes, nbytes, path: Path, title: str) -> None:
         ax.set_xticklabels([r["label"].replace(" [", "\n[").replace(" - ", "\n") for r in rs],
                            rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("seconds (median, bars min..max)")
-        ax.set_title(f"{name}: {nbytes / GB:.2f} GB state")
+        ax.set_title(f"{name}: {nbytes / GB:.3f} GB state")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
