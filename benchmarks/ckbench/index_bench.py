@@ -2,15 +2,14 @@
 10^5..10^6 chunks (fake shard reports, no shard data: only metadata costs).
 
 This is the one module that relies on shardckpt internals (they may move while shardckpt is
-refactored): ``shardckpt.checkpoint.{Checkpoint, PartReport, commit_parts}``,
+refactored): ``shardckpt.checkpoint.Checkpoint``, ``shardckpt.transaction.{PartReport, CommitArgs, commit}``,
 ``shardckpt.format.ItemRecord``, ``shardckpt.shard_io.{ChunkRecord, ShardReport}``,
-``shardckpt.storage.hidden_name``, ``shardckpt.tree.ArraySpec``, ``shardckpt.plan.box_overlap``.
+``shardckpt.store.LocalStore``, ``shardckpt.tree.ArraySpec``, ``shardckpt.plan.box_overlap``.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import tempfile
 import time
@@ -20,7 +19,7 @@ from .common import load_avg
 
 
 def index_bench(args, console) -> dict:
-    """Time what grows with the number of chunks: the committer (``commit_parts``: gather
+    """Time what grows with the number of chunks: the committer (``transaction.commit``: gather
     the parts' chunk lists, write structure + index + manifest, validate the index the way a
     loader will) and the loader (``Checkpoint(...).index()``), plus pickling the parts (what
     goes to the Ray coordinator). Fake shard reports, no shard data: only metadata costs."""
@@ -29,10 +28,11 @@ def index_bench(args, console) -> dict:
     import pickle
     import pstats
 
-    from shardckpt.checkpoint import Checkpoint, PartReport, commit_parts
+    from shardckpt.checkpoint import Checkpoint
     from shardckpt.format import ItemRecord
     from shardckpt.shard_io import ChunkRecord, ShardReport
-    from shardckpt.storage import hidden_name
+    from shardckpt.store import LocalStore
+    from shardckpt.transaction import CommitArgs, PartReport, commit
     from shardckpt.tree import ArraySpec
 
     results = []
@@ -75,12 +75,11 @@ def index_bench(args, console) -> dict:
             blob = pickle.dumps(parts, protocol=5)
             t_pickle = time.perf_counter() - t0
             final = work / "step_1"
-            tmp = hidden_name(final, "tmp")
-            os.mkdir(tmp)
+            staging = LocalStore(work).stage("step_1", "0123456789abcdef0123")
             prof = cProfile.Profile()
             t0 = time.perf_counter()
             prof.enable()
-            commit_parts(final, tmp, parts, step=1, json_files={"config.json": {}}, metrics={})
+            commit(staging, parts, CommitArgs(step=1, json_files={"config.json": {}}, metrics={}))
             prof.disable()
             t_commit = time.perf_counter() - t0
             s = io.StringIO()

@@ -1,6 +1,6 @@
 """The run's local Ray, and a watchdog for operations that hang.
 
-Internal shardckpt name used: ``shardckpt.executors.ray.RayExecutor._instances`` (cleared
+Internal shardckpt name used: ``shardckpt.executors.ray.RayExecutor.forget_all`` (called
 after a Ray restart so the next operation starts new writer actors).
 """
 
@@ -43,7 +43,7 @@ class RayGuard:
         from shardckpt.executors.ray import RayExecutor
         with contextlib.suppress(Exception):
             ray.shutdown()
-        RayExecutor._instances.clear()
+        RayExecutor.forget_all()
         self.start()
         self.restarts.append(time.strftime("%H:%M:%S"))
         return True

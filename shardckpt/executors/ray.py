@@ -95,6 +95,12 @@ class RayExecutor(Executor):
                 cls._instances[key] = cls(num_writers, save_timeout)
             return cls._instances[key]
 
+    @classmethod
+    def forget_all(cls) -> None:
+        """Drop the process-wide executors (after ``ray.shutdown()``: their actors are gone)."""
+        with cls._lock:
+            cls._instances.clear()
+
     @property
     def num_workers(self) -> int:
         return max(1, len(self.actors()) * _ACTOR_THREADS // 2)
