@@ -187,7 +187,12 @@ class S3Store(Store):
                     raise CorruptCheckpointError(f"{self.where(name)} is truncated at byte {offset + pos}")
                 view[pos:pos + len(block)] = block
                 pos += len(block)
-        self._do("ranged GET", get)
+        try:
+            self._do("ranged GET", get)
+        except Exception as e:  # noqa: BLE001 - botocore ClientError
+            if _code(e) in _MISSING_CODES:   # deleted meanwhile (a re-save or retention)
+                raise CorruptCheckpointError(f"{self.where(name)} is missing") from e
+            raise
         _count(gets=1, get_bytes=len(view))
 
     def list(self, prefix: str = "") -> list[Entry]:
