@@ -27,7 +27,7 @@ def files_under(root: str) -> set[str]:
 
 def main(endpoint: str, ray_tmp: str) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                             "_temp_dir": ray_tmp})
+                                                             "temp_dir": ray_tmp})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

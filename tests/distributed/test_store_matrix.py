@@ -77,9 +77,9 @@ def test_ray_coordinator_with_two_writer_actors(store, tmp_path, s3_server):
 class Holder:
     """A participant (as a Ray Train rank is): holds the state and saves its share."""
 
-    def save(self, uri: str, rank: int, count: int, seed: int) -> tuple[str, int]:
+    def save(self, uri: str, rank: int, count: int, tree: dict) -> tuple[str, int]:
         from shardckpt.checkpoint import save_checkpoint as save
-        return str(save(uri, {"state": _tree(seed)}, backend="ray", process_index=rank, process_count=count,
+        return str(save(uri, {"state": tree}, backend="ray", process_index=rank, process_count=count,
                         save_timeout=120)), os.getpid()
 
 
@@ -87,7 +87,7 @@ class Holder:
 def test_two_ray_actor_participants(store, tmp_path, s3_server):
     uri = _uri(store, tmp_path, s3_server)
     holders = [Holder.remote() for _ in range(2)]
-    results = ray.get([h.save.remote(uri, i, 2, 2) for i, h in enumerate(holders)], timeout=300)
+    results = ray.get([h.save.remote(uri, i, 2, _tree(2)) for i, h in enumerate(holders)], timeout=300)
     assert len({r[0] for r in results}) == 1
     ck = _check(uri, _tree(2))
     assert ck.manifest.transaction
