@@ -285,7 +285,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         b, s, _ = x.shape
-        split = lambda t: t.reshape(b, s, self.n_heads, self.head_dim)
+        def split(t):
+            return t.reshape(b, s, self.n_heads, self.head_dim)
         q = _rope(split(self.q_proj(x)), positions, self.rope_theta)
         k = _rope(split(self.k_proj(x)), positions, self.rope_theta)
         v = split(self.v_proj(x))

@@ -106,11 +106,14 @@ def _central_entry(name: bytes, crc: int, csize: int, usize: int, method: int, o
     fields64 = []
     usz, csz, off = usize, csize, offset
     if usize >= _ZIP64_LIMIT:
-        fields64.append(usize); usz = _ZIP64_LIMIT
+        fields64.append(usize)
+        usz = _ZIP64_LIMIT
     if csize >= _ZIP64_LIMIT:
-        fields64.append(csize); csz = _ZIP64_LIMIT
+        fields64.append(csize)
+        csz = _ZIP64_LIMIT
     if offset >= _ZIP64_LIMIT:
-        fields64.append(offset); off = _ZIP64_LIMIT
+        fields64.append(offset)
+        off = _ZIP64_LIMIT
     extra = struct.pack("<HH", 1, 8 * len(fields64)) + struct.pack(f"<{len(fields64)}Q", *fields64) if fields64 else b""
     version = 45 if fields64 else 20
     return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | version, version, 0, method, 0,

@@ -4,7 +4,6 @@ manifest and metadata files, balanced shards, and items combined into one checkp
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import zipfile
@@ -16,13 +15,12 @@ import numpy as np
 import optax
 import pytest
 import xxhash
-from flax import nnx
 
-from shardckpt import (CheckpointManager, LMModel, ModelConfig, load_model, load_optimizer, save_model,
+from shardckpt import (CheckpointManager, load_model, load_optimizer, save_model,
                        save_optimizer)
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 
-from conftest import assert_bit_equal, bits_of, flat_state, hidden_entries, make_optimizer, raw_bits, train_steps
+from conftest import assert_bit_equal, flat_state, hidden_entries, raw_bits, train_steps
 
 
 def _shards(path: Path, item: str = "model") -> list[str]:

@@ -16,10 +16,9 @@ from flax import nnx
 
 from shardckpt import (CheckpointError, CheckpointInfo, CheckpointManager, CheckpointNotFoundError,
                        LMModel, StructureMismatchError)
-from shardckpt.checkpoint import Checkpoint
 
-from conftest import (LR, assert_bit_equal, assert_not_bit_equal, bits_of, dead_pid, hidden_entries,
-                      make_optimizer, this_host, train_steps, tree_of_files)
+from conftest import (assert_bit_equal, bits_of, dead_pid, hidden_entries,
+                      this_host, train_steps, tree_of_files)
 
 NAN = float("nan")
 

@@ -58,7 +58,7 @@ def test_model_and_optimizer_round_trip_bit_exactly(s3):
 
 
 def test_resave_switches_versions_and_only_then_drops_the_old_objects(s3):
-    from shardckpt import Checkpoint, open_checkpoint
+    from shardckpt import open_checkpoint
     from shardckpt.checkpoint import save_checkpoint
     uri = "s3://ckpts/resave/step_1"
     save_checkpoint(uri, {"state": _tree(0)}, num_shards=2)

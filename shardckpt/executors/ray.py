@@ -66,6 +66,16 @@ class ShardWriter:
         return [[t.dest for t in job.targets] for job in built]
 
 
+def _free(ref) -> None:
+    """Delete a written shard's host copy from the object store now, so its memory is reused
+    by the next shard instead of new pages being touched (best effort)."""
+    try:
+        from ray._private.internal_api import free
+        free([ref], local_only=False)
+    except Exception:  # noqa: BLE001 - older/newer Ray: reference counting frees it later
+        pass
+
+
 def _alive_nodes() -> list[str]:
     import ray
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
@@ -169,7 +179,7 @@ class RayExecutor(Executor):
 
     def shard_bytes_cap(self, total_bytes: int) -> int:
         """Shards small enough that every writer has one in flight within the budget."""
-        return max(4 << 20, self.inflight_budget(total_bytes) // max(1, len(self.actors())))
+        return max(1 << 20, self.inflight_budget(total_bytes) // max(1, len(self.actors())))
 
     def write_shards(self, staging, plans: list[ShardPlan], *, compress: bool, progress=None,
                      deadline: float | None = None, writer: dict | None = None) -> list[ShardReport]:
@@ -184,6 +194,7 @@ class RayExecutor(Executor):
         queue = sorted(plans, key=lambda p: -p.nbytes)
         budget = max(self.inflight_budget(sum(p.nbytes for p in plans)), queue[0].nbytes)
         busy = [0] * len(actors)
+        given = [0] * len(actors)      # bytes handed to each writer so far: spread the work
         inflight: dict = {}            # ref -> (writer index, plan, object ref of its arrays)
         used = 0
         reports: list[ShardReport] = []
@@ -191,7 +202,8 @@ class RayExecutor(Executor):
         while queue or inflight:
             while queue and (not inflight or used + queue[0].nbytes <= budget):
                 plan = queue.pop(0)
-                i = busy.index(min(busy))
+                i = min(range(len(actors)), key=lambda j: (busy[j], given[j]))
+                given[i] += plan.nbytes
                 handle = actors[i][0]
                 data = ray.put([m.data for m in plan.members])
                 meta = [(m.key, m.member, tuple(m.offset)) for m in plan.members]
@@ -207,7 +219,8 @@ class RayExecutor(Executor):
                 self.reset()
                 raise SaveAbortedError(f"saving {staging.final}: not finished within the deadline: {', '.join(late)}")
             for ref in ready:
-                i, plan, _ = inflight.pop(ref)
+                i, plan, data = inflight.pop(ref)
+                _free(data)
                 busy[i] -= 1
                 used -= plan.nbytes
                 try:

@@ -18,6 +18,37 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from tests.scenarios.reliability import peak_rss_bytes, peak_rss_reset  # noqa: E402
 
 
+def rss_parts() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+class RssSampler:
+    """Peak of each RSS part of this process while a block runs (sampled every 5 ms)."""
+
+    def __init__(self):
+        self.base = rss_parts()
+        self.peak = dict(self.base)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.wait(0.005):
+            for k, v in rss_parts().items():
+                self.peak[k] = max(self.peak[k], v)
+
+    def extra(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {k: self.peak[k] - self.base[k] for k in self.base}
+
+
 def files_under(root: str) -> set[str]:
     out = set()
     for d, _, names in os.walk(root):
@@ -26,6 +57,7 @@ def files_under(root: str) -> set[str]:
 
 
 def main(endpoint: str, ray_tmp: str) -> dict:
+    os.makedirs(os.path.join(os.environ["TMPDIR"], "ray"), exist_ok=True)   # Ray notes its address there
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                              "temp_dir": ray_tmp})
     for _ in range(2):
@@ -50,11 +82,13 @@ def main(endpoint: str, ray_tmp: str) -> dict:
     before = files_under(tmp) | files_under(os.getcwd())
     peak_rss_reset()
     base = peak_rss_bytes()
+    sampler = RssSampler()
     t0 = time.time()
     mgr = CheckpointManager(root, max_to_keep=2, backend="ray", save_timeout=120)
     save_checkpoint(mgr.step_path(1), {"model": tree}, step=1, backend="ray", save_timeout=120)
     out["save_s"] = time.time() - t0
     out["peak_extra_rss"] = peak_rss_bytes() - base
+    out["peak_extra_rss_parts"] = sampler.extra()
     out["state_bytes"] = state_bytes
     out["inflight_peak"] = ex.peak_inflight_bytes
     out["part_buffers_per_writer"] = PART_BYTES * (PARTS_IN_FLIGHT + 1)

@@ -118,7 +118,6 @@ class RayControl:
                 self.resume.set()
 
     def between_saves(self, log, mgr) -> None:
-        import ray
         from shardckpt.coord.ray_actor import get_coordinator
         from shardckpt.store import open_store
         if self.pause.is_set():

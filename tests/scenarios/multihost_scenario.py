@@ -36,7 +36,7 @@ def main(work, port, pid):
     path = save_checkpoint(os.path.join(work, "step_1"), {"state": tree}, step=1, backend="threads",
                            save_timeout=120)
     ck = Checkpoint(path)
-    res = {"process": jax.process_index(), "count": jax.process_count(), "coordinator": type(save_session(*resolve(path), backend="threads").coordinator).__name__,
+    res = {"process": jax.process_index(), "count": jax.process_count(), "coordinator": type(save_session(*resolve(path), backend="threads").coordinator).__name__,  # noqa: E501
            "files": {n: f.writer["pid"] for n, f in ck.manifest.files.items()}, "pid": os.getpid()}
     # restore onto another layout: 8 devices in one axis, other specs
     mesh2 = Mesh(np.array(jax.devices()), ("x",))

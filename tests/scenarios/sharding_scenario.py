@@ -11,12 +11,10 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from shardckpt import Checkpoint, load_model, save_model, CheckpointManager  # noqa: E402
-from shardckpt.checkpoint import save_checkpoint  # noqa: E402
+from shardckpt import Checkpoint, load_model, save_model  # noqa: E402
 
 
 class Net(nnx.Module):
