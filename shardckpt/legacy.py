@@ -46,7 +46,8 @@ from typing import Any, BinaryIO
 import jax
 import numpy as np
 
-from .reader import MAX_JSON_BYTES, Checkpoint, aligned_empty
+from .geometry import aligned_empty
+from .reader import MAX_JSON_BYTES, Checkpoint
 from .errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
 from .format import MAX_DEFLATE_RATIO, ItemRecord
 from .storage import read_small_file

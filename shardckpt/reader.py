@@ -12,7 +12,6 @@ returns one whole version, never a mix.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,11 +19,12 @@ import jax
 import numpy as np
 
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
-from .executors.base import Executor, ReadJob, ReadTarget
+from .executors.base import Executor, ReadJob
 from .format import MANIFEST, ItemRecord, Manifest, check_file_name, load_index
-from .plan import box_overlap
 from .progress import byte_progress
 from .shard_io import ChunkRecord
+from .geometry import (Box, aligned_empty, chunk_target, concrete_sharding, device_boxes, full_box,
+                       sharding_resolver)
 from .store import Store, resolve
 from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key
 
@@ -82,72 +82,9 @@ class RestoreReport:
         return "; ".join(parts)
 
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]   # (offset, shape) in stored coordinates
-HOST_ALIGN = 64     # XLA's CPU client adopts host buffers aligned to this without copying
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data is HOST_ALIGN-aligned, so ``jax.device_put(...,
-    may_alias=True)`` on CPU wraps it instead of copying: restore copies each byte once
-    (file -> this buffer) and peaks at the state's size, not twice it."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % HOST_ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
 def _target_sharding(value: Any):
     sharding = getattr(value, "sharding", None)
     return sharding if isinstance(sharding, jax.sharding.Sharding) else None
-
-
-def concrete_sharding(sharding: Any, key: str, where: str):
-    """A sharding on real devices: an abstract target from ``nnx.eval_shape`` under
-    ``jax.sharding.set_mesh`` names an AbstractMesh, bound here to the mesh in force."""
-    if sharding is None or not isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
-        return sharding
-    mesh = jax.sharding.get_mesh()
-    if mesh is None or getattr(mesh, "empty", False) or dict(mesh.shape) != dict(sharding.mesh.shape):
-        raise StructureMismatchError(
-            f"{where}: {key!r} targets an abstract mesh {dict(sharding.mesh.shape)}; restore under "
-            "`with jax.sharding.set_mesh(mesh):` with that mesh, or pass shardings=")
-    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
-
-
-def sharding_resolver(shardings: Any) -> Callable[[str], Any]:
-    """``shardings=`` as key -> Sharding: one Sharding for all, a dict by dotted key, a
-    callable, or a pytree shaped like the target (e.g. ``nnx.get_named_sharding``)."""
-    if shardings is None:
-        return lambda key: None
-    if isinstance(shardings, jax.sharding.Sharding):
-        return lambda key: shardings
-    if callable(shardings) and not isinstance(shardings, dict):
-        return shardings
-    if isinstance(shardings, dict) and all(isinstance(k, str) and "." in k for k in shardings):
-        return shardings.get
-    by_key = {k: v for k, v in FlatTree.of(shardings).values().items()
-              if isinstance(v, jax.sharding.Sharding)}
-    return by_key.get
-
-
-def _full_box(spec: ArraySpec) -> Box:
-    return (0,) * len(spec.stored_shape), tuple(spec.stored_shape)
-
-
-def device_boxes(spec: ArraySpec, sharding) -> dict[Any, Box]:
-    """The stored-coordinate box each addressable device of ``sharding`` needs (key data
-    arrays carry their trailing key dimension whole)."""
-    extra = tuple(spec.stored_shape[len(spec.shape):])
-    out = {}
-    for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
-        starts, sizes = [], []
-        for sl, dim in zip(index, spec.shape):
-            start, stop, _ = sl.indices(dim)
-            starts.append(start)
-            sizes.append(stop - start)
-        out[device] = (tuple(starts) + (0,) * len(extra), tuple(sizes) + extra)
-    return out
 
 
 def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = ""):
@@ -329,7 +266,7 @@ class Checkpoint:
                 requests[key] = sorted(set(boxes.values()))
             else:
                 placement[key] = (sharding, None)
-                requests[key] = [_full_box(spec)]
+                requests[key] = [full_box(spec)]
         self.last_read = (0, 0)
         host = self._read_boxes(item, {k: s for k, (s, _) in wanted.items()}, requests, verify, executor, progress)
         report.chunks_read, report.bytes_read = self.last_read
@@ -337,7 +274,7 @@ class Checkpoint:
             sharding, boxes = placement[key]
             pieces = host.pop(key)
             if boxes is None:
-                value = _to_real(spec, pieces[_full_box(spec)], tv, f"{self.where}: array {key!r}")
+                value = _to_real(spec, pieces[full_box(spec)], tv, f"{self.where}: array {key!r}")
                 if isinstance(tv, (np.ndarray, np.generic)):
                     new_values[key] = np.asarray(value)
                 else:
@@ -367,9 +304,9 @@ class Checkpoint:
     def _read_arrays(self, item: str, specs: dict[str, ArraySpec], verify: bool,
                      executor: Executor | None, progress: bool | None) -> dict[str, np.ndarray]:
         """Whole arrays (stored dtype) of ``item``."""
-        boxes = self._read_boxes(item, specs, {k: [_full_box(s)] for k, s in specs.items()},
+        boxes = self._read_boxes(item, specs, {k: [full_box(s)] for k, s in specs.items()},
                                  verify, executor, progress)
-        return {k: boxes[k][_full_box(s)] for k, s in specs.items()}
+        return {k: boxes[k][full_box(s)] for k, s in specs.items()}
 
     def _read_boxes(self, item: str, specs: dict[str, ArraySpec], requests: dict[str, list[Box]],
                     verify: bool, executor: Executor | None, progress: bool | None) -> dict[str, dict[Box, np.ndarray]]:
@@ -408,7 +345,7 @@ class Checkpoint:
                 out[key][box] = dest
                 total += dest.nbytes
                 for fname, chunk in index[key]:
-                    target = _chunk_target(chunk, dest, box)
+                    target = chunk_target(chunk, dest, box)
                     if target is None:
                         continue
                     job = jobs.get(fname)
@@ -434,22 +371,6 @@ class Checkpoint:
             if size != expected:
                 raise CorruptCheckpointError(f"{self.where}: {fname} is {size} bytes, the manifest says {expected}")
         map_threads(check, sorted(names), 16 if len(names) > 4 else 1)
-
-
-def _chunk_target(chunk: ChunkRecord, dest: np.ndarray, box: Box) -> ReadTarget | None:
-    """How ``chunk`` fills the part of ``dest`` (holding ``box``) it overlaps: a direct read
-    when the chunk lies whole in a contiguous region, else a copy of the overlap."""
-    hit = box_overlap(chunk.offset, chunk.shape, box[0], box[1])
-    if hit is None:
-        return None
-    offset, shape = hit
-    dest_sl = tuple(slice(o - b, o - b + n) for o, b, n in zip(offset, box[0], shape))
-    view = dest[dest_sl] if dest_sl else dest
-    whole = shape == tuple(chunk.shape)
-    if whole and view.flags.c_contiguous:
-        return ReadTarget(chunk, view)
-    sub = tuple(slice(o - c, o - c + n) for o, c, n in zip(offset, chunk.offset, shape))
-    return ReadTarget(chunk, view, sub=sub)
 
 
 def _mismatch(spec: ArraySpec, target: Any) -> str | None:
