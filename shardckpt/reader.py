@@ -11,6 +11,7 @@ returns one whole version, never a mix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -129,6 +130,7 @@ class Checkpoint:
                                           "checkpoint") from e
         self.manifest = Manifest.loads(raw, self.where)
         self._manifest_raw = raw     # what this object reads; see _raise_if_replaced
+        self.version = hashlib.sha1(raw).hexdigest()
         self._index = None
 
     @property
@@ -351,7 +353,7 @@ class Checkpoint:
                     job = jobs.get(fname)
                     if job is None:
                         job = jobs[fname] = ReadJob(self.store, f"{self.name}/{fname}", fname,
-                                                    self.manifest.files[fname].size)
+                                                    self.manifest.files[fname].size, version=self.version)
                     job.targets.append(target)
         with byte_progress(f"loading {self.name}", total, progress) as advance:
             executor.read(list(jobs.values()), verify=verify, progress=advance)

@@ -40,6 +40,7 @@ class ReadJob:
     file_name: str
     expected_size: int
     targets: list[ReadTarget] = field(default_factory=list)
+    version: str = ""          # the checkpoint version (its manifest's checksum), for caches
 
     @property
     def nbytes(self) -> int:

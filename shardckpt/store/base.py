@@ -19,6 +19,7 @@ multi-process save rebuild them on their own node and write straight into the st
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -28,6 +29,23 @@ T = TypeVar("T")
 # What a crashed or aborted save of step directory NAME leaves: a hidden local directory
 # (".NAME.tmp-host-pid-txn") or an unreferenced version prefix ("NAME/v<txn>/").
 VERSION_DIR = re.compile(r"^v[0-9a-f]{8,32}$")
+
+
+# What this process read from stores (bytes of shard data and calls), for tests and
+# benchmarks: replica-aware restores are judged by these counters.
+READ_STATS = {"bytes": 0, "reads": 0}
+_READ_LOCK = threading.Lock()
+
+
+def count_read(nbytes: int) -> None:
+    with _READ_LOCK:
+        READ_STATS["bytes"] += nbytes
+        READ_STATS["reads"] += 1
+
+
+def read_stats() -> dict:
+    with _READ_LOCK:
+        return dict(READ_STATS)
 
 
 @dataclass(frozen=True)

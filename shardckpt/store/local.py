@@ -25,7 +25,7 @@ import xxhash
 
 from .. import storage
 from ..errors import CheckpointError, CorruptCheckpointError
-from .base import Entry, Sink, Source, Staging, Store, T, Written
+from .base import Entry, Sink, Source, Staging, Store, T, Written, count_read
 
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
@@ -186,6 +186,7 @@ class FileSource(Source):
             if n <= 0:
                 raise CorruptCheckpointError(f"{self.name}: truncated at byte {offset + pos}")
             pos += n
+        count_read(len(view))
 
     def buffer(self, offset: int, nbytes: int):
         if offset < 0 or offset + nbytes > self.size:
@@ -195,6 +196,7 @@ class FileSource(Source):
             return b""
         if self._map is None:
             self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+        count_read(nbytes)
         return memoryview(self._map)[offset:offset + nbytes]
 
     def close(self) -> None:

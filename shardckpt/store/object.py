@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import xxhash
 
 from ..errors import CheckpointError, CorruptCheckpointError
-from .base import Entry, Sink, Source, Staging, Store, T, Written
+from .base import Entry, Sink, Source, Staging, Store, T, Written, count_read
 
 PART_BYTES = int(os.environ.get("SHARDCKPT_S3_PART_BYTES", 8 << 20))   # >= 5 MiB (S3's minimum)
 PARTS_IN_FLIGHT = 2             # uploads running per file while the next part fills
@@ -194,6 +194,7 @@ class S3Store(Store):
                 raise CorruptCheckpointError(f"{self.where(name)} is missing") from e
             raise
         _count(gets=1, get_bytes=len(view))
+        count_read(len(view))
 
     def list(self, prefix: str = "") -> list[Entry]:
         base = self.key(prefix).rstrip("/")
@@ -570,6 +571,7 @@ class _ArrowSource(Source):
         if len(got) != len(view):
             raise CorruptCheckpointError(f"{self.name} is truncated at byte {offset + len(got)}")
         view[:] = memoryview(got)
+        count_read(len(view))
 
     def close(self) -> None:
         self.f.close()
