@@ -29,6 +29,27 @@ def resolve_executor(backend: str | Executor = "auto", num_writers: int | None =
     return RayExecutor.get(num_writers, save_timeout)
 
 
+def resolve_load_executor(backend: str | Executor = "auto", num_writers: int | None = None) -> Executor:
+    """The executor a load runs on. With Ray, a load from inside a Ray actor (a Ray Train
+    worker, a data-parallel rank) reads through its node's chunk cache, so N workers on a
+    node read the checkpoint from storage once (executors/node_share.py); the driver's loads
+    spread over the reader actors of every node."""
+    executor = resolve_executor(backend, num_writers)
+    from .executors.ray import RayExecutor
+    if isinstance(executor, RayExecutor) and _in_ray_actor():
+        from .executors.node_share import NodeSharedReader
+        return NodeSharedReader()
+    return executor
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - not in Ray
+        return False
+
+
 def ray_running() -> bool:
     try:
         import ray
