@@ -273,11 +273,17 @@ class Catalog:
         """Carry out the leftovers plan, best effort: a leftover that another process removes
         or restores meanwhile, or that cannot be removed (read-only, someone else's), is
         skipped. Never raises; returns what was done."""
-        done = []
         try:
             plan = self.leftovers(now)
         except Exception:  # noqa: BLE001 - cleanup is never required
-            return done
+            return []
+        return self.carry_out(plan)
+
+    def carry_out(self, plan: list[Leftover]) -> list[Leftover]:
+        """Remove or restore the planned leftovers (``keep`` ones stay); one that another
+        process handled meanwhile, or that cannot be touched, is skipped. Returns what was
+        done."""
+        done = []
         for lo in plan:
             if lo.action == "keep":
                 continue

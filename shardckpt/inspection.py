@@ -200,18 +200,8 @@ def run_gc(plan: dict[str, Any]) -> dict[str, Any]:
     """Carry out ``gc_plan``'s plan; returns what was done (leftovers someone else removed
     meanwhile, or steps another process deleted first, are reported as not done)."""
     catalog = plan["catalog"]
-    done_leftovers, deleted = [], []
-    for lo in plan["leftover_objs"]:
-        if lo.action == "keep":
-            continue
-        try:
-            if lo.action == "restore":
-                catalog.store.restore_leftover(lo.name, lo.checkpoint)
-            else:
-                catalog.store.remove_leftover(lo.name)
-            done_leftovers.append(_leftover_dict(lo, catalog))
-        except OSError:
-            continue
+    done_leftovers = [_leftover_dict(lo, catalog) for lo in catalog.carry_out(plan["leftover_objs"])]
+    deleted = []
     for info in plan["doomed"]:
         if catalog.delete(info):
             deleted.append(info.step)

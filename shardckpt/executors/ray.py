@@ -273,21 +273,6 @@ class RayExecutor(Executor):
             progress(sum(j.nbytes for j in jobs))
 
 
-def _current_actor():
-    """This process's actor handle when it runs in a Ray actor (a Ray Train worker), else None."""
-    import ray
-    try:
-        ctx = ray.get_runtime_context()
-        return ctx.current_actor if ctx.get_actor_id() else None
-    except Exception:  # noqa: BLE001 - driver or task
-        return None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 def ensure_ray() -> None:
     """Start a local Ray (the embedded default) when none is running."""
     import ray

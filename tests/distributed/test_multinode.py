@@ -1,26 +1,17 @@
 """Multi-node behaviour on ray.cluster_utils.Cluster (3 nodes, 1 CPU each), run in a
 subprocess because one process can be connected to only one Ray cluster."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scenarios.run import run_scenario
+
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    work = tmp_path_factory.mktemp("multinode")
-    script = Path(__file__).with_name("multinode_scenario.py")
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), str(work)], capture_output=True, text=True,
-                          timeout=420, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, f"scenario failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_scenario(Path(__file__).with_name("multinode_scenario.py"), str(tmp_path_factory.mktemp("multinode")),
+                        timeout=420)
 
 
 def test_shards_written_by_distinct_writers_on_distinct_nodes(scenario):

@@ -3,25 +3,17 @@ same replicated state read it from storage once per node, not N times (2-node
 ray.cluster_utils.Cluster, in a subprocess). The wall times of 1 and 4 workers per node are
 printed, not asserted (speed is measured in benchmarks/; see docs/benchmarks.md)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scenarios.run import run_scenario
+
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    work = tmp_path_factory.mktemp("replica")
-    script = Path(__file__).with_name("replica_restore_scenario.py")
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), str(work)], capture_output=True, text=True, timeout=600, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"scenario failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_scenario(Path(__file__).with_name("replica_restore_scenario.py"),
+                        str(tmp_path_factory.mktemp("replica")), timeout=600)
 
 
 def test_every_worker_restores_bit_exactly(scenario):

@@ -5,29 +5,20 @@ of the state beyond the state itself, and a writer killed mid-upload aborts the 
 naming it, leaving the previous checkpoint whole and orphans that gc removes. Run in a
 subprocess: one process connects to one Ray cluster."""
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.scenarios.run import run_scenario
 
 
 @pytest.fixture(scope="module")
 def scenario(s3_server, tmp_path_factory):
     tmpdir = tmp_path_factory.mktemp("tmpdir")              # TMPDIR of every process of the cluster
     ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")    # Ray's own session files (short path)
-    script = Path(__file__).with_name("s3_multinode_scenario.py")
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, RAY_ADDRESS="", TMPDIR=str(tmpdir),
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), s3_server.endpoint, ray_tmp], capture_output=True,
-                          text=True, timeout=480, env=env, cwd=str(tmpdir))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"scenario failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_scenario(Path(__file__).with_name("s3_multinode_scenario.py"), s3_server.endpoint, ray_tmp,
+                        timeout=480, env={"TMPDIR": str(tmpdir)}, cwd=str(tmpdir))
 
 
 def test_each_node_writer_uploads_its_own_shards(scenario):

@@ -10,12 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_scenario(name: str, *args: str, timeout: float = 400, env: dict | None = None) -> dict:
-    script = Path(__file__).with_name(name)
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+def run_scenario(name: str | Path, *args: str, timeout: float = 400, env: dict | None = None,
+                 cwd: str | None = None) -> dict:
+    """``name``: a script in this folder, or a path to one elsewhere."""
+    script = Path(name) if os.sep in str(name) else Path(__file__).with_name(str(name))
+    full_env = dict(os.environ, RAY_ADDRESS="",
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=full_env, cwd=cwd)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if not lines:
         raise AssertionError(f"{name} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
