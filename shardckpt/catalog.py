@@ -34,6 +34,7 @@ from .store.local import this_host
 
 STALE_FOREIGN_SECONDS = 24 * 3600   # a local tmp dir of another host untouched this long is dead
 STALE_VERSION_SECONDS = 3600         # an unreferenced object-store version this old is dead
+SCAN_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,18 @@ class Catalog:
 
     # --- listing -----------------------------------------------------------------------------
     def scan(self) -> tuple[list[CheckpointInfo], list[Invalid]]:
-        """(committed checkpoints oldest first, step directories that are not checkpoints)."""
-        infos, invalid = [], []
+        """(committed checkpoints oldest first, step directories that are not checkpoints).
+        A step directory that vanishes while it is looked at (retention in another process,
+        which publishes the newer step first) makes the scan start again, so a directory
+        that always holds a checkpoint never lists empty."""
+        for _ in range(SCAN_ATTEMPTS):
+            result, vanished = self._scan_once()
+            if not vanished:
+                break
+        return result
+
+    def _scan_once(self) -> tuple[tuple[list[CheckpointInfo], list[Invalid]], bool]:
+        infos, invalid, vanished = [], [], False
         try:
             entries = self.store.list("")
         except (OSError, CheckpointError) as e:
@@ -121,7 +132,9 @@ class Catalog:
                 infos.append(info)
             elif problem:
                 invalid.append(Invalid(entry.name, self.store.location(entry.name), problem))
-        return sorted(infos, key=lambda i: i.step), sorted(invalid, key=lambda i: i.name)
+            else:
+                vanished = True
+        return (sorted(infos, key=lambda i: i.step), sorted(invalid, key=lambda i: i.name)), vanished
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return self.scan()[0]
@@ -132,6 +145,11 @@ class Catalog:
             children = self.store.list(name)
         except (OSError, CheckpointError):
             return None, ""
+        if not children:
+            local = self.store.local_path(name)
+            if local is not None and local.is_dir():
+                return None, f"empty directory, no {MANIFEST} (not committed; ignored)"
+            return None, ""          # gone meanwhile
         if not any(c.name == MANIFEST and not c.is_dir for c in children):
             local = self.store.local_path(name)
             if local is not None:
@@ -146,7 +164,9 @@ class Catalog:
             return cached[1], ""
         try:
             ck = Checkpoint.at(self.store, name)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+        except CheckpointNotFoundError:
+            return None, ""          # retired meanwhile
+        except CorruptCheckpointError as e:
             return None, str(e)
         man = ck.manifest
         listed = {n.split("/", 1)[0] for n in list(man.files) + list(man.meta_files)} | {MANIFEST}
