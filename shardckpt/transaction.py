@@ -284,6 +284,7 @@ def run_save(store: Store, final: str, prepared: tuple, *, coordinator, executor
         check_replaceable(store, final)
     entries, records = prepared
     txn = coordinator.begin(participant)
+    txn.staging.store.deadline = txn.deadline      # retries of transient errors stop at the deadline
     try:
         part = write_part(txn.staging, entries, records, executor, num_shards=num_shards, compress=compress,
                           progress=progress, participant=participant, participants=participants,

@@ -133,6 +133,7 @@ class SaveCoordinator:
         tid = uuid.uuid4().hex
         staging = self.store.stage(final, tid, (this_host(), os.getpid()))
         txn = _Txn(tid, final, staging, participants, time.time() + timeout)
+        staging.store.deadline = txn.deadline      # the commit's retries stop at the deadline too
         txn.claimed.add(participant)
         txn.owners[participant] = owner
         self.txns[txn.id] = txn

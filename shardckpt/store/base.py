@@ -110,6 +110,7 @@ class Store(ABC):
     """A directory of checkpoints. Names are relative to its root, '/'-separated."""
 
     uri: str                      # how users name the root (a path or "s3://bucket/prefix")
+    deadline: float | None = None  # time.time() until which transient errors are retried (a save's)
 
     # --- naming ----------------------------------------------------------------------------
     def where(self, name: str = "") -> str:
