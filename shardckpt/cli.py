@@ -578,7 +578,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     so in their help instead)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or isinstance(action, argparse._HelpAction):
+        if action.default is None or action.default is False or isinstance(action, argparse._HelpAction):
             return action.help
         return super()._get_help_string(action)
 

@@ -100,7 +100,7 @@ def run_demo(directory: Path | None, steps: int, every: int, kill_after: int, ba
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, emoji=False)
+    console = Console(highlight=False, emoji=False, soft_wrap=True)   # paths stay on one line
     try:
         directory = _target_dir(directory)
     except DemoDirError as e:
