@@ -32,15 +32,7 @@ import numpy as np
 from . import __version__
 from .errors import CheckpointError, SaveAbortedError
 from .executors.base import Executor
-from .format import (
-    INDEX,
-    MANIFEST,
-    FileRecord,
-    ItemRecord,
-    Manifest,
-    dump_index,
-    load_index,
-)
+from .format import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, dump_index, load_index
 from .plan import default_num_shards, plan_save
 from .progress import byte_progress
 from .shard_io import ChunkRecord, ShardReport
