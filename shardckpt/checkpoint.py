@@ -14,7 +14,7 @@ from .executors.base import Executor
 from .reader import (Checkpoint, ReplacedWhileReadingError, RestoreReport, open_checkpoint,  # noqa: F401
                      read_consistently)
 from .store import resolve
-from .transaction import CommitArgs, prepare_items, run_save
+from .transaction import CommitArgs, check_metrics, prepare_items, run_save
 
 __all__ = ["save_checkpoint", "Checkpoint", "RestoreReport", "open_checkpoint", "read_consistently",
            "prepare_items", "ReplacedWhileReadingError"]
@@ -37,6 +37,7 @@ def save_checkpoint(path: Any, items: dict[str, Any], *, step: int | None = None
     objects, no data copied), which is how ``save_model`` + ``save_optimizer`` build one
     checkpoint. ``prepared`` is ``prepare_items(items)`` taken earlier (async saves).
     """
+    check_metrics(metrics)          # before anything is written: a bad metric fails no commit
     store, name = resolve(path, filesystem)
     session = save_session(store, name, backend=executor if executor is not None else backend,
                            num_writers=num_writers, save_timeout=save_timeout,

@@ -40,12 +40,35 @@ def _console(stderr: bool = False):
     kw: dict[str, Any] = {}
     if not stream.isatty() and "COLUMNS" not in os.environ:
         kw["width"] = 200   # pipes and logs: do not wrap tables at 80 columns
-    return Console(file=stream, highlight=False, soft_wrap=False, **kw)
+    # emoji=False: a key named ":warning:" is printed as written
+    return Console(file=stream, highlight=False, soft_wrap=False, emoji=False, **kw)
 
 
-def _e(x: Any) -> str:
+# What must never reach a terminal from a checkpoint (whose names, metrics, config and
+# writer records are untrusted): C0 controls (ESC starts CSI/OSC sequences, BEL, BS, CR),
+# DEL, C1 controls (U+009B is a one-character CSI), bidi embeddings/overrides/isolates and
+# marks (they reorder what is shown), line/paragraph separators, BOM, and lone surrogates
+# (which cannot even be encoded to UTF-8).
+_UNSAFE_REST = r"\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+_UNSAFE = re.compile(rf"[\x00-\x1f{_UNSAFE_REST}]")
+_UNSAFE_KEEP_NL = re.compile(rf"[\x00-\x09\x0b-\x1f{_UNSAFE_REST}]")
+
+
+def _escape_char(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def clean(x: Any, *, newlines: bool = False) -> str:
+    """``str(x)`` safe to print on a terminal: every control, bidi or invisible formatting
+    character shown as a visible ``\\xNN`` / ``\\uNNNN`` escape (``newlines``: keep LF)."""
+    return (_UNSAFE_KEEP_NL if newlines else _UNSAFE).sub(_escape_char, str(x))
+
+
+def _e(x: Any, *, newlines: bool = False) -> str:
+    """Text for a rich console: ``clean``, then rich markup escaped."""
     from rich.markup import escape
-    return escape(str(x))
+    return escape(clean(x, newlines=newlines))
 
 
 def _jsonable(v: Any) -> Any:
@@ -76,6 +99,25 @@ def _show(con, title: str, table) -> None:
     con.print(table)
 
 
+def _table(columns: list[tuple[str, str]], rows: list[list[str]]):
+    """A rich table that never cuts a value: ``columns`` are (header, kind) with kind
+    "num" (right-aligned, kept whole: as wide as its widest cell), "short" (kept whole) or
+    "text" (folded onto more lines when the terminal or pipe is narrow, never cut)."""
+    from rich.table import Table
+    from rich.text import Text
+    table = Table()
+    for n, (header, kind) in enumerate(columns):
+        widest = max([len(header), *(len(Text.from_markup(r[n]).plain) for r in rows)])
+        if kind == "text":
+            table.add_column(header, overflow="fold")
+        else:
+            table.add_column(header, justify="right" if kind == "num" else "left", overflow="fold",
+                             min_width=min(widest, 40))
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "?"
@@ -86,13 +128,31 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+MAX_VALUE_CHARS = 120
+
+
 def _fmt_value(v: Any) -> str:
+    """A metric or scalar value as shown in a table: floats to 6 digits, integers too long
+    to read in scientific notation (10**400 is "1.00000e+400", never cut), anything
+    nested as compact JSON cut at ``MAX_VALUE_CHARS``."""
     if isinstance(v, float):
         return f"{v:.6g}"
-    return str(v)
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**16:
+        digits = str(abs(v))
+        return f"{'-' if v < 0 else ''}{digits[0]}.{digits[1:6]}e+{len(digits) - 1}"
+    if isinstance(v, (dict, list)):
+        try:
+            text = json.dumps(_jsonable(v), separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            text = f"<{type(v).__name__}>"
+    else:
+        text = str(v)
+    return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "…"
 
 
-def _fmt_metrics(metrics: dict) -> str:
+def _fmt_metrics(metrics: Any) -> str:
+    if not isinstance(metrics, dict):
+        return _fmt_value(metrics)
     return ", ".join(f"{k}={_fmt_value(v)}" for k, v in metrics.items()) or "-"
 
 
@@ -100,15 +160,32 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _is_uri(p: str) -> bool:
+    return "://" in str(p)
+
+
 def _existing_dir(p: str):
+    """A directory argument: a local directory (as a Path), or a URI (as given) whose store
+    opens (listing then tells whether anything is there)."""
     from .store import open_store
-    if open_store(p).local_path("") is None:
-        return p                  # an object store: listing tells whether anything is there
-    path = Path(p)
+    try:
+        store = open_store(p)
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"{p}: {e}") from e
+    if store.local_path("") is None:
+        return p
+    path = Path(store.local_path(""))
     if not path.exists():
         raise UsageError(f"{p}: no such directory")
     if not path.is_dir():
         raise UsageError(f"{p}: not a directory")
+    return path
+
+
+def _existing_path(p: str) -> Path:
+    path = Path(p)
+    if not os.path.lexists(path):
+        raise UsageError(f"{p}: no such file or directory")
     return path
 
 
@@ -120,7 +197,6 @@ def _check_prefix(prefix: str) -> None:
 # --- ls --------------------------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    from rich.table import Table
     from .inspection import format_time, list_dir
 
     _check_prefix(args.prefix)
@@ -135,85 +211,80 @@ def cmd_ls(args) -> int:
         con.print(f"{_e(directory)}: no committed checkpoints named {_e(args.prefix)}_<step>")
     else:
         best = f"best {args.best_metric} ({args.best_mode})" if args.best_metric else None
-        table = Table()
-        table.add_column("step", justify="right", no_wrap=True)
-        table.add_column("created", no_wrap=True)
-        table.add_column("metrics")
-        table.add_column("size", justify="right", no_wrap=True)
-        table.add_column("shards", justify="right", no_wrap=True)
-        table.add_column("items", no_wrap=True)
-        table.add_column("marks", no_wrap=True)
+        rows = []
         for i in infos:
             marks = [m for m, on in (("latest", i["latest"]), ("best", i["best"])) if on]
-            table.add_row(str(i["step"]), _e(format_time(i["created"])), _e(_fmt_metrics(i["metrics"])),
-                          _size(i["bytes"]), str(i["files"]), _e(",".join(i["items"])),
-                          ", ".join(marks) or "")
+            rows.append([str(i["step"]), _e(format_time(i["created"])), _e(_fmt_metrics(i["metrics"])),
+                         _size(i["bytes"]), str(i["files"]), _e(",".join(i["items"])), ", ".join(marks)])
+        table = _table([("step", "num"), ("created", "short"), ("metrics", "text"), ("size", "num"),
+                        ("shards", "num"), ("items", "text"), ("marks", "short")], rows)
         _show(con, f"{_e(directory)}: {len(infos)} checkpoints, {_size(data['total_bytes'])}", table)
         if best and not any(i["best"] for i in infos):
-            con.print(f"no checkpoint has a finite metric {_e(args.best_metric)!r}: none marked best")
+            con.print(f"no checkpoint has a finite metric {_e(repr(args.best_metric))}: none marked best")
     for bad in data["invalid"]:
         con.print(f"[yellow]not a checkpoint[/yellow]: {_e(bad['name'])}: {_e(bad['problem'])}")
     if data["leftovers"]:
-        table = Table()
-        for col in ("name", "kind", "host", "pid", "owner", "age", "gc would"):
-            table.add_column(col, no_wrap=True)
-        for lo in data["leftovers"]:
-            table.add_row(_e(lo["name"]), lo["kind"], _e(lo["host"]), str(lo["pid"]),
-                          "alive" if lo["owner_alive"] else "dead", f"{lo['age_s']:.0f}s", lo["action"])
+        rows = [[_e(lo["name"]), _e(lo["kind"]), _e(lo["host"]), _e(lo["pid"]),
+                 "alive" if lo["owner_alive"] else "dead", f"{lo['age_s']:.0f}s", _e(lo["action"])]
+                for lo in data["leftovers"]]
+        table = _table([("name", "text"), ("kind", "short"), ("host", "text"), ("pid", "num"),
+                        ("owner", "short"), ("age", "num"), ("gc would", "short")], rows)
         _show(con, "leftovers of unfinished saves and deletes (shardckpt gc removes dead ones)", table)
     return EXIT_OK
 
 
 # --- inspect ---------------------------------------------------------------------------------
 
+def _damage(path: Path, checksums: bool = True) -> list[str]:
+    """Every problem ``verify`` finds in the checkpoint at ``path`` (checksums of every file
+    and chunk included), so that ``inspect`` and ``diff`` never present damaged data as
+    sound."""
+    from .verification import verify
+    return verify(path, checksums=checksums, progress=False).problems
+
+
 def cmd_inspect(args) -> int:
-    from rich.table import Table
     from .inspection import describe, format_time
 
-    path = Path(args.path)
-    if not path.exists():
-        raise UsageError(f"{args.path}: no such file or directory")
+    path = _existing_path(args.path)
     data = describe(path)
+    data["damage"] = [] if args.no_verify else _damage(path)
+    data["verified"] = not args.no_verify
+    rc = EXIT_PROBLEM if data["damage"] else EXIT_OK
     if args.json:
         _print_json(data)
-        return EXIT_OK
+        return rc
     con = _console()
-    con.print(f"[bold]{_e(data['path'])}[/bold]  ({data['layout']} layout)")
-    con.print(f"  step: {data['step']}")
+    con.print(f"[bold]{_e(data['path'])}[/bold]  ({_e(data['layout'])} layout)")
+    con.print(f"  step: {_e(data['step'])}")
     if data.get("created"):
         con.print(f"  created: {_e(format_time(data['created']))} ({_e(data['created'])})")
     if data.get("versions"):
         con.print("  written by: " + _e(", ".join(f"{k} {v}" for k, v in data["versions"].items())))
     if data.get("host_count"):
-        con.print(f"  hosts: {data['host_count']}")
+        con.print(f"  hosts: {_e(data['host_count'])}")
     con.print(f"  size: {_size(data['total_bytes'])} in {len(data['files'])} shard files"
               f" + {len(data['meta_files'])} metadata files")
     for item, rec in data["items"].items():
-        table = Table()
-        for col, just in (("key", "left"), ("dtype", "left"), ("shape", "left"), ("size", "right"),
-                          ("chunks", "right")):
-            table.add_column(col, justify=just, no_wrap=True)
-        for a in rec["arrays"]:
-            table.add_row(_e(a["key"]), _e(a["dtype"]), _shape(a["shape"]), _size(a["nbytes"]),
-                          "-" if a["chunks"] is None else str(a["chunks"]))
+        rows = [[_e(a["key"]), _e(a["dtype"]), _e(_shape(a["shape"])), _size(a["nbytes"]),
+                 "-" if a["chunks"] is None else str(a["chunks"])] for a in rec["arrays"]]
+        table = _table([("key", "text"), ("dtype", "short"), ("shape", "num"), ("size", "num"),
+                        ("chunks", "num")], rows)
         _show(con, f"item {_e(item)}: {len(rec['arrays'])} arrays, {_size(rec['nbytes'])}", table)
         if rec["scalars"]:
-            st = Table()
-            st.add_column("key", no_wrap=True)
-            st.add_column("value")
-            for k, v in rec["scalars"].items():
-                st.add_row(_e(k), _e(repr(v)))
-            _show(con, f"item {_e(item)}: {len(rec['scalars'])} scalar leaves", st)
+            rows = [[_e(k), _e(_fmt_value(repr(v)))] for k, v in rec["scalars"].items()]
+            _show(con, f"item {_e(item)}: {len(rec['scalars'])} scalar leaves",
+                  _table([("key", "text"), ("value", "text")], rows))
     if data["files"]:
-        table = Table()
-        for col, just in (("file", "left"), ("item", "left"), ("size", "right"), ("backend", "left"),
-                          ("writer", "left"), ("node", "left"), ("pid", "right"), ("host", "left")):
-            table.add_column(col, justify=just, no_wrap=True)
+        rows = []
         for f in data["files"]:
-            w = f.get("writer") or {}
-            table.add_row(_e(f["name"]), _e(f.get("item") or "-"), _size(f["size"]),
-                          _e(w.get("backend", "-")), _e(w.get("writer", "-")),
-                          _e(str(w.get("node_id") or "-")[:16]), _e(w.get("pid", "-")), _e(w.get("host", "-")))
+            w = f.get("writer") if isinstance(f.get("writer"), dict) else {}
+            rows.append([_e(f["name"]), _e(f.get("item") or "-"), _size(f["size"]),
+                         *(_e(_fmt_value(w.get(k, "-"))) for k in ("backend", "writer")),
+                         _e(_fmt_value(w.get("node_id") or "-")[:16]),
+                         *(_e(_fmt_value(w.get(k, "-"))) for k in ("pid", "host"))])
+        table = _table([("file", "text"), ("item", "text"), ("size", "num"), ("backend", "text"),
+                        ("writer", "text"), ("node", "text"), ("pid", "num"), ("host", "text")], rows)
         _show(con, "shard files", table)
     if data["writers"]:
         con.print("  writers: " + "; ".join(
@@ -224,24 +295,57 @@ def cmd_inspect(args) -> int:
         con.print("  metadata files: " + _e(", ".join(f"{m['name']} ({_size(m['size'])})"
                                                       for m in data["meta_files"])))
     con.print(f"  metrics: {_e(_fmt_metrics(data['metrics']))}")
-    if data.get("config") is not None:
-        con.print("config.json:")
-        con.print(_e(json.dumps(_jsonable(data["config"]), indent=1)))
-    if data.get("extra") is not None:
-        con.print("extra.json:")
-        con.print(_e(json.dumps(_jsonable(data["extra"]), indent=1)))
+    for name, key in (("config.json", "config"), ("extra.json", "extra")):
+        if data.get(key) is not None:
+            con.print(f"{name}:")
+            # json.dumps escapes every control and non-ASCII character; clean() the rest
+            con.print(_e(json.dumps(_jsonable(data[key]), indent=1), newlines=True))
     for w in data["warnings"]:
         con.print(f"[yellow]warning[/yellow]: {_e(w)}")
-    return EXIT_OK
+    if not data["verified"]:
+        con.print("  checksums: not verified (--no-verify)")
+    elif data["damage"]:
+        con.print(f"[red]DAMAGED[/red]: {len(data['damage'])} problem(s) (shardckpt verify shows the same):")
+        for p in data["damage"]:
+            con.print(f"  - {_e(p)}")
+    else:
+        con.print("  checksums: [green]OK[/green] (every file and chunk verified)")
+    return rc
 
 
 # --- verify ----------------------------------------------------------------------------------
 
+def _verify_targets(p: str) -> list[tuple[str, Any]]:
+    """A checkpoint, or a manager directory (no manifest of its own, committed steps inside):
+    every committed step, plus each step directory that is not a valid checkpoint (as a
+    problem)."""
+    from .format import MANIFEST
+    from .legacy import is_legacy_dir
+    path = _existing_path(p)
+    if not path.is_dir() or os.path.lexists(path / MANIFEST) or is_legacy_dir(path):
+        return [(p, None)]
+    from .inspection import scan
+    infos, invalid = scan(path)
+    if not infos and not invalid:
+        return [(p, None)]
+    out: list[tuple[str, Any]] = [(str(i["path"]), None) for i in infos]
+    out += [(str(b["path"]), b["problem"]) for b in invalid]
+    return sorted(out, key=lambda t: t[0])
+
+
 def cmd_verify(args) -> int:
-    from .verification import verify
+    from .verification import VerifyReport, verify
 
     progress = False if (args.json or args.no_progress) else None
-    reports = [verify(p, checksums=not args.no_checksums, progress=progress) for p in args.paths]
+    targets = [t for p in args.paths for t in _verify_targets(p)]
+    reports = []
+    for path, problem in targets:
+        if problem is None:
+            reports.append(verify(path, checksums=not args.no_checksums, progress=progress))
+        else:
+            r = VerifyReport(path, checksums=not args.no_checksums, layout="")
+            r.problem(f"{path}: {problem}")
+            reports.append(r)
     if args.json:
         _print_json([r.to_json() for r in reports])
     else:
@@ -267,20 +371,35 @@ def cmd_verify(args) -> int:
 # --- diff ------------------------------------------------------------------------------------
 
 def cmd_diff(args) -> int:
-    from rich.table import Table
     from .inspection import diff
 
     for p in (args.a, args.b):
-        if not Path(p).exists():
-            raise UsageError(f"{p}: no such file or directory")
+        _existing_path(p)
     if args.atol < 0 or not math.isfinite(args.atol):
         raise UsageError(f"--atol {args.atol}: expected a finite number >= 0")
-    data = diff(args.a, args.b, atol=args.atol)
+    damage = {} if args.no_verify else {side: _damage(Path(p)) for side, p in (("a", args.a), ("b", args.b))}
+    damaged = any(damage.values())
+    if damaged:
+        # Comparing damaged data would report differences (or sameness) that are not there.
+        data: dict[str, Any] = {"a": args.a, "b": args.b, "atol": args.atol, "items": {}, "only_in_a_items": [],
+                                "only_in_b_items": [], "identical": False}
+    else:
+        data = diff(args.a, args.b, atol=args.atol)
+    data["damage"] = damage
+    data["verified"] = not args.no_verify
+    rc = EXIT_OK if data["identical"] else EXIT_PROBLEM
     if args.json:
         _print_json(data)
-        return EXIT_OK if data["identical"] else EXIT_PROBLEM
+        return rc
     con = _console()
     con.print(f"A = {_e(args.a)}\nB = {_e(args.b)}")
+    if damaged:
+        err = _console(stderr=True)
+        for side, problems in damage.items():
+            for p in problems:
+                err.print(f"[red]{side.upper()} is damaged[/red]: {_e(p)}")
+        err.print("[red]not compared: damaged checkpoint[/red] (shardckpt verify shows the same)")
+        return rc
     for label, items in (("only in A", data["only_in_a_items"]), ("only in B", data["only_in_b_items"])):
         if items:
             con.print(f"items {label}: {_e(', '.join(items))}")
@@ -291,30 +410,29 @@ def cmd_diff(args) -> int:
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         con.print(f"[bold]item {_e(item)}[/bold]: {len(rows)} keys in both ({summary or 'none'})")
         if shown:
-            table = Table()
-            for col, just in (("key", "left"), ("status", "left"), ("dtype", "left"), ("shape", "left"),
-                              ("differing", "right"), ("max abs diff", "right")):
-                table.add_column(col, justify=just, no_wrap=True)
+            cells = []
             for r in shown:
                 if r["status"] in ("shape", "dtype"):
                     a, b = (_shape(r["a"]), _shape(r["b"])) if r["status"] == "shape" else (r["a"], r["b"])
-                    table.add_row(_e(r["key"]), f"[red]{r['status']} differs[/red]",
+                    cells.append([_e(r["key"]), f"[red]{r['status']} differs[/red]",
                                   _e(f"{a} vs {b}") if r["status"] == "dtype" else "",
-                                  _e(f"{a} vs {b}") if r["status"] == "shape" else "", "", "")
+                                  _e(f"{a} vs {b}") if r["status"] == "shape" else "", "", ""])
                 elif r.get("scalar"):
-                    table.add_row(_e(r["key"]), r["status"], "scalar", "", "",
-                                  "" if r["status"] == "equal" else _e(f"{r['a']!r} vs {r['b']!r}"))
+                    cells.append([_e(r["key"]), r["status"], "scalar", "", "",
+                                  "" if r["status"] == "equal" else
+                                  _e(f"{_fmt_value(repr(r['a']))} vs {_fmt_value(repr(r['b']))}")])
                 else:
                     mad = r["max_abs_diff"]
-                    table.add_row(_e(r["key"]), r["status"], _e(r["dtype"]), _shape(r["shape"]),
-                                  str(r["differing"]), "raw bits" if mad is None else f"{mad:.6g}")
-            con.print(table)
+                    cells.append([_e(r["key"]), r["status"], _e(r["dtype"]), _e(_shape(r["shape"])),
+                                  str(r["differing"]), "raw bits" if mad is None else f"{mad:.6g}"])
+            con.print(_table([("key", "text"), ("status", "short"), ("dtype", "short"), ("shape", "num"),
+                              ("differing", "num"), ("max abs diff", "num")], cells))
         for label, keys in (("only in A", rec["only_in_a"]), ("only in B", rec["only_in_b"])):
             if keys:
                 more = f", ... ({len(keys)} in all)" if len(keys) > 20 else ""
                 con.print(f"  keys {label}: {_e(', '.join(keys[:20]))}{more}")
     con.print("[green]identical[/green]" if data["identical"] else "[red]different[/red]")
-    return EXIT_OK if data["identical"] else EXIT_PROBLEM
+    return rc
 
 
 # --- gc --------------------------------------------------------------------------------------
@@ -349,7 +467,8 @@ def cmd_gc(args) -> int:
         else:
             con.print(f"{verb} leftover {_e(lo['name'])}")
     for lo in result["kept_leftovers"]:
-        con.print(f"kept leftover {_e(lo['name'])} (its owner, pid {lo['pid']} on {_e(lo['host'])}, may still run)")
+        con.print(f"kept leftover {_e(lo['name'])} (its owner, pid {_e(lo['pid'])} on {_e(lo['host'])}, "
+                  "may still run)")
     step_verb = "would delete" if args.dry_run else "deleted"
     by_step = {i["step"]: i for i in infos}
     for p in result["protected"]:
@@ -425,7 +544,8 @@ def cmd_export(args) -> int:
 
 
 def _add_convert_parsers(sub) -> None:
-    p = sub.add_parser("convert", help="Orbax checkpoint -> shardckpt, or shardckpt -> Orbax (from SRC)")
+    p = sub.add_parser("convert", help="Orbax checkpoint -> shardckpt, or shardckpt -> Orbax (from SRC)",
+                       formatter_class=_Formatter)
     p.add_argument("src", help="an Orbax checkpoint, step or CheckpointManager directory, or a shardckpt "
                                "checkpoint or manager directory")
     p.add_argument("dst", help="a new (or empty) directory")
@@ -441,59 +561,82 @@ def _add_convert_parsers(sub) -> None:
                    help="shardckpt -> Orbax: leaves as in state.to_pure_dict(), without nnx's 'value' level")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("export", help="write a checkpoint's model weights in another format")
+    p = sub.add_parser("export", help="write a checkpoint's model weights in another format",
+                       formatter_class=_Formatter)
     p.add_argument("--safetensors", action="store_true", required=True, help="as one .safetensors file")
     p.add_argument("src", help="a shardckpt checkpoint")
     p.add_argument("out", metavar="OUT.safetensors")
-    p.add_argument("--item", default="model", help="which item (default: model)")
+    p.add_argument("--item", default="model", help="which item")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
 
 
 # --- main ------------------------------------------------------------------------------------
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (options whose default means "off" or "none" say
+    so in their help instead)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or isinstance(action, argparse._HelpAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardckpt", description="Sharded checkpoints for JAX / Flax NNX",
-                                     epilog="exit codes: 0 ok, 1 problem found, 2 usage error")
+                                     epilog="exit codes: 0 ok, 1 problem found, 2 usage error",
+                                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
-    demo.add_arguments(sub.add_parser("demo", help="train, save through Ray, get killed, resume bit-exactly"))
 
-    p = sub.add_parser("ls", help="list the committed checkpoints of a manager directory")
-    p.add_argument("dir")
-    p.add_argument("--prefix", default="step", help="checkpoint names are PREFIX_<step> (default: step)")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    from . import demo
+    demo.add_arguments(add("demo", "train, save through Ray, get killed, resume bit-exactly"))
+
+    p = add("ls", "list the committed checkpoints of a manager directory")
+    p.add_argument("dir", help="a manager directory: a local path or a URI (s3://bucket/run?endpoint_url=...)")
+    p.add_argument("--prefix", default="step", help="checkpoint names are PREFIX_<step>")
     p.add_argument("--best-metric", default=None, metavar="NAME", help="mark the best checkpoint by this metric")
-    p.add_argument("--best-mode", choices=("min", "max"), default="min")
+    p.add_argument("--best-mode", choices=("min", "max"), default="min", help="is a smaller or larger metric better")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    p = sub.add_parser("inspect", help="arrays, dtypes, shapes, shards and writers of a checkpoint")
+    p = add("inspect", "arrays, dtypes, shapes, shards and writers of a checkpoint; checksums verified")
     p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not read every file to verify its checksums (fast; damage goes unreported)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    p = sub.add_parser("verify", help="check structure and checksums (exit 1 if anything is wrong)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = add("verify", "check structure and checksums (exit 1 if anything is wrong)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="checkpoints, or manager directories (every committed step is verified)")
     p.add_argument("--no-checksums", action="store_true", help="check structure and sizes only (fast)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = sub.add_parser("diff", help="which arrays of two checkpoints differ, and by how much")
+    p = add("diff", "which arrays of two checkpoints differ, and by how much (both verified first)")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--atol", type=float, default=0.0,
-                   help="arrays whose max abs difference is <= ATOL count as equal (default 0: bits)")
+                   help="arrays whose max abs difference is <= ATOL count as equal (0: same bits)")
     p.add_argument("--all", action="store_true", help="list equal keys too")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="compare without verifying every file's checksum first")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    p = sub.add_parser("gc", help="remove leftovers of dead saves and apply retention")
-    p.add_argument("dir")
+    p = add("gc", "remove leftovers of dead saves and apply retention")
+    p.add_argument("dir", help="a manager directory: a local path or a URI (s3://bucket/run?endpoint_url=...)")
     p.add_argument("--max-to-keep", type=int, default=None, metavar="N",
                    help="keep the N most recent (default: keep all; only leftovers are removed)")
-    p.add_argument("--best-metric", default=None, metavar="NAME")
-    p.add_argument("--best-mode", choices=("min", "max"), default="min")
-    p.add_argument("--best-to-keep", type=int, default=3, metavar="K")
-    p.add_argument("--prefix", default="step")
+    p.add_argument("--best-metric", default=None, metavar="NAME",
+                   help="also keep the best checkpoints by this metric (default: none)")
+    p.add_argument("--best-mode", choices=("min", "max"), default="min", help="is a smaller or larger metric better")
+    p.add_argument("--best-to-keep", type=int, default=3, metavar="K",
+                   help="with --best-metric: how many of the best checkpoints to keep")
+    p.add_argument("--prefix", default="step", help="checkpoint names are PREFIX_<step>")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed, change nothing")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_convert_parsers(sub)
     return parser
 
@@ -502,33 +645,38 @@ COMMANDS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "diff": 
             "convert": cmd_convert, "export": cmd_export}
 
 
+def _error(command: str, e: BaseException) -> None:
+    print(f"shardckpt {command}: {clean(e)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from . import demo
-        return demo.run_demo(args.dir, args.steps, args.save_every, args.kill_after, args.backend)
     from .errors import CheckpointError, CheckpointNotFoundError
     try:
+        if args.command == "demo":
+            from . import demo
+            return demo.run_demo(args.dir, args.steps, args.save_every, args.kill_after, args.backend,
+                                 cleanup=args.cleanup)
         return COMMANDS[args.command](args)
     except UsageError as e:
         parser.print_usage(sys.stderr)
-        print(f"shardckpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"shardckpt {args.command}: error: {clean(e)}", file=sys.stderr)
         return EXIT_USAGE
     except CheckpointNotFoundError as e:
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
+        _error(args.command, e)
         return EXIT_USAGE
     except CheckpointError as e:
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
+        _error(args.command, e)
         return EXIT_PROBLEM
     except BrokenPipeError:   # `shardckpt ls | head`
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
         except OSError:
             pass
         return EXIT_OK
     except OSError as e:
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
+        _error(args.command, e)
         return EXIT_PROBLEM
 
 

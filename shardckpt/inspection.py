@@ -42,7 +42,8 @@ def describe(path: os.PathLike | str) -> dict[str, Any]:
     index: dict = {}
     if not ck.legacy:
         m = ck.manifest
-        out.update(created=m.created, versions=dict(m.writers), host_count=m.host_count)
+        out.update(created=_field(m.created), versions={str(k): _field(v) for k, v in m.writers.items()},
+                   host_count=m.host_count)
         try:
             index = ck.index()
         except CheckpointError as e:
@@ -93,7 +94,7 @@ def describe(path: os.PathLike | str) -> dict[str, Any]:
     out["writers"] = _writers(files)
     for name, key in (("config.json", "config"), ("metrics.json", "metrics_file"), ("extra.json", "extra")):
         try:
-            out[key] = ck.read_json(name, None)
+            out[key] = _plain(ck.read_json(name, None))
         except CheckpointError as e:
             out[key] = None
             warnings.append(str(e))
@@ -102,27 +103,54 @@ def describe(path: os.PathLike | str) -> dict[str, Any]:
 
 
 def _writers(files: list[dict]) -> list[dict]:
-    """Distinct writers (backend, name, node, pid, host) with the shard count of each."""
+    """Distinct writers (backend, name, node, pid, host) with the shard count of each. A
+    hostile manifest may put anything in a writer record: each field comes out as a short
+    string (or None), the pid as an int when it is one."""
     seen: dict[tuple, dict] = {}
     for f in files:
         w = f.get("writer") or {}
-        if not w:
+        if not isinstance(w, dict) or not w:
             continue
-        ident = tuple(str(w.get(k, "")) for k in ("backend", "writer", "node_id", "host", "pid"))
-        row = seen.setdefault(ident, {"backend": w.get("backend"), "writer": w.get("writer"),
-                                      "node_id": w.get("node_id"), "host": w.get("host"),
-                                      "pid": w.get("pid"), "shards": 0, "bytes": 0})
+        fields = {k: _field(w.get(k)) for k in ("backend", "writer", "node_id", "host")}
+        pid = w.get("pid")
+        fields["pid"] = pid if isinstance(pid, int) and not isinstance(pid, bool) else _field(pid)
+        ident = tuple(str(fields[k]) for k in ("backend", "writer", "node_id", "host", "pid"))
+        row = seen.setdefault(ident, {**fields, "shards": 0, "bytes": 0})
         row["shards"] += 1
         row["bytes"] += f["size"]
     return list(seen.values())
 
 
-def _plain(v: Any) -> Any:
-    """JSON-safe copy of manifest data (which came from JSON, but be safe)."""
+MAX_FIELD_CHARS = 200
+
+
+def _field(v: Any) -> str | None:
+    """A writer field as text: None stays None, a string is cut to ``MAX_FIELD_CHARS``,
+    anything else (a number, a list, a dict) is its compact JSON, cut likewise."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        import json
+        try:
+            v = json.dumps(_plain(v), separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            v = f"<{type(v).__name__}>"
+    return v if len(v) <= MAX_FIELD_CHARS else v[:MAX_FIELD_CHARS] + "…"
+
+
+MAX_PLAIN_DEPTH = 32
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """JSON-safe copy of manifest data, which came from JSON but may be hostile: non-finite
+    floats become "nan"/"inf", anything nested deeper than ``MAX_PLAIN_DEPTH`` becomes the
+    string "<nested too deep>" (JSON allows ~1,000 levels; printing them would recurse)."""
+    if isinstance(v, (dict, list, tuple)) and depth >= MAX_PLAIN_DEPTH:
+        return "<nested too deep>"
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _plain(x, depth + 1) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [_plain(x, depth + 1) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return repr(v)
     if v is None or isinstance(v, (bool, int, float, str)):

@@ -27,7 +27,7 @@ from .checkpoint import save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError
 from .reader import open_checkpoint, read_consistently
 from .store import open_store
-from .transaction import prepare_items
+from .transaction import check_metrics, prepare_items
 
 LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
 
@@ -159,6 +159,7 @@ class CheckpointManager:
         """
         self.wait_until_finished()
         step = _check_step(step)
+        check_metrics(metrics)          # raised here, not by a background save
         items = {"model": nnx.state(model)}
         if optimizer is not None:
             items["optimizer"] = nnx.state(optimizer)

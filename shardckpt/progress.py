@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 SHOW_ABOVE_BYTES = 64 << 20     # small checkpoints finish before a bar is worth drawing
 
@@ -22,8 +22,14 @@ def byte_progress(description: str, total: int, enabled: bool | None) -> Iterato
     if not show:
         yield None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     lock = threading.Lock()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -94,6 +95,9 @@ def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = ""):
     tdtype = getattr(target, "dtype", None)
     if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
         tdtype = np.dtype(tdtype)
+        if value.dtype.name == "bfloat16" and tdtype.kind == "f":   # one warning per dtype pair (default filter)
+            warnings.warn(f"loading bfloat16 arrays into {tdtype} targets: values are converted exactly, "
+                          f"but the restored arrays are {tdtype}, not bfloat16", UserWarning, stacklevel=2)
         untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
         value = value.view(tdtype) if untyped else value.astype(tdtype)
     return value

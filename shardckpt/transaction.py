@@ -16,8 +16,11 @@ manifest, atomically (the Store decides how). Nothing here knows which store it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import reprlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,15 +176,61 @@ def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, trans
             files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
             for c in r.chunks:
                 chunks_by_item[item][c.key].append((r.file, c))
-    step, metrics, json_files = args.step, args.metrics, dict(args.json_files or {})
-    meta_files: dict[str, FileRecord] = {}
-    if args.keep_other_items:
-        previous = existing_checkpoint(staging.store, staging.final)
-        if previous is not None:
-            _carry_over(previous, staging, set(records), json_files, records, chunks_by_item, files, meta_files)
-            # Adding an item keeps what the checkpoint is listed by (its step and metrics).
-            step = previous.step if step is None else step
-            metrics = previous.metrics if metrics is None else metrics
+    if not args.keep_other_items:
+        _publish(staging, parts, args, records, chunks_by_item, files, {}, args.step, args.metrics,
+                 dict(args.json_files or {}), transaction)
+        return
+    # Adding items to a checkpoint (save_model + save_optimizer): the items this save does
+    # not write come from the newest version. Two such saves racing on one checkpoint must
+    # not each carry over the version before the other's (a lost update): on a local disk
+    # they take turns under a lock file beside the checkpoint, and every store re-reads the
+    # current version right before publishing and carries over again if it changed.
+    with _checkpoint_lock(staging):
+        for _ in range(CARRY_OVER_ATTEMPTS):
+            previous = existing_checkpoint(staging.store, staging.final)
+            step, metrics, json_files = args.step, args.metrics, dict(args.json_files or {})
+            t_records, t_chunks = dict(records), {n: defaultdict(list, v) for n, v in chunks_by_item.items()}
+            t_files, meta_files, adopted = dict(files), {}, []
+            if previous is not None:
+                adopted = _carry_over(previous, staging, set(records), json_files, t_records, t_chunks,
+                                      t_files, meta_files)
+                # Adding an item keeps what the checkpoint is listed by (its step and metrics).
+                step = previous.step if step is None else step
+                metrics = previous.metrics if metrics is None else metrics
+            if _publish(staging, parts, args, t_records, t_chunks, t_files, meta_files, step, metrics, json_files,
+                        transaction, expect=_version_of(previous)):
+                return
+            if staging.store.local_path("") is not None:
+                # local files are created exclusively: clear the outdated version's hard links
+                # and this attempt's metadata files (object stores overwrite their staged names)
+                for name in {*adopted, *meta_files}:
+                    with contextlib.suppress(FileNotFoundError):
+                        staging.remove_staged(name)
+    raise SaveAbortedError(f"saving {where}: the checkpoint was replaced {CARRY_OVER_ATTEMPTS} times by "
+                           "other saves while this one carried its other items over; nothing was committed")
+
+
+CARRY_OVER_ATTEMPTS = 20
+_NO_VERSION = "-"
+
+
+def _version_of(ck) -> str:
+    """What identifies one committed version of a checkpoint (its manifest, which names
+    the transaction, the creation time and every file's checksum)."""
+    if ck is None:
+        return _NO_VERSION
+    m = ck.manifest
+    return json.dumps([m.transaction, m.created, m.step, sorted(m.items),
+                       sorted((k, r.size, r.xxh3_64) for k, r in [*m.files.items(), *m.meta_files.items()])])
+
+
+def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, records, chunks_by_item, files,
+             meta_files, step, metrics, json_files, transaction: str, expect: str | None = None) -> bool:
+    """Write the metadata files and the index, then publish with the manifest. With
+    ``expect``: only if the checkpoint is still that version (else return False, nothing
+    published)."""
+    from .reader import existing_checkpoint
+    where = staging.store.where(staging.final)
     for fname, obj in json_files.items():
         _add_meta(staging, meta_files, fname, json_bytes(obj, fname))
     structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
@@ -195,7 +244,46 @@ def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, trans
                         host_count=len(writers) or 1, transaction=transaction, index_file=index_rec)
     # The index validator is the loader's: a commit never publishes what a load would refuse.
     load_index(index, manifest, where)
+    if expect is not None and _version_of(existing_checkpoint(staging.store, staging.final)) != expect:
+        return False
     staging.publish(manifest.dumps())
+    return True
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(staging: Staging):
+    """An exclusive ``flock`` on ``.<name>.lock`` beside a checkpoint on a local store,
+    held while a save that keeps other items reads the current version and publishes the
+    next (best effort: where locks are not supported, the re-check in ``commit`` remains).
+    The holder removes the file; a waiter that locked a removed file tries again."""
+    path = staging.store.local_path(f".{staging.final}.lock")
+    if path is None:
+        yield
+        return
+    import fcntl
+    fd = None
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                break
+        except OSError:
+            pass
+        os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def _add_meta(staging: Staging, meta_files: dict, name: str, data: bytes) -> str:
@@ -205,10 +293,12 @@ def _add_meta(staging: Staging, meta_files: dict, name: str, data: bytes) -> str
 
 
 def _carry_over(previous, staging: Staging, items: set, json_files: dict, manifest_items,
-                chunks_by_item, files, meta_files) -> None:
+                chunks_by_item, files, meta_files) -> list[str]:
     """Bring the previous checkpoint's other items and metadata files into this save
-    (``staging.adopt``: a hard link on local disks, the same object on object stores)."""
+    (``staging.adopt``: a hard link on local disks, the same object on object stores).
+    Returns the names adopted."""
     old = previous.manifest
+    adopted = []
     for name, rec in old.items.items():
         if name in items:
             continue
@@ -217,6 +307,7 @@ def _carry_over(previous, staging: Staging, items: set, json_files: dict, manife
         for fname, frec in old.files.items():
             if frec.item == name:
                 renamed[fname] = staging.adopt(staging.final, fname)
+                adopted.append(renamed[fname])
                 files[renamed[fname]] = frec
         rows = previous.index().get(name, {})
         chunks_by_item[name] = defaultdict(list, {k: [(renamed.get(f, f), c) for f, c in v] for k, v in rows.items()})
@@ -225,16 +316,84 @@ def _carry_over(previous, staging: Staging, items: set, json_files: dict, manife
         if base in json_files or base in (INDEX, "structure.json"):
             continue
         meta_files[staging.adopt(staging.final, fname)] = frec
+        adopted.append(fname)
+    return adopted
+
+
+MAX_METRIC_DEPTH = 32
+
+
+def check_metrics(metrics: Any, where: str = "metrics") -> None:
+    """Refuse, before anything is written, metrics that a checkpoint could not hold or that
+    its readers could not rank: a dict with string keys whose values are JSON values
+    (numbers, strings, booleans, None, lists and dicts with string keys; NumPy / JAX
+    scalars and arrays as their values), numbers within float range, nesting at most
+    ``MAX_METRIC_DEPTH`` deep. NaN and infinities are accepted (a diverged loss must not
+    fail a save): they are stored as "nan" / "inf"."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{where}: expected a dict of name -> value, got {type(metrics).__name__}")
+    stack: list[tuple[Any, str, int]] = []
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{where}: metric name {k!r:.80} is a {type(k).__name__}; names must be strings")
+        stack.append((v, k, 1))
+    while stack:
+        v, name, depth = stack.pop()
+        if depth > MAX_METRIC_DEPTH:
+            raise CheckpointError(f"{where}: metric {name[:200]!r} is nested more than {MAX_METRIC_DEPTH} deep")
+        if isinstance(v, (np.generic, jax.Array, np.ndarray)):
+            try:
+                v = np.asarray(v)
+                if v.dtype.kind not in "biufU":
+                    raise TypeError(f"dtype {v.dtype}")
+                v = v.tolist() if v.ndim else v.item()
+            except Exception as e:  # a typed PRNG key, a deleted buffer, ...
+                raise CheckpointError(f"{where}: metric {name[:200]!r} is not JSON-serialisable ({e})") from e
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        if isinstance(v, int):
+            try:
+                float(v)
+            except OverflowError:
+                raise CheckpointError(f"{where}: metric {name[:200]!r} is an integer of {v.bit_length()} bits, "
+                                      "outside float range (readers rank metrics as floats)") from None
+            continue
+        if isinstance(v, float):
+            continue
+        if isinstance(v, (list, tuple)):
+            stack.extend((x, f"{name}[{i}]", depth + 1) for i, x in enumerate(v))
+            continue
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise CheckpointError(f"{where}: metric {name[:200]!r} has the key {k!r:.80}; keys must be strings")
+                stack.append((x, f"{name}.{k}", depth + 1))
+            continue
+        raise CheckpointError(f"{where}: metric {name[:200]!r} is a {type(v).__name__}, not JSON-serialisable "
+                              "(use numbers, strings, booleans, lists or dicts)")
 
 
 def plain_metrics(metrics: dict) -> dict:
+    """The metrics as the manifest stores them (strict JSON). ``check_metrics`` ran on
+    every save's metrics; metrics carried over from a previous version are as it read them
+    (a hostile one is made safe here: anything unstorable becomes its bounded repr)."""
     out = {}
     for k, v in metrics.items():
         try:
+            check_metrics({str(k): v})
             out[str(k)] = _finite_json(json.loads(json_bytes(v, "metrics")))
-        except CheckpointError:
-            out[str(k)] = repr(v)
+        except (CheckpointError, RecursionError, ValueError):
+            out[str(k)] = _short_repr(v)
     return out
+
+
+def _short_repr(v: Any) -> str:
+    try:
+        return reprlib.repr(v)
+    except Exception:  # noqa: BLE001
+        return f"<{type(v).__name__}>"
 
 
 def _finite_json(v: Any) -> Any:

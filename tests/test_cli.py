@@ -472,7 +472,11 @@ def test_inspect_of_a_corrupt_manifest_exits_1(store, tmp_path, capsys):
     d = describe(other)
     assert any("index.msgpack" in w for w in d["warnings"])
     assert all(a["chunks"] is None for a in d["items"]["model"]["arrays"])
-    assert cli.main(["inspect", str(other)]) == 0 and "warning" in capsys.readouterr().out
+    # inspect verifies what it shows: the damage is reported and the exit code says so
+    assert cli.main(["inspect", str(other)]) == 1
+    out = capsys.readouterr().out
+    assert "warning" in out and "DAMAGED" in out
+    assert cli.main(["inspect", "--no-verify", str(other)]) == 0 and "warning" in capsys.readouterr().out
 
 
 def test_ls_lists_invalid_dirs_and_leftovers(store, tmp_path, capsys):
