@@ -16,10 +16,8 @@ manifest, atomically (the Store decides how). Nothing here knows which store it 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import reprlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from .plan import default_num_shards, plan_save
 from .progress import byte_progress
 from .shard_io import ChunkRecord, ShardReport
 from .store import Staging, Store
+from .store.base import VersionChanged
 from .store.base import VERSION_DIR
 from .tree import FlatTree, split_values
 
@@ -185,8 +184,9 @@ def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, trans
     # not each carry over the version before the other's (a lost update): on a local disk
     # they take turns under a lock file beside the checkpoint, and every store re-reads the
     # current version right before publishing and carries over again if it changed.
-    with _checkpoint_lock(staging):
+    with staging.store.lock(staging.final):
         for _ in range(CARRY_OVER_ATTEMPTS):
+            token = staging.version_token()
             previous = existing_checkpoint(staging.store, staging.final)
             step, metrics, json_files = args.step, args.metrics, dict(args.json_files or {})
             t_records, t_chunks = dict(records), {n: defaultdict(list, v) for n, v in chunks_by_item.items()}
@@ -198,14 +198,10 @@ def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, trans
                 step = previous.step if step is None else step
                 metrics = previous.metrics if metrics is None else metrics
             if _publish(staging, parts, args, t_records, t_chunks, t_files, meta_files, step, metrics, json_files,
-                        transaction, expect=_version_of(previous)):
+                        transaction, expect=_version_of(previous), token=token):
                 return
-            if staging.store.local_path("") is not None:
-                # local files are created exclusively: clear the outdated version's hard links
-                # and this attempt's metadata files (object stores overwrite their staged names)
-                for name in {*adopted, *meta_files}:
-                    with contextlib.suppress(FileNotFoundError):
-                        staging.remove_staged(name)
+            # the outdated version's links and this attempt's metadata files go before the retry
+            staging.forget({*adopted, *meta_files})
     raise SaveAbortedError(f"saving {where}: the checkpoint was replaced {CARRY_OVER_ATTEMPTS} times by "
                            "other saves while this one carried its other items over; nothing was committed")
 
@@ -225,10 +221,12 @@ def _version_of(ck) -> str:
 
 
 def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, records, chunks_by_item, files,
-             meta_files, step, metrics, json_files, transaction: str, expect: str | None = None) -> bool:
+             meta_files, step, metrics, json_files, transaction: str, expect: str | None = None,
+             token: Any = None) -> bool:
     """Write the metadata files and the index, then publish with the manifest. With
     ``expect``: only if the checkpoint is still that version (else return False, nothing
-    published)."""
+    published); ``token`` (``staging.version_token()``) makes the store check it atomically
+    where it can (a conditional PUT on object stores)."""
     from .reader import existing_checkpoint
     where = staging.store.where(staging.final)
     for fname, obj in json_files.items():
@@ -246,44 +244,11 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     load_index(index, manifest, where)
     if expect is not None and _version_of(existing_checkpoint(staging.store, staging.final)) != expect:
         return False
-    staging.publish(manifest.dumps())
-    return True
-
-
-@contextlib.contextmanager
-def _checkpoint_lock(staging: Staging):
-    """An exclusive ``flock`` on ``.<name>.lock`` beside a checkpoint on a local store,
-    held while a save that keeps other items reads the current version and publishes the
-    next (best effort: where locks are not supported, the re-check in ``commit`` remains).
-    The holder removes the file; a waiter that locked a removed file tries again."""
-    path = staging.store.local_path(f".{staging.final}.lock")
-    if path is None:
-        yield
-        return
-    import fcntl
-    fd = None
-    for _ in range(100):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError:
-            break
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.samestat(os.fstat(fd), os.lstat(path)):
-                break
-        except OSError:
-            pass
-        os.close(fd)
-        fd = None
     try:
-        yield
-    finally:
-        if fd is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            os.close(fd)
+        staging.publish(manifest.dumps(), expect=token)
+    except VersionChanged:
+        return False
+    return True
 
 
 def _add_meta(staging: Staging, meta_files: dict, name: str, data: bytes) -> str:

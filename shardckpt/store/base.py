@@ -18,6 +18,7 @@ multi-process save rebuild them on their own node and write straight into the st
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -46,6 +47,10 @@ def count_read(nbytes: int) -> None:
 def read_stats() -> dict:
     with _READ_LOCK:
         return dict(READ_STATS)
+
+
+class VersionChanged(Exception):
+    """A conditional publish found the checkpoint replaced since its version was read."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,12 @@ class Store(ABC):
         only: object stores never move a committed checkpoint)."""
         raise OSError(f"{self.where(name)}: nothing to restore on this store")
 
+    def lock(self, name: str):
+        """A context manager serialising the commits of checkpoint ``name`` across processes
+        where the store can (a file lock on local disks); elsewhere a no-op, and publishes are
+        conditional instead (``Staging.publish(..., expect=token)``)."""
+        return contextlib.nullcontext()
+
     def prepare_parent(self) -> None:
         """Make sure the root exists (a local directory); object stores need nothing."""
 
@@ -209,11 +220,25 @@ class Staging(ABC):
         """Carry file ``stored`` of the checkpoint being replaced into this save without
         copying data where the store allows; returns its name in the new manifest."""
 
+    def version_token(self) -> Any:
+        """What identifies the committed version of ``final`` now, for ``publish(expect=)``
+        (None where the store cannot publish conditionally)."""
+        return None
+
+    def forget(self, names: set[str]) -> None:
+        """Drop staged files of an attempt that will be redone (a carry-over of an outdated
+        version), so the next attempt can stage them again."""
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.remove_staged(name)
+
     @abstractmethod
-    def publish(self, manifest: bytes) -> list[str]:
+    def publish(self, manifest: bytes, expect: Any = None) -> list[str]:
         """Commit: make the staged files plus ``manifest`` the checkpoint ``final``,
-        atomically, replacing the one there (which stays whole until then). Returns the
-        names of the replaced version's files that are no longer referenced (removed)."""
+        atomically, replacing the one there (which stays whole until then). With ``expect``
+        (a ``version_token``): only if the checkpoint is still that version, else raise
+        ``VersionChanged`` (publishing nothing). Returns the names of the replaced version's
+        files that are no longer referenced (removed)."""
 
     @abstractmethod
     def discard(self) -> None:

@@ -10,6 +10,7 @@ save does not evict the training job's page cache), buffered elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -271,6 +272,38 @@ class LocalStore(Store):
                              stat.S_ISLNK(st.st_mode)))
         return out
 
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """An exclusive ``flock`` on ``.<name>.lock`` beside the checkpoint, held while a save
+        that keeps other items reads the current version and publishes the next (best effort:
+        where locks are not supported, the committer's re-check remains). The holder removes
+        the file; a waiter that locked a removed file tries again."""
+        import fcntl
+        path = self.path(f".{name}.lock")
+        fd = None
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                    break
+            except OSError:
+                pass
+            os.close(fd)
+            fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                os.close(fd)
+
     def prepare_parent(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -349,7 +382,8 @@ class LocalStaging(Staging):
             os.close(fd)
         return stored
 
-    def publish(self, manifest: bytes) -> list[str]:
+    def publish(self, manifest: bytes, expect=None) -> list[str]:
+        """(``expect`` is not checked here: the committer holds ``LocalStore.lock``.)"""
         from ..format import MANIFEST
         storage.write_file_durable(self.tmp / MANIFEST, manifest)
         storage.publish_dir(self.tmp, self.store.path(self.final))

@@ -29,11 +29,12 @@ from urllib.parse import parse_qs, urlsplit
 import xxhash
 
 from ..errors import CheckpointError, CorruptCheckpointError
-from .base import Entry, Sink, Source, Staging, Store, T, Written, count_read
+from .base import Entry, Sink, Source, Staging, Store, T, VersionChanged, Written, count_read
 
 PART_BYTES = int(os.environ.get("SHARDCKPT_S3_PART_BYTES", 8 << 20))   # >= 5 MiB (S3's minimum)
 PARTS_IN_FLIGHT = 2             # uploads running per file while the next part fills
-RETRY_SECONDS = 120.0           # retry budget of a request outside a save (loads, listing)
+RETRY_SECONDS = 120.0
+PUBLISH_ATTEMPTS = 50           # retry budget of a request outside a save (loads, listing)
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "RequestLimitExceeded", "TooManyRequestsException", "BadDigest"}
@@ -230,6 +231,40 @@ class S3Store(Store):
     # --- writing ---------------------------------------------------------------------------
     def put(self, name: str, data: bytes) -> None:
         self.put_key(self.key(name), data)
+
+    def etag(self, name: str) -> str | None:
+        try:
+            return self._do("HEAD", lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))["ETag"]
+        except Exception as e:  # noqa: BLE001 - botocore ClientError
+            if _code(e) in _MISSING_CODES:
+                return None
+            raise
+
+    def read_with_etag(self, name: str, limit: int) -> tuple[bytes | None, str | None]:
+        """(contents, ETag) of one small object read in one GET, (None, None) if absent."""
+        try:
+            resp = self._do("GET", lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name)))
+        except Exception as e:  # noqa: BLE001
+            if _code(e) in _MISSING_CODES:
+                return None, None
+            raise
+        if resp["ContentLength"] > limit:
+            resp["Body"].close()
+            raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the {limit} limit")
+        return self._do("GET body", lambda: resp["Body"].read(limit + 1)), resp["ETag"]
+
+    def put_conditional(self, name: str, data: bytes, etag: str | None) -> None:
+        """PUT only if the object is still version ``etag`` (absent when None); else
+        ``VersionChanged``. S3 and S3-compatible servers with conditional writes."""
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self._do("conditional PUT", lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name),
+                                                                        Body=data, **cond))
+        except Exception as e:  # noqa: BLE001
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                raise VersionChanged(f"{self.where(name)} changed meanwhile") from e
+            raise
+        _count(puts=1, put_bytes=len(data))
 
     def put_key(self, key: str, data: bytes) -> None:
         self._do("PUT", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data))
@@ -436,18 +471,44 @@ class ObjectStaging(Staging):
     def adopt(self, checkpoint_name: str, stored: str) -> str:
         return stored      # the previous version's object stays; publish keeps what is referenced
 
-    def publish(self, manifest: bytes) -> list[str]:
+    def forget(self, names: set[str]) -> None:
+        pass         # staged objects are simply written again by the next attempt
+
+    def version_token(self) -> str:
+        """The manifest's ETag ("" when there is none)."""
+        from ..format import MANIFEST
+        return self.store.etag(f"{self.final}/{MANIFEST}") or ""
+
+    def publish(self, manifest: bytes, expect: str | None = None) -> list[str]:
+        """One conditional PUT of the manifest: it replaces exactly the version read just
+        before (If-Match its ETag, or If-None-Match when there was none), so the objects
+        deleted afterwards are those of the version actually replaced. With ``expect``, a
+        version other than that one raises ``VersionChanged``; without it, a publish that
+        lost a race to another save reads again and replaces the newer version (the last
+        save to publish wins, as on a local disk)."""
         from ..format import MANIFEST, Manifest
+        where = self.store.where(self.final)
+        for _ in range(PUBLISH_ATTEMPTS):
+            raw, etag = self.store.read_with_etag(f"{self.final}/{MANIFEST}", 256 << 20)
+            if expect is not None and (etag or "") != expect:
+                raise VersionChanged(f"{where} was replaced meanwhile")
+            try:
+                self.store.put_conditional(f"{self.final}/{MANIFEST}", manifest, etag)     # the commit
+                break
+            except VersionChanged:
+                if expect is not None:
+                    raise
+        else:
+            raise CheckpointError(f"{where}: kept being replaced by other saves while publishing")
         previous = None
-        try:
-            previous = Manifest.loads(self.store.read_bytes(f"{self.final}/{MANIFEST}", 256 << 20),
-                                      self.store.where(self.final))
-        except (FileNotFoundError, CheckpointError):
-            pass
-        self.store.put(f"{self.final}/{MANIFEST}", manifest)                # the commit
+        if raw is not None:
+            try:
+                previous = Manifest.loads(raw, where)
+            except CheckpointError:
+                pass
         if previous is None:
             return []
-        now = Manifest.loads(manifest, self.store.where(self.final))
+        now = Manifest.loads(manifest, where)
         keep = set(now.files) | set(now.meta_files)
         stale = [n for n in list(previous.files) + list(previous.meta_files) if n not in keep]
         try:
@@ -589,6 +650,28 @@ class _ArrowSink(Sink):
 
 
 class ArrowStaging(ObjectStaging):
+    """pyarrow filesystems have no conditional write: the manifest is a plain overwrite
+    (the committer's re-check still guards carry-overs)."""
+
+    def version_token(self) -> None:
+        return None
+
+    def publish(self, manifest: bytes, expect=None) -> list[str]:
+        from ..format import MANIFEST, Manifest
+        where = self.store.where(self.final)
+        try:
+            previous = Manifest.loads(self.store.read_bytes(f"{self.final}/{MANIFEST}", 256 << 20), where)
+        except (FileNotFoundError, CheckpointError):
+            previous = None
+        self.store.put(f"{self.final}/{MANIFEST}", manifest)                # the commit
+        if previous is None:
+            return []
+        now = Manifest.loads(manifest, where)
+        keep = set(now.files) | set(now.meta_files)
+        stale = [n for n in list(previous.files) + list(previous.meta_files) if n not in keep]
+        self.store.delete([f"{self.final}/{n}" for n in stale])
+        return stale
+
     def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
         path = self.store._path(self._name(name))
         self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
