@@ -12,7 +12,9 @@ other and against the files before any array is allocated, and no pickle is ever
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import heapq
 import io
 import json
@@ -34,7 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.msgpack"
 MAX_MANIFEST_BYTES = 64 << 20    # parsing costs up to ~20x this (docs/reliability.md)
-MAX_INDEX_BYTES = 256 << 20      # ~4 x 10^6 chunks; parsing costs ~6-8x this
+MAX_INDEX_BYTES = 256 << 20      # parsing costs ~8x this for real indexes (docs/reliability.md)
+MAX_INDEX_CHUNKS = 1 << 22       # ~4.2 x 10^6 chunks: parsed, ~0.4-0.7 KiB each at the peak
 MAX_ELEMENTS = 1 << 50
 MAX_NDIM = 32                    # numpy's historical limit; validation is linear in it
 MAX_JSON_DEPTH = 64              # nesting of the manifest's JSON (metrics are user data)
@@ -316,6 +319,27 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
     if len(raw) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(f"{where}: chunk index is {len(raw)} bytes, over the limit of {MAX_INDEX_BYTES}")
     state = _IndexState(manifest, where)
+    with _no_cyclic_gc():     # 10^6 new lists and records: gen-2 collections would be quadratic
+        _read_index(raw, state, where)
+    out = state.out
+    for item in manifest.items:
+        if manifest.items[item].arrays and item not in out:
+            raise CorruptCheckpointError(f"{where}: item {item!r} has no chunks in the index")
+    return out
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _read_index(raw: bytes, state: _IndexState, where: str) -> None:
     try:
         up = _unpacker(raw)
         seen: set = set()
@@ -352,11 +376,6 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
         raise
     except Exception as e:   # msgpack errors, wrong types, ints beyond int64, ...
         raise CorruptCheckpointError(f"{where}: malformed chunk index ({type(e).__name__}: {e!s:.200})") from e
-    out = state.out
-    for item in manifest.items:
-        if manifest.items[item].arrays and item not in out:
-            raise CorruptCheckpointError(f"{where}: item {item!r} has no chunks in the index")
-    return out
 
 
 def _unpacker(raw: bytes) -> msgpack.Unpacker:
@@ -385,7 +404,8 @@ class _IndexState:
         self.stored_in: dict[int, int] = {}   # uncompressed chunk bytes per file number
         self.inflated: dict[int, int] = {}    # inflated bytes of compressed chunks per file number
         self.ints: dict[int, int] = {}        # one object per distinct coordinate
-        self.tuples: dict[tuple, tuple] = {}  # one object per distinct chunk shape
+        self.tuples: dict[tuple, tuple] = {}  # one object per distinct chunk offset/shape
+        self.chunks = 0
 
     def set_files(self, files: Any) -> None:
         where = self.where
@@ -420,44 +440,62 @@ class _IndexState:
                     raise CorruptCheckpointError(f"{where}: array {key!r} of item {item!r} has no chunks")
 
     def _read_rows(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> list[tuple[str, ChunkRecord]]:
+        """Read one array's rows; make each record as its row is read (coordinates and
+        shapes shared), keep only compact columns, then check the columns with numpy. On
+        any damage the whole load fails, so records made from a bad row never escape."""
         what = f"{self.where}: chunk of {key!r}"
         files, sizes = self.files, self.sizes
+        nfiles = len(files)
         gshape = spec.stored_shape
         nd = len(gshape)
+        ints, tuples = self.ints, self.tuples
         n = up.read_array_header()
-        rows, flat = [], []
+        unpack = up.unpack
+        out: list[tuple[str, ChunkRecord]] = []
+        cf, cd, cn, cc, flat, members = [], [], [], [], [], []
         for _ in range(n):
-            row = up.unpack()
+            row = unpack()
             if type(row) is not list or len(row) != 7:
                 raise CorruptCheckpointError(f"{what}: malformed row {row!r:.200}")
-            off, shp = row[2], row[3]
+            fi, member, off, shp, do, nb, c = row
             if type(off) is not list or type(shp) is not list or len(off) != nd or len(shp) != nd:
                 raise CorruptCheckpointError(f"{what}: box {off!r:.100}+{shp!r:.100} does not have the "
                                              f"{nd} dimensions of the array")
+            if type(fi) is not int or not 0 <= fi < nfiles:
+                raise CorruptCheckpointError(f"{what}: file number {fi!r:.40} is not in [0, {nfiles - 1}]")
             flat += off
             flat += shp
-            rows.append(row)
-        cols = list(zip(*rows)) if rows else [()] * 7
-        fidx = _ints(list(cols[0]), what)
-        box = _ints(flat, what, (n, 2, nd)) if n else np.zeros((0, 2, nd), np.int64)
-        offs, shps = box[:, 0, :], box[:, 1, :]
-        doff, nbytes, crc = (_ints(list(c), what) for c in cols[4:7])
-        if n and not set(map(type, cols[1])) <= {str}:
+            cf.append(fi)
+            cd.append(do)
+            cn.append(nb)
+            cc.append(c)
+            members.append(member)
+            # equal values share one object (types are checked below, before any escapes)
+            o = tuple(map(ints.setdefault, off, off))
+            o = tuples.setdefault(o, o)
+            sh = tuple(shp)
+            sh = tuples.setdefault(sh, sh)
+            out.append((files[fi], ChunkRecord(key, member, o, sh, None if type(do) is int and do < 0 else do,
+                                               ints.setdefault(nb, nb), c)))
+        if members and not set(map(type, members)) <= {str}:
             raise CorruptCheckpointError(f"{what}: malformed member name")
-        bad = np.flatnonzero((fidx < 0) | (fidx >= len(files)))
-        if bad.size:
-            raise CorruptCheckpointError(f"{what}: file number {int(fidx[bad[0]])} is not in [0, {len(files) - 1}]")
+        del members
+        fidx = np.array(cf, dtype=np.int64)
+        box = _ints(flat, what, (n, 2, nd)) if n else np.zeros((0, 2, nd), np.int64)
+        del cf, flat
+        offs, shps = box[:, 0, :], box[:, 1, :]
+        doff, nbytes, crc = _ints(cd, what), _ints(cn, what), _ints(cc, what)
+        del cd, cn, cc
         g = np.array(gshape, dtype=np.int64)
-        bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1)) \
-            if n else bad
-        if bad.size:
-            i = int(bad[0])
-            raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
-                                         f"lies outside the array {gshape}")
+        if n:
+            bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
+            if bad.size:
+                i = int(bad[0])
+                raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
+                                             f"lies outside the array {gshape}")
         itemsize = real_dtype(spec.stored_dtype).itemsize
-        vols = shps.prod(axis=1) if nd else np.ones(n, np.int64)   # exact: partial products <= the array's
-        if math.prod(gshape) == 0:
-            vols = np.zeros(n, np.int64)
+        # exact: with every dim >= 1, partial products are at most the array's element count
+        vols = shps.prod(axis=1) if math.prod(gshape) else np.zeros(n, np.int64)
         bad = np.flatnonzero(nbytes != vols * itemsize)
         if bad.size:
             i = int(bad[0])
@@ -479,16 +517,10 @@ class _IndexState:
             # compressed: nbytes is the inflated size, bounded by deflate's ratio
             if stored_in.get(fi, 0) > size or inflated.get(fi, 0) > MAX_DEFLATE_RATIO * size + 65536:
                 raise CorruptCheckpointError(f"{what}: the chunks of {files[fi]} claim more bytes than it holds")
+        self.chunks += n
+        if self.chunks > MAX_INDEX_CHUNKS:
+            raise CorruptCheckpointError(f"{self.where}: chunk index has more than {MAX_INDEX_CHUNKS} chunks")
         check_boxes(key, gshape, offs, shps, self.where)
-        ints, tuples = self.ints, self.tuples
-        out = []
-        for row in rows:
-            fi, member, off, shp, do, nb, c = row
-            o = tuple(map(ints.setdefault, off, off))
-            o = tuples.setdefault(o, o)
-            s = tuple(shp)
-            s = tuples.setdefault(s, s)
-            out.append((files[fi], ChunkRecord(key, member, o, s, None if do < 0 else do, ints.setdefault(nb, nb), c)))
         return out
 
 

@@ -632,3 +632,13 @@ def test_duplicate_keys_in_the_index_are_refused():
            + p.pack("w") + p.pack([GOOD_ROW]))
     with pytest.raises(CorruptCheckpointError, match="twice"):
         load_index(raw, _manifest_for_index(), "ck")
+
+
+def test_chunk_count_cap(monkeypatch):
+    """Parse memory is per chunk (~0.4-0.7 KiB): the count is capped as well as the bytes."""
+    arrays = {f"a{i}": ((8, 8), grid_boxes((8, 8), (2, 2))) for i in range(3)}
+    m, raw = synth(arrays)
+    load_index(raw, m, "ck")
+    monkeypatch.setattr(fmt, "MAX_INDEX_CHUNKS", 11)
+    with pytest.raises(CorruptCheckpointError, match="more than 11 chunks"):
+        load_index(raw, m, "ck")
