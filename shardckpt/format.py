@@ -289,8 +289,10 @@ def _file_record(v: Any, what: str) -> FileRecord:
     xxh = v.get("xxh3_64")
     if not isinstance(xxh, str) or not re.fullmatch(r"[0-9a-f]{16}", xxh):
         raise CorruptCheckpointError(f"{what}: malformed checksum {xxh!r:.40}")
-    writer = v.get("writer", {})
-    return FileRecord(_int(v.get("size"), f"{what} size"), xxh, v.get("item"), writer if isinstance(writer, dict) else {})
+    writer, item = v.get("writer", {}), v.get("item")
+    if not isinstance(writer, dict) or not (item is None or isinstance(item, str)):
+        raise CorruptCheckpointError(f"{what}: malformed item or writer record")
+    return FileRecord(_int(v.get("size"), f"{what} size"), xxh, item, writer)
 
 
 # --- chunk index --------------------------------------------------------------------------

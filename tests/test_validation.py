@@ -642,3 +642,25 @@ def test_chunk_count_cap(monkeypatch):
     monkeypatch.setattr(fmt, "MAX_INDEX_CHUNKS", 11)
     with pytest.raises(CorruptCheckpointError, match="more than 11 chunks"):
         load_index(raw, m, "ck")
+
+
+@pytest.mark.parametrize("change", [
+    lambda d, f: d["files"][f].__setitem__("item", ["model"]),
+    lambda d, f: d["files"][f].__setitem__("writer", "thread-0"),
+    lambda d, f: d["files"][f].__setitem__("size", 2 ** 70),
+    lambda d, f: d["files"][f].__setitem__("size", True),
+    lambda d, f: d.__setitem__("created", 5),
+    lambda d, f: d.__setitem__("transaction", ["t"]),
+    lambda d, f: d.__setitem__("writers", []),
+    lambda d, f: d.__setitem__("step", 1.5),
+    lambda d, f: d["items"]["model"].__setitem__("arrays", []),
+    lambda d, f: d["items"]["model"]["arrays"]["w"].__setitem__("shape", "4,6"),
+    lambda d, f: d["items"]["model"]["arrays"]["w"].pop("stored_shape"),
+    lambda d, f: d.pop("files"),
+])
+def test_sealed_manifest_type_confusion_is_corrupt(tmp_path, change):
+    path = _save(tmp_path)
+    d = json.loads((path / "manifest.json").read_text())
+    change(d, sorted(d["files"])[0])
+    with pytest.raises(CorruptCheckpointError):
+        Manifest.loads(json.dumps(seal_manifest(d)).encode(), "ck")
