@@ -12,7 +12,11 @@ other and against the files before any array is allocated, and no pickle is ever
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
+import heapq
+import io
 import json
 import math
 import re
@@ -20,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
+import xxhash
 
-from .errors import CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .shard_io import ChunkRecord
 from .tree import ArraySpec, decode_scalar, real_dtype, storage_dtype
 
@@ -29,18 +35,27 @@ FORMAT_NAME = "shardckpt"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.msgpack"
-MAX_MANIFEST_BYTES = 256 << 20
-MAX_INDEX_BYTES = 2 << 30
+MAX_MANIFEST_BYTES = 64 << 20    # parsing costs up to ~20x this (docs/reliability.md)
+MAX_INDEX_BYTES = 256 << 20      # parsing costs ~8x this for real indexes (docs/reliability.md)
+MAX_INDEX_CHUNKS = 1 << 22       # ~4.2 x 10^6 chunks: parsed, ~0.4-0.7 KiB each at the peak
 MAX_ELEMENTS = 1 << 50
-MAX_NDIM = 64
+MAX_NDIM = 32                    # numpy's historical limit; validation is linear in it
+MAX_JSON_DEPTH = 64              # nesting of the manifest's JSON (metrics are user data)
 MAX_DEFLATE_RATIO = 1032        # deflate cannot inflate more than this per input byte
+CHECKSUM_FIELD = "checksum"
+CHECKSUM_ALGO = "xxh3-64"
+# Top-level fields of a manifest written before manifests carried a checksum (legacy).
+_LEGACY_FIELDS = frozenset({"format", "version", "step", "created", "writers", "host_count", "metrics",
+                            "items", "files", "meta_files", "index", "transaction"})
 # A plain name; remote checkpoints may prefix one version directory (see remote.py).
-_SAFE_NAME = re.compile(r"^(v[0-9a-f]{8,32}/)?[A-Za-z0-9_@\-][A-Za-z0-9_.@\-]{0,254}$")
+# Used with fullmatch: ``$`` would accept a trailing newline.
+_SAFE_NAME = re.compile(r"(v[0-9a-f]{8,32}/)?[A-Za-z0-9_@\-][A-Za-z0-9_.@\-]{0,254}")
+_CHECKSUM = re.compile(r"xxh3-64:([0-9a-f]{16})")
 
 
 def check_file_name(name: Any, where: str) -> str:
     """A file named by a manifest must be a plain name in the checkpoint directory."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise CorruptCheckpointError(f"{where}: file name {name!r:.200} is not a plain file name "
                                      "inside the checkpoint; refusing it")
     return name
@@ -69,10 +84,12 @@ def parse_array_spec(key: str, d: Any, where: str) -> ArraySpec:
         dtype = d["dtype"]
         stored_dtype = d["stored_dtype"]
         key_impl = d.get("key_impl")
+        if not isinstance(dtype, str) or not isinstance(stored_dtype, str) or len(dtype) > 64:
+            raise CorruptCheckpointError(f"{what}: malformed dtype {dtype!r:.80} / {stored_dtype!r:.80}")
         if key_impl is None:
-            real = real_dtype(dtype)
+            real = real_dtype(dtype, what)
             if storage_dtype(real).name != stored_dtype:
-                raise CorruptCheckpointError(f"{what}: dtype {dtype} cannot be stored as {stored_dtype}")
+                raise CorruptCheckpointError(f"{what}: dtype {dtype} cannot be stored as {stored_dtype!r:.80}")
         elif not isinstance(key_impl, str) or stored_dtype != "uint32":
             raise CorruptCheckpointError(f"{what}: malformed PRNG key record")
         spec = ArraySpec(dtype=str(dtype), shape=_shape(d["shape"], what), stored_dtype=str(stored_dtype),
@@ -129,7 +146,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "step": self.step,
-            "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "created": self.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
             "writers": self.writers, "host_count": self.host_count, "metrics": self.metrics,
             "items": {k: v.to_json() for k, v in self.items.items()},
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
@@ -139,22 +156,36 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), indent=1, sort_keys=False, allow_nan=False).encode()
+        """The manifest as written: indented JSON carrying ``"checksum"``, the xxh3-64 of
+        the canonical form of everything else (see ``manifest_checksum``)."""
+        doc = self.to_json()
+        text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False)
+        if json_depth(doc) > MAX_JSON_DEPTH:
+            raise CheckpointError(f"manifest: metrics or leaves nested deeper than {MAX_JSON_DEPTH} levels "
+                                  "cannot be saved")
+        doc = json.loads(text)            # what a reader will see (tuples -> lists, int keys -> str)
+        doc[CHECKSUM_FIELD] = manifest_checksum(doc)
+        return json.dumps(doc, indent=1, sort_keys=False, allow_nan=False).encode()
 
     @classmethod
-    def loads(cls, raw: bytes, where: str) -> "Manifest":
+    def loads(cls, raw: bytes, where: str) -> Manifest:
+        """Parse and check a manifest. Raises ``CorruptCheckpointError`` naming ``where`` for
+        any damage: not JSON, nested too deep, wrong checksum, wrong schema."""
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the limit")
+            raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the limit of {MAX_MANIFEST_BYTES}")
         try:
             d = json.loads(raw)
         except (ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({e})") from e
+        if json_depth(d) > MAX_JSON_DEPTH:
+            raise CorruptCheckpointError(f"{where}: manifest nests JSON deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}: not a shardckpt manifest")
         version = d.get("version")
         if version != FORMAT_VERSION:
             raise CorruptCheckpointError(f"{where}: format version {version!r:.20} is not supported "
                                          f"by this shardckpt (reads version {FORMAT_VERSION})")
+        _check_manifest_checksum(d, where)
         try:
             step = d.get("step")
             if step is not None:
@@ -166,21 +197,85 @@ class Manifest:
                 arrays = {str(k): parse_array_spec(k, v, where) for k, v in _dict(rec["arrays"], where).items()}
                 scalars = _dict(rec["scalars"], where)
                 for k, v in scalars.items():
-                    decode_scalar(k, v)
+                    decode_scalar(k, v, f"{where}: item {name!r}")
                 items[str(name)] = ItemRecord(arrays, scalars)
             files = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["files"], where).items()}
             meta = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["meta_files"], where).items()}
             index_file = check_file_name(d.get("index", INDEX), where)
+            if index_file in meta and meta[index_file].size > MAX_INDEX_BYTES:
+                raise CorruptCheckpointError(f"{where}: chunk index {index_file} is {meta[index_file].size} bytes, "
+                                             f"over the limit of {MAX_INDEX_BYTES}")
             metrics = _dict(d.get("metrics", {}), where)
             host_count = _int(d.get("host_count", 1), f"{where}: host_count", 1)
+            created = d.get("created", "")
+            transaction = d.get("transaction", "")
+            if not isinstance(created, str) or not isinstance(transaction, str):
+                raise CorruptCheckpointError(f"{where}: malformed created/transaction field")
+            writers = _dict(d.get("writers", {}), where)
         except CorruptCheckpointError:
             raise
         except Exception as e:
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+            raise CorruptCheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {e!s:.200})") from e
         return cls(step=step, items=items, files=files, meta_files=meta, metrics=metrics,
-                   created=str(d.get("created", "")), writers=_dict(d.get("writers", {}), where),
-                   host_count=host_count, index_file=index_file,
-                   transaction=str(d.get("transaction", ""))[:64])
+                   created=created, writers=writers, host_count=host_count, index_file=index_file,
+                   transaction=transaction[:64])
+
+
+def canonical_json(doc: Any) -> bytes:
+    """The canonical serialisation a manifest checksum covers: ``json.dumps(doc,
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)``, UTF-8
+    (pure ASCII). Insensitive to whitespace, key order and escapes of the file; sensitive
+    to every key and value."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+def manifest_checksum(doc: dict) -> str:
+    """``"xxh3-64:<16 hex digits>"`` of the canonical JSON of ``doc`` without its checksum."""
+    body = {k: v for k, v in doc.items() if k != CHECKSUM_FIELD}
+    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_64(canonical_json(body)).hexdigest()}"
+
+
+def seal_manifest(doc: dict) -> dict:
+    """``doc`` with its checksum (re)computed: for tools and tests that write manifests."""
+    doc = {k: v for k, v in doc.items() if k != CHECKSUM_FIELD}
+    doc[CHECKSUM_FIELD] = manifest_checksum(doc)
+    return doc
+
+
+def _check_manifest_checksum(d: dict, where: str) -> None:
+    if CHECKSUM_FIELD not in d:
+        # Written by shardckpt before manifests carried a checksum: accepted as legacy, but
+        # only with exactly the fields that release wrote (a bit flip in the checksum's
+        # own name would otherwise turn a sealed manifest into an unchecked one).
+        extra = sorted(set(d) - _LEGACY_FIELDS)
+        if extra:
+            raise CorruptCheckpointError(f"{where}: manifest has no checksum and unknown fields {extra!r:.200}")
+        return
+    got = d[CHECKSUM_FIELD]
+    if not isinstance(got, str) or not _CHECKSUM.fullmatch(got):
+        raise CorruptCheckpointError(f"{where}: manifest checksum {got!r:.80} is malformed")
+    want = manifest_checksum(d)
+    if got != want:
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch (recorded {got}, content has {want}); "
+                                     f"{MANIFEST} is damaged")
+
+
+def json_depth(doc: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), iteratively: no recursion limit."""
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if depth > deepest:
+            deepest = depth
+            if depth > MAX_JSON_DEPTH:
+                return depth
+        stack.extend((x, depth + 1) for x in v if isinstance(x, (dict, list)))
+    return deepest
 
 
 def _dict(v: Any, where: str) -> dict:
@@ -194,8 +289,10 @@ def _file_record(v: Any, what: str) -> FileRecord:
     xxh = v.get("xxh3_64")
     if not isinstance(xxh, str) or not re.fullmatch(r"[0-9a-f]{16}", xxh):
         raise CorruptCheckpointError(f"{what}: malformed checksum {xxh!r:.40}")
-    writer = v.get("writer", {})
-    return FileRecord(_int(v.get("size"), f"{what} size"), xxh, v.get("item"), writer if isinstance(writer, dict) else {})
+    writer, item = v.get("writer", {}), v.get("item")
+    if not isinstance(writer, dict) or not (item is None or isinstance(item, str)):
+        raise CorruptCheckpointError(f"{what}: malformed item or writer record")
+    return FileRecord(_int(v.get("size"), f"{what} size"), xxh, item, writer)
 
 
 # --- chunk index --------------------------------------------------------------------------
@@ -215,79 +312,367 @@ def dump_index(chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]
 def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str, list[tuple[str, ChunkRecord]]]]:
     """Parse and validate the chunk index against the manifest: every chunk names a file of
     the manifest, lies inside its array, has the byte count its shape implies, and the chunks
-    of each array tile it exactly (no gap, no overlap)."""
-    try:
-        d = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as e:
-        raise CorruptCheckpointError(f"{where}: chunk index is not valid msgpack ({e})") from e
-    try:
-        d = _dict(d, where)
-        files = [check_file_name(f, where) for f in d["files"]]
-        for f in files:
-            if f not in manifest.files:
-                raise CorruptCheckpointError(f"{where}: index names file {f!r} that the manifest does not list")
-        out: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {}
-        stored_in: dict[str, int] = {}   # uncompressed chunk bytes per file
-        inflated: dict[str, int] = {}    # inflated bytes of compressed chunks per file
-        for item, by_key in _dict(d["items"], where).items():
-            if item not in manifest.items:
-                raise CorruptCheckpointError(f"{where}: index has unknown item {item!r}")
-            specs = manifest.items[item].arrays
-            item_out = out.setdefault(item, {})
-            for key, rows in _dict(by_key, where).items():
-                if key not in specs:
-                    raise CorruptCheckpointError(f"{where}: index has chunks for unknown array {key!r}")
-                spec = specs[key]
-                itemsize = real_dtype(spec.stored_dtype).itemsize
-                parsed = []
-                for row in rows:
-                    fidx, member, off, shp, data_off, nbytes, crc = row
-                    what = f"{where}: chunk of {key!r}"
-                    f = files[_int(fidx, what, 0, len(files) - 1)]
-                    off, shp = _shape(off, what), _shape(shp, what)
-                    if len(off) != len(spec.stored_shape) or len(shp) != len(off) or any(
-                            o + s > g for o, s, g in zip(off, shp, spec.stored_shape)):
-                        raise CorruptCheckpointError(f"{what}: box {off}+{shp} lies outside the array {spec.stored_shape}")
-                    if _int(nbytes, what) != math.prod(shp) * itemsize:
-                        raise CorruptCheckpointError(f"{what}: {nbytes} bytes do not match shape {shp}")
-                    size = manifest.files[f].size
-                    if _int(data_off, what, -1) >= 0:
-                        if data_off + nbytes > size:
-                            raise CorruptCheckpointError(f"{what}: bytes beyond the end of {f}")
-                        stored_in[f] = stored_in.get(f, 0) + nbytes
-                    else:  # compressed: nbytes is the inflated size, bounded by deflate's ratio
-                        inflated[f] = inflated.get(f, 0) + nbytes
-                    if stored_in.get(f, 0) > size or inflated.get(f, 0) > MAX_DEFLATE_RATIO * size + 65536:
-                        raise CorruptCheckpointError(f"{what}: the chunks of {f} claim more bytes than it holds")
-                    if not isinstance(member, str):
-                        raise CorruptCheckpointError(f"{what}: malformed member name")
-                    parsed.append((f, ChunkRecord(key, member, off, shp, None if data_off < 0 else data_off,
-                                                  nbytes, _int(crc, what, 0, 0xFFFFFFFF))))
-                check_tiling(key, spec.stored_shape, [c for _, c in parsed], where)
-                item_out[key] = parsed
-            for key, spec in specs.items():
-                if key not in item_out:
-                    raise CorruptCheckpointError(f"{where}: array {key!r} of item {item!r} has no chunks")
-    except CorruptCheckpointError:
-        raise
-    except Exception as e:
-        raise CorruptCheckpointError(f"{where}: malformed chunk index ({type(e).__name__}: {e})") from e
+    of each array tile it exactly (no gap, no overlap; see ``check_tiling``).
+
+    The index is read as a stream (one row at a time, never the whole decoded tree); each
+    array's rows are checked as numpy columns, and only then turned into ``ChunkRecord``s
+    (equal coordinates and shapes shared), so parsing holds about the returned records plus
+    one array's columns. Any damage raises ``CorruptCheckpointError``."""
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CorruptCheckpointError(f"{where}: chunk index is {len(raw)} bytes, over the limit of {MAX_INDEX_BYTES}")
+    state = _IndexState(manifest, where)
+    with _no_cyclic_gc():     # 10^6 new lists and records: gen-2 collections would be quadratic
+        _read_index(raw, state, where)
+    out = state.out
     for item in manifest.items:
         if manifest.items[item].arrays and item not in out:
             raise CorruptCheckpointError(f"{where}: item {item!r} has no chunks in the index")
     return out
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _read_index(raw: bytes, state: _IndexState, where: str) -> None:
+    try:
+        up = _unpacker(raw)
+        seen: set = set()
+        items_raw = None
+        for _ in range(up.read_map_header()):
+            name = up.unpack()
+            if not isinstance(name, str) or name in seen:
+                raise CorruptCheckpointError(f"{where}: chunk index has a malformed or repeated field {name!r:.40}")
+            seen.add(name)
+            if name == "files":
+                state.set_files(up.unpack())
+            elif name == "items":
+                if state.files is None:      # not the order we write; decode it whole
+                    items_raw = msgpack.packb(up.unpack(), use_bin_type=True)
+                else:
+                    state.read_items(up)
+            else:
+                up.skip()
+        try:
+            up.unpack()
+        except msgpack.OutOfData:
+            pass
+        else:
+            raise CorruptCheckpointError(f"{where}: chunk index has trailing data")
+        if "files" not in seen or "items" not in seen:
+            raise CorruptCheckpointError(f"{where}: chunk index lacks {'files' if 'files' not in seen else 'items'}")
+        if items_raw is not None:
+            state.read_items(_unpacker(items_raw))
+            try:
+                up.unpack()
+            except msgpack.OutOfData:
+                pass
+    except CorruptCheckpointError:
+        raise
+    except Exception as e:   # msgpack errors, wrong types, ints beyond int64, ...
+        raise CorruptCheckpointError(f"{where}: malformed chunk index ({type(e).__name__}: {e!s:.200})") from e
+
+
+def _unpacker(raw: bytes) -> msgpack.Unpacker:
+    return msgpack.Unpacker(io.BytesIO(raw), raw=False, strict_map_key=True, read_size=1 << 20,
+                            max_buffer_size=max(len(raw), 1 << 20))
+
+
+def _ints(values: list, what: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A list of Python ints (never bools, floats or strings) as int64; larger ones refused."""
+    if values and not set(map(type, values)) <= {int}:
+        raise CorruptCheckpointError(f"{what}: expected integers")
+    try:
+        a = np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise CorruptCheckpointError(f"{what}: integer out of range") from None
+    return a.reshape(shape) if shape is not None else a
+
+
+class _IndexState:
+    """Validation state of one ``load_index``: the files, bytes claimed per file, output."""
+
+    def __init__(self, manifest: Manifest, where: str):
+        self.manifest, self.where = manifest, where
+        self.files: list[str] | None = None
+        self.out: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {}
+        self.stored_in: dict[int, int] = {}   # uncompressed chunk bytes per file number
+        self.inflated: dict[int, int] = {}    # inflated bytes of compressed chunks per file number
+        self.ints: dict[int, int] = {}        # one object per distinct coordinate
+        self.tuples: dict[tuple, tuple] = {}  # one object per distinct chunk offset/shape
+        self.chunks = 0
+
+    def set_files(self, files: Any) -> None:
+        where = self.where
+        if not isinstance(files, list):
+            raise CorruptCheckpointError(f"{where}: chunk index files are not a list")
+        files = [check_file_name(f, where) for f in files]
+        for f in files:
+            if f not in self.manifest.files:
+                raise CorruptCheckpointError(f"{where}: index names file {f!r} that the manifest does not list")
+        self.files = files
+        self.sizes = np.array([self.manifest.files[f].size for f in files], dtype=np.int64)
+
+    def read_items(self, up: msgpack.Unpacker) -> None:
+        where = self.where
+        for _ in range(up.read_map_header()):
+            item = up.unpack()
+            if not isinstance(item, str) or item not in self.manifest.items:
+                raise CorruptCheckpointError(f"{where}: index has unknown item {item!r:.100}")
+            if item in self.out:
+                raise CorruptCheckpointError(f"{where}: index lists item {item!r} twice")
+            specs = self.manifest.items[item].arrays
+            item_out = self.out[item] = {}
+            for _ in range(up.read_map_header()):
+                key = up.unpack()
+                if not isinstance(key, str) or key not in specs:
+                    raise CorruptCheckpointError(f"{where}: index has chunks for unknown array {key!r:.200}")
+                if key in item_out:
+                    raise CorruptCheckpointError(f"{where}: index lists the chunks of {key!r} twice")
+                item_out[key] = self._read_rows(up, key, specs[key])
+            for key in specs:
+                if key not in item_out:
+                    raise CorruptCheckpointError(f"{where}: array {key!r} of item {item!r} has no chunks")
+
+    def _read_rows(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> list[tuple[str, ChunkRecord]]:
+        """Read one array's rows; make each record as its row is read (coordinates and
+        shapes shared), keep only compact columns, then check the columns with numpy. On
+        any damage the whole load fails, so records made from a bad row never escape."""
+        what = f"{self.where}: chunk of {key!r}"
+        files, sizes = self.files, self.sizes
+        nfiles = len(files)
+        gshape = spec.stored_shape
+        nd = len(gshape)
+        ints, tuples = self.ints, self.tuples
+        n = up.read_array_header()
+        unpack = up.unpack
+        out: list[tuple[str, ChunkRecord]] = []
+        cf, cd, cn, cc, flat, members = [], [], [], [], [], []
+        for _ in range(n):
+            row = unpack()
+            if type(row) is not list or len(row) != 7:
+                raise CorruptCheckpointError(f"{what}: malformed row {row!r:.200}")
+            fi, member, off, shp, do, nb, c = row
+            if type(off) is not list or type(shp) is not list or len(off) != nd or len(shp) != nd:
+                raise CorruptCheckpointError(f"{what}: box {off!r:.100}+{shp!r:.100} does not have the "
+                                             f"{nd} dimensions of the array")
+            if type(fi) is not int or not 0 <= fi < nfiles:
+                raise CorruptCheckpointError(f"{what}: file number {fi!r:.40} is not in [0, {nfiles - 1}]")
+            flat += off
+            flat += shp
+            cf.append(fi)
+            cd.append(do)
+            cn.append(nb)
+            cc.append(c)
+            members.append(member)
+            # equal values share one object (types are checked below, before any escapes)
+            o = tuple(map(ints.setdefault, off, off))
+            o = tuples.setdefault(o, o)
+            sh = tuple(shp)
+            sh = tuples.setdefault(sh, sh)
+            out.append((files[fi], ChunkRecord(key, member, o, sh, None if type(do) is int and do < 0 else do,
+                                               ints.setdefault(nb, nb), c)))
+        if members and not set(map(type, members)) <= {str}:
+            raise CorruptCheckpointError(f"{what}: malformed member name")
+        del members
+        fidx = np.array(cf, dtype=np.int64)
+        box = _ints(flat, what, (n, 2, nd)) if n else np.zeros((0, 2, nd), np.int64)
+        del cf, flat
+        offs, shps = box[:, 0, :], box[:, 1, :]
+        doff, nbytes, crc = _ints(cd, what), _ints(cn, what), _ints(cc, what)
+        del cd, cn, cc
+        g = np.array(gshape, dtype=np.int64)
+        if n:
+            bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
+            if bad.size:
+                i = int(bad[0])
+                raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
+                                             f"lies outside the array {gshape}")
+        itemsize = real_dtype(spec.stored_dtype).itemsize
+        # exact: with every dim >= 1, partial products are at most the array's element count
+        vols = shps.prod(axis=1) if math.prod(gshape) else np.zeros(n, np.int64)
+        bad = np.flatnonzero(nbytes != vols * itemsize)
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptCheckpointError(f"{what}: {int(nbytes[i])} bytes do not match shape {tuple(shps[i].tolist())}")
+        bad = np.flatnonzero((doff < -1) | (doff > sizes[fidx]) | ((doff >= 0) & (doff + nbytes > sizes[fidx])))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptCheckpointError(f"{what}: bytes beyond the end of {files[int(fidx[i])]}")
+        bad = np.flatnonzero((crc < 0) | (crc > 0xFFFFFFFF))
+        if bad.size:
+            raise CorruptCheckpointError(f"{what}: checksum {int(crc[bad[0]])} is not a CRC-32")
+        # bytes claimed per file: exact Python ints (no int64 overflow)
+        stored_in, inflated = self.stored_in, self.inflated
+        for fi, nb, do in zip(fidx.tolist(), nbytes.tolist(), doff.tolist()):
+            acc = stored_in if do >= 0 else inflated
+            acc[fi] = acc.get(fi, 0) + nb
+        for fi in set(fidx.tolist()):
+            size = int(sizes[fi])
+            # compressed: nbytes is the inflated size, bounded by deflate's ratio
+            if stored_in.get(fi, 0) > size or inflated.get(fi, 0) > MAX_DEFLATE_RATIO * size + 65536:
+                raise CorruptCheckpointError(f"{what}: the chunks of {files[fi]} claim more bytes than it holds")
+        self.chunks += n
+        if self.chunks > MAX_INDEX_CHUNKS:
+            raise CorruptCheckpointError(f"{self.where}: chunk index has more than {MAX_INDEX_CHUNKS} chunks")
+        check_boxes(key, gshape, offs, shps, self.where)
+        return out
+
+
+# --- exact tiling ---------------------------------------------------------------------------
+
+_GRID_CELLS_PER_BOX = 8          # a painted grid has at most this many cells per chunk (+64 Ki)
+_GRID_MIN_CELLS = 1 << 16
+_SWEEP_BUDGET = 1 << 28          # coordinate comparisons the irregular sweep may make
+
+
 def check_tiling(key: str, shape: tuple[int, ...], chunks: list[ChunkRecord], where: str) -> None:
-    """The chunks of one array must cover it exactly once."""
+    """The chunks of one array must cover it exactly once (see ``check_boxes``)."""
+    nd = len(shape)
+    offs = np.array([c.offset for c in chunks], dtype=np.int64).reshape(len(chunks), nd)
+    shps = np.array([c.shape for c in chunks], dtype=np.int64).reshape(len(chunks), nd)
+    check_boxes(key, tuple(shape), offs, shps, where)
+
+
+def check_boxes(key: str, shape: tuple[int, ...], offs: np.ndarray, shps: np.ndarray, where: str) -> None:
+    """Boxes ``offs[i] .. offs[i] + shps[i]`` (int64 arrays of shape (n, ndim)) tile the
+    array ``shape`` exactly: each inside it, no element covered twice, none left out.
+
+    Exact for every count. Inside the bounds, with volumes summing to the array's,
+    "no two boxes overlap" is equivalent to an exact tiling, so only disjointness is
+    tested, on the coordinate-compressed grid (the distinct box boundaries of each dim):
+
+    * every box is one cell of that grid (regular layouts: what sharding produces): the
+      boxes are disjoint iff their cell coordinates are distinct; a sort,
+      O(d * n log n);
+    * the grid has at most ``8 n + 65536`` cells (a regular grid with some boxes merged or
+      split, e.g. replicated shards split by row): each box is painted into a bitmap of
+      cells, stopping at the first cell painted twice; O(d * n log n + cells);
+    * otherwise (irregular layouts): a sweep along the dimension whose boxes are cut by
+      the fewest sweep lines, comparing each box, vectorised, with the boxes still open at
+      its start; O(d * n log n + d * sum of open boxes), worst case O(d * n^2). That sum is
+      computed before the sweep; a layout needing more than 2^28 comparisons (no shardckpt
+      writer produces one) is refused as too irregular rather than validated for minutes.
+    """
+    n, nd = offs.shape
+    what = f"{where}: chunks of {key!r}"
+    if nd != len(shape):
+        raise CorruptCheckpointError(f"{what}: chunk boxes have {nd} dimensions, the array {len(shape)}")
+    g = np.array(shape, dtype=np.int64).reshape(nd)
+    if n:
+        bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
+                                         f"lies outside the array {tuple(shape)}")
     total = math.prod(shape)
-    covered = sum(math.prod(c.shape) for c in chunks)
-    if covered != total or (total == 0 and not chunks):
-        raise CorruptCheckpointError(f"{where}: chunks of {key!r} cover {covered} of {total} elements")
-    boxes = sorted((c.offset, c.shape) for c in chunks if math.prod(c.shape))
-    if len(boxes) > 4096:
-        return  # volume check above; pairwise check would be quadratic
-    for i, (ao, ash) in enumerate(boxes):
-        for bo, bsh in boxes[i + 1:]:
-            if all(b < a + n and a < b + m for a, n, b, m in zip(ao, ash, bo, bsh)):
-                raise CorruptCheckpointError(f"{where}: chunks of {key!r} overlap at {ao} and {bo}")
+    if total == 0:       # nothing to cover; every box inside is empty
+        if not n:
+            raise CorruptCheckpointError(f"{what}: cover 0 of 0 elements (an array needs at least one chunk)")
+        return
+    # all dims >= 1 and the product <= MAX_ELEMENTS: a box's volume never overflows
+    vols = shps.prod(axis=1) if nd else np.ones(n, np.int64)
+    if float(vols.sum(dtype=np.float64)) > 2.0 * total:
+        raise CorruptCheckpointError(f"{what}: cover more than {total} elements (overlapping chunks)")
+    covered = int(vols.sum())                          # < 2^52: no int64 overflow
+    if covered != total:
+        raise CorruptCheckpointError(f"{what}: cover {covered} of {total} elements")
+    keep = vols > 0
+    offs, shps = offs[keep], shps[keep]
+    m = offs.shape[0]
+    if m <= 1:
+        return
+    ends = offs + shps
+    lo = np.empty_like(offs)
+    hi = np.empty_like(offs)
+    ncells = []
+    for k in range(nd):
+        c = np.unique(np.concatenate([offs[:, k], ends[:, k]]))
+        lo[:, k] = np.searchsorted(c, offs[:, k])
+        hi[:, k] = np.searchsorted(c, ends[:, k])
+        ncells.append(len(c) - 1)
+    if ((hi - lo) == 1).all():
+        _check_distinct_cells(what, lo, offs)
+        return
+    cells = 1
+    limit = _GRID_CELLS_PER_BOX * m + _GRID_MIN_CELLS
+    for c in ncells:
+        cells *= c
+        if cells > limit:
+            break
+    if cells <= limit:
+        _paint(what, lo, hi, ncells, offs)
+    else:
+        _sweep(what, offs, ends)
+
+
+def _overlap_error(what: str, offs: np.ndarray, i: int, j: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{what}: overlap at {tuple(offs[i].tolist())} and {tuple(offs[j].tolist())} "
+                                  "(and so leave elements uncovered)")
+
+
+def _check_distinct_cells(what: str, cells: np.ndarray, offs: np.ndarray) -> None:
+    order = np.lexsort(cells.T[::-1])
+    s = cells[order]
+    dup = np.flatnonzero((s[1:] == s[:-1]).all(axis=1))
+    if dup.size:
+        i = int(dup[0])
+        raise _overlap_error(what, offs, int(order[i]), int(order[i + 1]))
+
+
+def _paint(what: str, lo: np.ndarray, hi: np.ndarray, ncells: list[int], offs: np.ndarray) -> None:
+    grid = np.zeros(ncells, dtype=bool)
+    for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+        region = grid[tuple(map(slice, a, b))]
+        if region.any():
+            # the first box painted before that shares a cell with this one
+            j = int(np.flatnonzero(((lo[:i] < hi[i]) & (lo[i] < hi[:i])).all(axis=1))[0])
+            raise _overlap_error(what, offs, j, i)
+        region[...] = True
+
+
+def _sweep(what: str, offs: np.ndarray, ends: np.ndarray) -> None:
+    m, nd = offs.shape
+    # the dimension where boxes open at each box's start are fewest (sum over boxes)
+    best = None
+    for k in range(nd):
+        order = np.argsort(offs[:, k], kind="stable")
+        starts = offs[order, k]
+        # boxes open when box i starts = boxes started before i (in order) minus those ended
+        ended = np.searchsorted(np.sort(ends[:, k]), starts, side="right")
+        cost = int((np.arange(m) - ended).sum())
+        if best is None or cost < best[0]:
+            best = (cost, k, order)
+    cost, k, order = best
+    if cost * nd > _SWEEP_BUDGET:
+        raise CorruptCheckpointError(f"{what}: layout too irregular to validate ({cost} box pairs to compare); "
+                                     "refusing it")
+    others = [j for j in range(nd) if j != k]
+    o_rest, e_rest = offs[:, others], ends[:, others]
+    heap: list[tuple[int, int]] = []
+    active: list[int] = []
+    closed = 0
+    done = np.zeros(m, dtype=bool)
+    for i in order.tolist():
+        start = int(offs[i, k])
+        while heap and heap[0][0] <= start:
+            done[heapq.heappop(heap)[1]] = True
+            closed += 1
+        if closed > len(active) // 2:
+            active = [j for j in active if not done[j]]
+            closed = 0
+        if active:
+            idx = np.array(active, dtype=np.int64)
+            idx = idx[~done[idx]]
+            hit = ((o_rest[idx] < e_rest[i]) & (o_rest[i] < e_rest[idx])).all(axis=1)
+            if hit.any():
+                raise _overlap_error(what, offs, int(idx[np.flatnonzero(hit)[0]]), i)
+        active.append(i)
+        heapq.heappush(heap, (int(ends[i, k]), i))

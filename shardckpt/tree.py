@@ -14,18 +14,21 @@ the manifest so every round trip is bit exact.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import CheckpointError, StructureMismatchError
+from .errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
 
 #: Scalar leaves (not arrays) kept verbatim in the manifest, with their Python type.
 SCALAR_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "none"}
+_SCALAR_KINDS = frozenset(SCALAR_TYPES.values())
 _NATIVE_KINDS = "biufc"  # numpy kinds .npy stores faithfully
 
 
@@ -106,14 +109,25 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"uint{dtype.itemsize * 8}")
 
 
-def real_dtype(name: str) -> np.dtype:
-    """Parse a dtype name from a manifest without ever creating object dtypes."""
+_DTYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def real_dtype(name: Any, what: str = "") -> np.dtype:
+    """Parse a dtype name from a manifest: only the dtypes a checkpoint can hold (numpy's
+    bool/int/uint/float/complex and ml_dtypes' bfloat16, float8_*, int4, ...), never
+    object, structured, bytes, unicode, void or datetime dtypes, never an arbitrary numpy
+    type string. Anything else raises ``CorruptCheckpointError`` naming ``what``."""
+    prefix = f"{what}: " if what else ""
+    if not isinstance(name, str) or not _DTYPE_NAME.fullmatch(name):
+        raise CorruptCheckpointError(f"{prefix}unknown dtype {name!r:.80}")
     try:
         dtype = jnp.dtype(name)
-    except TypeError as e:
-        raise CheckpointError(f"unknown dtype {name!r}") from e
-    if dtype.kind == "O" or dtype.names is not None:
-        raise CheckpointError(f"refusing object/structured dtype {name!r}")
+    except Exception as e:   # TypeError, ValueError, SystemError for odd strings
+        raise CorruptCheckpointError(f"{prefix}unknown dtype {name!r:.80}") from e
+    module = getattr(dtype.type, "__module__", "")
+    if dtype.names is not None or dtype.subdtype is not None or not (
+            (dtype.kind in _NATIVE_KINDS and module == "numpy") or module == "ml_dtypes"):
+        raise CorruptCheckpointError(f"{prefix}unsupported dtype {name!r:.80}")
     return dtype
 
 
@@ -197,7 +211,6 @@ def decode_stored(spec: ArraySpec, stored: np.ndarray, what: str = "") -> np.nda
         try:
             return jax.random.wrap_key_data(stored, impl=spec.key_impl)
         except (ValueError, TypeError, KeyError) as e:   # a name jax does not know
-            from .errors import CorruptCheckpointError
             raise CorruptCheckpointError(f"{what or 'PRNG key'}: key data of unknown implementation {spec.key_impl!r:.80} "
                                          f"({type(e).__name__}: {e})") from e
     dtype = real_dtype(spec.dtype)
@@ -215,21 +228,26 @@ def encode_scalar(key: str, value: Any) -> dict:
     return {"type": kind, "value": value}
 
 
-def decode_scalar(key: str, record: Any) -> Any:
-    if not isinstance(record, dict) or record.get("type") not in SCALAR_TYPES.values():
-        raise CheckpointError(f"key {key!r}: malformed scalar leaf record {record!r:.200}")
+_NON_FINITE = frozenset({"nan", "inf", "-inf"})
+
+
+def decode_scalar(key: str, record: Any, where: str = "") -> Any:
+    """The value of a scalar leaf record ``{"type": ..., "value": ...}`` as written by
+    ``encode_scalar``. Anything else raises ``CorruptCheckpointError`` naming the key."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(record, dict) or type(record.get("type")) is not str or record["type"] not in _SCALAR_KINDS:
+        raise CorruptCheckpointError(f"{prefix}key {key!r:.200}: malformed scalar leaf record {record!r:.200}")
     kind, value = record["type"], record.get("value")
-    try:
-        if kind == "none":
-            return None
-        if kind == "float":
+    if kind == "none":
+        return None
+    if kind == "float":
+        if type(value) is float or (type(value) is int and -(1 << 53) <= value <= 1 << 53):
             return float(value)
-        caster = {"bool": bool, "int": int, "str": str}[kind]
-        if not isinstance(value, caster) or (kind == "int" and isinstance(value, bool)):
-            raise TypeError
+        if type(value) is str and value in _NON_FINITE:
+            return float(value)
+    elif type(value) is {"bool": bool, "int": int, "str": str}[kind]:
         return value
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"key {key!r}: scalar leaf value {value!r:.200} is not a {kind}") from e
+    raise CorruptCheckpointError(f"{prefix}key {key!r:.200}: scalar leaf value {value!r:.200} is not a {kind}")
 
 
 @dataclass
@@ -240,7 +258,7 @@ class FlatTree:
     treedef: Any
 
     @classmethod
-    def of(cls, tree: Any) -> "FlatTree":
+    def of(cls, tree: Any) -> FlatTree:
         with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
         leaves: dict[str, Any] = {}
         for path, leaf in with_path:

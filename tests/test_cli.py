@@ -25,6 +25,7 @@ import shardckpt
 from shardckpt import CheckpointManager, LMModel, ModelConfig, VerifyReport
 from shardckpt import cli
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
+from shardckpt.format import seal_manifest
 from shardckpt.executors.local import ThreadExecutor
 from shardckpt.inspection import describe, diff, gc_plan, leftovers, list_dir
 from shardckpt.executors.local import map_threads
@@ -317,18 +318,18 @@ def _damage(kind: str, ck: Path) -> str:
     elif kind == "manifest-size-tampered":
         d = json.loads((ck / "manifest.json").read_text())
         d["files"][s]["size"] += 8
-        (ck / "manifest.json").write_text(json.dumps(d))
+        (ck / "manifest.json").write_text(json.dumps(seal_manifest(d)))
     elif kind == "manifest-checksum-tampered":
         d = json.loads((ck / "manifest.json").read_text())
         d["files"][s]["xxh3_64"] = "0" * 16
-        (ck / "manifest.json").write_text(json.dumps(d))
+        (ck / "manifest.json").write_text(json.dumps(seal_manifest(d)))
     elif kind == "manifest-garbage":
         (ck / "manifest.json").write_bytes(b"{\"format\": \"shardckpt\", \"ver")
         return "manifest"
     elif kind == "manifest-escaping-path":
         d = json.loads((ck / "manifest.json").read_text())
         d["files"]["../outside.npz"] = d["files"].pop(s)
-        (ck / "manifest.json").write_text(json.dumps(d))
+        (ck / "manifest.json").write_text(json.dumps(seal_manifest(d)))
         return "outside.npz"
     elif kind == "manifest-missing":
         os.remove(ck / "manifest.json")

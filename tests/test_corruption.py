@@ -26,6 +26,7 @@ import xxhash
 from shardckpt import (CheckpointManager, CheckpointNotFoundError, CorruptCheckpointError,
                        StructureMismatchError)
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
+from shardckpt.format import seal_manifest
 from tests.scenarios.reliability import STRESS, digest, record_figures, tree_for
 
 FIGURES: dict[str, int] = {}
@@ -68,8 +69,8 @@ def _expect_exact_or_named(path: Path, want: tuple, name: str, *, verify: bool =
         assert name == "manifest.json", f"{name}: {e}"
         return "refused"
     except StructureMismatchError as e:
-        # A flipped item name in the manifest: it then honestly lacks the item asked for
-        # (the manifest has no checksum of its own, see the xfail below).
+        # A flipped item name in a legacy manifest (no checksum of its own): it then
+        # honestly lacks the item asked for.
         assert name == "manifest.json", f"{name}: {e}"
         return "refused"
     except CorruptCheckpointError as e:
@@ -78,9 +79,9 @@ def _expect_exact_or_named(path: Path, want: tuple, name: str, *, verify: bool =
         return "refused"
     assert got[0] == want[0], f"damage in {name} changed the arrays loaded"
     if got != want:
-        # Only possible through the manifest, which has no checksum of its own: a flipped
-        # scalar value, or a flipped name in "meta_files" that unlists config.json (the
-        # known gap documented by the xfail test below and in docs/reliability.md).
+        # Only possible through a legacy manifest without a checksum of its own: a
+        # flipped scalar value, or a flipped name in "meta_files" that unlists config.json
+        # (see docs/reliability.md).
         assert name == "manifest.json", f"damage in {name} changed what was loaded"
         return "undetected-metadata"
     return "harmless"
@@ -231,7 +232,7 @@ def test_index_resealed_with_wrong_crc(tmp_path):
     (path / "index.msgpack").write_bytes(raw)
     m = json.loads((path / "manifest.json").read_text())
     m["meta_files"]["index.msgpack"] = {"size": len(raw), "xxh3_64": xxhash.xxh3_64(raw).hexdigest()}
-    (path / "manifest.json").write_text(json.dumps(m))
+    (path / "manifest.json").write_text(json.dumps(seal_manifest(m)))
     with pytest.raises(CorruptCheckpointError, match=key):
         _load(path)
     assert _load(path, verify=False)[0] == digest(tree_for(1))
@@ -253,10 +254,8 @@ def test_stray_files_are_never_read(tmp_path):
     _bump("stray_files", 5)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: manifest.json has no checksum of its own, so a "
-                   "bit flip in a scalar leaf or a metric inside it is not detected (arrays, the "
-                   "index and metadata files are covered). See docs/reliability.md.")
 def test_flip_in_a_manifest_scalar_is_detected(tmp_path):
+    """The manifest carries a checksum of its own (more variants in test_validation.py)."""
     path = _save(tmp_path / "ck", scalars=True)
     text = (path / "manifest.json").read_text()
     assert '"value": 0.125' in text

@@ -22,6 +22,7 @@ from shardckpt import (CheckpointError, CheckpointManager, CheckpointNotFoundErr
                        load_model, load_optimizer, save_model, save_optimizer)
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 from shardckpt.executors.local import ThreadExecutor
+from shardckpt.format import seal_manifest
 
 from conftest import assert_bit_equal, bits_of, hidden_entries, raw_bits, tree_of_files, train_steps
 
@@ -51,7 +52,7 @@ def _flip(file: Path, offset: int) -> None:
 def _edit_manifest(path: Path, fn) -> None:
     m = json.loads((path / "manifest.json").read_text())
     m = fn(m) or m
-    (path / "manifest.json").write_text(json.dumps(m))
+    (path / "manifest.json").write_text(json.dumps(seal_manifest(m)))   # as a hostile writer would
 
 
 def _edit_index(path: Path, fn) -> None:
@@ -196,7 +197,8 @@ def _rename_file(old_to_new):
 def test_malformed_manifest(saved, tamper, word):
     m = json.loads((saved / "manifest.json").read_text())
     out = tamper(m)
-    (saved / "manifest.json").write_text(out if isinstance(out, str) else json.dumps(out))
+    (saved / "manifest.json").write_text(out if isinstance(out, str) else json.dumps(
+        seal_manifest(out) if isinstance(out, dict) else out))
     with pytest.raises(CorruptCheckpointError, match=word):
         load_model(saved)
     with pytest.raises(CorruptCheckpointError):

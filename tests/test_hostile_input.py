@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from shardckpt import CheckpointError, CheckpointManager, CorruptCheckpointError, StructureMismatchError
 from shardckpt.checkpoint import Checkpoint, open_checkpoint, save_checkpoint
-from shardckpt.format import Manifest, load_index
+from shardckpt.format import Manifest, load_index, seal_manifest
 from shardckpt.shard_io import _central_entry, _end_records, _local_header, crc32
 from tests.scenarios import probes
 from tests.scenarios.reliability import count, forkserver, record_figures, tree_for
@@ -67,7 +67,8 @@ def _manifest(path: Path) -> dict:
 
 
 def _write_manifest(path: Path, m: dict) -> None:
-    (path / "manifest.json").write_text(json.dumps(m))
+    """Write ``m`` with a valid checksum, as a hostile writer would."""
+    (path / "manifest.json").write_text(json.dumps(seal_manifest(m)))
 
 
 def _reseal(path: Path, *names: str) -> None:
@@ -525,7 +526,10 @@ def test_fuzz_manifest_parser(pristine, data):
     else:
         paths = list(_paths_in(base))
         where = data.draw(st.sampled_from(paths))
-        raw = json.dumps(_replace(json.loads(json.dumps(base)), where, data.draw(JSON))).encode()
+        doc = _replace(json.loads(json.dumps(base)), where, data.draw(JSON))
+        if isinstance(doc, dict) and data.draw(st.booleans()):
+            doc = seal_manifest(doc)     # a valid checksum: the schema checks get the damage
+        raw = json.dumps(doc).encode()
     try:
         Manifest.loads(raw, "fuzz")
     except CorruptCheckpointError:
