@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
 from .executors.base import Executor, ReadJob
-from .format import MANIFEST, ItemRecord, Manifest, check_file_name, load_index
+from .format import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MANIFEST, ItemRecord, Manifest, check_file_name, load_index
 from .progress import byte_progress
 from .shard_io import ChunkRecord
 from .geometry import (Box, aligned_empty, chunk_target, concrete_sharding, device_boxes, full_box,
@@ -31,8 +31,6 @@ from .store import Store, resolve
 from .tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key
 
 MAX_JSON_BYTES = 64 << 20
-MAX_MANIFEST_BYTES = 256 << 20
-MAX_INDEX_BYTES = 2 << 30
 READ_ATTEMPTS = 10
 
 
