@@ -1,69 +1,238 @@
-"""The guide's convenience functions: save_model / load_model / save_optimizer / load_optimizer.
+"""The public functions: the pytree core (``save`` / ``restore``) and the guide's nnx
+convenience functions built on it (``save_model`` / ``load_model`` / ``save_optimizer`` /
+``load_optimizer``).
 
-Each writes one item ("model" or "optimizer") of a checkpoint directory as its own atomic
-commit, carrying the directory's other items over, so ``save_model(p, m)`` followed by
-``save_optimizer(p, opt)`` yields one checkpoint holding both, and either call can be
-repeated without ever leaving a half-written directory behind.
+``save(path, tree)`` writes any pytree (nested dicts/lists/tuples of jax or NumPy arrays and
+Python scalars, an ``nnx.State``, a module's ``nnx.state``) as the item ``"state"`` of one
+atomic checkpoint; ``items={"ema": ...}`` adds more items to the same commit.
+``restore(path)`` gives it back as host arrays in a nested dict, ``restore(path, target)``
+into the structure, dtypes and shardings of an abstract or concrete target.
+
+``save_model`` / ``save_optimizer`` write the items ``"model"`` / ``"optimizer"``, each as
+its own atomic commit that carries the directory's other items over, so ``save_model(p, m)``
+followed by ``save_optimizer(p, opt)`` yields one checkpoint holding both.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from .backends import resolve_executor
-from .checkpoint import Checkpoint, RestoreReport, open_checkpoint, read_consistently, save_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, read_consistently, save_checkpoint
 from .errors import CheckpointError, StructureMismatchError
-from .tree import FlatTree
+from .nnx_adapter import (  # noqa: F401
+    build_config,
+    cast_floats,
+    check_module,
+    config_to_dict,
+    model_config_of,
+    model_factory,
+    restore_module_state,
+    restore_optimizer,
+    state_of,
+)
+from .tree import FlatTree, decode_scalar
+
+#: The item ``save(path, tree)`` writes and ``restore(path)`` reads.
+STATE_ITEM = "state"
+_ITEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+
+_build_config = build_config   # older name, kept for callers outside the package
 
 
-def config_to_dict(config: Any) -> dict | None:
-    """A model config as a JSON-safe dict (``to_dict()``, a dataclass, or a mapping)."""
-    if config is None:
-        return None
-    if hasattr(config, "to_dict"):
-        return dict(config.to_dict())
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    if isinstance(config, dict):
-        return dict(config)
-    raise CheckpointError(f"config of type {type(config).__name__} cannot be saved: give a dict, "
-                          "a dataclass or an object with to_dict()")
+def check_item_name(name: Any, where: str = "items") -> str:
+    """Item names become shard file names (``{item}-00000-of-00002.npz``)."""
+    if not isinstance(name, str) or not _ITEM_NAME.fullmatch(name) or len(name) > 100:
+        raise CheckpointError(f"{where}: item name {name!r:.60} is not allowed: use letters, digits, "
+                              "'_' and '-' (starting with a letter or digit)")
+    return name
 
 
-def model_config_of(model: Any, config: Any = None) -> dict | None:
-    """The model config to record: ``config`` or else ``model.config``. The original
-    ``save_model(path, model, config)`` took the whole ``config.json`` dict
-    (``{"model_config": {...}, ...}``): such a dict gives its ``model_config``, not nested again."""
-    if isinstance(config, dict) and "model_config" in config:
-        config = config["model_config"]
-    return config_to_dict(config if config is not None else getattr(model, "config", None))
+def _save_items(path, items: dict[str, Any], *, step=None, json_files=None, metrics=None,
+                keep_other_items=False, compress=False, num_shards=None, backend="auto", num_writers=None,
+                save_timeout=None, join_timeout=None, process_index=None, process_count=None, progress=None):
+    return save_checkpoint(path, items, step=step, json_files=json_files, metrics=metrics,
+                           num_shards=num_shards, compress=compress, progress=progress,
+                           keep_other_items=keep_other_items, backend=backend, num_writers=num_writers,
+                           save_timeout=save_timeout, join_timeout=join_timeout,
+                           process_index=process_index, process_count=process_count)
 
+
+# --- the pytree core ---------------------------------------------------------------------------
+
+def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | None = None,
+         step: int | None = None, metrics: dict | None = None, compress: bool = False,
+         num_shards: int | None = None, backend: str = "auto", num_writers: int | None = None,
+         save_timeout: float | None = None, join_timeout: float | None = None,
+         process_index: int | None = None, process_count: int | None = None,
+         progress: bool | None = None) -> Any:
+    """Save a pytree as one atomic checkpoint at ``path`` (a directory, or a URI such as
+    ``s3://bucket/run/ckpt``); returns the path.
+
+    ``tree`` is written as the item ``"state"``; ``items`` (name -> pytree) adds more items
+    to the same commit, e.g. ``save(path, params, items={"ema": ema, "data": loader_state})``.
+    Leaves are ``jax.Array`` (sharded or not), NumPy arrays and Python scalars (kept with
+    their type); real dtypes (bfloat16, PRNG keys...) come back bit for bit. An ``nnx.Module``
+    or ``nnx.Optimizer`` is saved as its ``nnx.state``. A checkpoint already at ``path`` is
+    replaced as a whole, atomically. ``metrics`` (JSON) are recorded in the manifest.
+
+    One process saves, by default, whatever else runs (Ray Train workers included). In a
+    multi-process job where every process holds part of the state, pass ``process_index`` /
+    ``process_count`` (jax.distributed jobs are detected) and call ``save`` on every process.
+    """
+    all_items: dict[str, Any] = {}
+    if tree is not None:
+        all_items[STATE_ITEM] = state_of(tree, "tree")
+    for name, value in (items or {}).items():
+        check_item_name(name)
+        if name in all_items:
+            raise CheckpointError(f"items={{{name!r}: ...}}: {name!r} is the item save(path, tree) writes the "
+                                  "tree to; give the tree either way, not both")
+        if value is None:
+            raise CheckpointError(f"items[{name!r}] is None: nothing to save")
+        all_items[name] = state_of(value, f"items[{name!r}]")
+    if not all_items:
+        raise CheckpointError(f"{path}: nothing to save: pass a tree (save(path, tree)) or items={{...}}")
+    json_files = {"metrics.json": metrics} if metrics is not None else None
+    return _save_items(path, all_items, step=step, json_files=json_files, metrics=metrics, compress=compress,
+                       num_shards=num_shards, backend=backend, num_writers=num_writers,
+                       save_timeout=save_timeout, join_timeout=join_timeout, process_index=process_index,
+                       process_count=process_count, progress=progress)
+
+
+def pick_item(ck: Checkpoint, item: str | None) -> str:
+    """``item``, or by default ``"state"``, or else the checkpoint's only item."""
+    if item is not None:
+        ck.item_record(item)   # StructureMismatchError naming the items it has
+        return item
+    names = ck.items
+    if STATE_ITEM in names:
+        return STATE_ITEM
+    if len(names) == 1:
+        return names[0]
+    raise StructureMismatchError(f"{ck.where}: the checkpoint has the items {', '.join(names) or 'none'} and "
+                                 f"no {STATE_ITEM!r}: pass item= (one of them)")
+
+
+def host_tree(ck: Checkpoint, item: str, *, verify: bool = True, executor=None,
+              select: Callable[[str], bool] | None = None) -> dict:
+    """Item ``item`` as a nested dict built from the saved key paths (``"layers.0.kernel"``
+    -> ``{"layers": {"0": {"kernel": ...}}}``): host NumPy arrays in their real dtypes (PRNG
+    keys as typed key arrays), scalar leaves as the Python values saved."""
+    rec = ck.item_record(item)
+    keys = [k for k in rec.arrays if select is None or select(k)]
+    values = dict(ck.read_arrays(item, keys, verify=verify, executor=executor)) if keys else {}
+    for key, raw in rec.scalars.items():
+        if select is None or select(key):
+            values[key] = decode_scalar(key, raw)
+    return nest(values, ck.where)
+
+
+def nest(flat: dict[str, Any], where: str = "") -> dict:
+    out: dict = {}
+    for key in sorted(flat):
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise StructureMismatchError(f"{where}: keys {'.'.join(parts[:i + 1])!r} and {key!r} do not nest "
+                                             "into one dict; restore with a target instead")
+        if parts[-1] in node:
+            raise StructureMismatchError(f"{where}: keys {key!r} and {key}.* do not nest into one dict; "
+                                         "restore with a target instead")
+        node[parts[-1]] = flat[key]
+    return out
+
+
+def restore_item(ck: Checkpoint, item: str, target: Any = None, *, strict: bool = True, verify: bool = True,
+                 executor=None, progress=None, shardings: Any = None,
+                 select: Callable[[str], bool] | None = None) -> Any:
+    """One item of an open checkpoint: host arrays without a target, else into ``target``
+    (a pytree of ``jax.ShapeDtypeStruct`` or of arrays; an nnx.Module is filled in place)."""
+    if target is None:
+        if shardings is not None:
+            raise CheckpointError(f"{ck.where}: shardings= places arrays of a target: pass target= (e.g. a "
+                                  "pytree of jax.ShapeDtypeStruct), or restore host arrays without shardings=")
+        return host_tree(ck, item, verify=verify, executor=executor, select=select)
+    if isinstance(target, nnx.Module):
+        return restore_module_state(ck, item, target, verify=verify, executor=executor, progress=progress,
+                                    shardings=shardings, select=select)
+    check_target(target, ck.where)
+    restored, report = ck.restore(item, target, strict=strict, verify=verify, executor=executor,
+                                  progress=progress, shardings=shardings, select=select)
+    if not report.complete:
+        empty = [k for k, v in FlatTree.of(restored).values().items() if isinstance(v, jax.ShapeDtypeStruct)]
+        if empty:
+            raise StructureMismatchError(f"{ck.where}: item {item!r}: the checkpoint has no data for the abstract "
+                                         f"target leaves {', '.join(empty[:12])}: {report.describe()}")
+        warnings.warn(f"{ck.where}: item {item!r} restored where it matches the target; the other leaves keep "
+                      f"the target's values: {report.describe()}", stacklevel=3)
+    return restored
+
+
+def check_target(target: Any, where: str) -> None:
+    if isinstance(target, (type, str, bytes)) or callable(target):
+        raise CheckpointError(f"{where}: target={target!r:.60} is a {type(target).__name__}: pass a pytree "
+                              "shaped like the saved one (leaves jax.ShapeDtypeStruct or arrays), an "
+                              "nnx.Module to fill, or no target for host arrays")
+
+
+def restore(path: os.PathLike | str, target: Any = None, *, item: str | None = None, strict: bool = True,
+            shardings: Any = None, select: Callable[[str], bool] | None = None, verify: bool = True,
+            backend: str = "auto", num_writers: int | None = None, progress: bool | None = None) -> Any:
+    """Load one item of the checkpoint at ``path``.
+
+    ``target=None``: a nested dict built from the saved key paths, of host NumPy arrays in
+    their real dtypes (bfloat16 stays bfloat16) and the scalar leaves saved. A target
+    (``jax.eval_shape(init, ...)``: a pytree of ``jax.ShapeDtypeStruct``, or of arrays) gives
+    the same tree type back with jax arrays on the target's shardings, or on ``shardings=``
+    (a Sharding, a dict by dotted key, or a pytree like the target); each device reads only
+    the chunks its slice overlaps. ``strict`` (default): every key must match, shapes too;
+    ``strict=False`` fills what matches, warns, and leaves the rest as the target has it.
+    ``select(key)`` restores only some keys. An ``nnx.Module`` target is filled in place.
+
+    ``item``: default ``"state"`` (what ``save(path, tree)`` writes), or the checkpoint's
+    only item; ``item="model"`` reads what ``save_model`` wrote, ``item="ema"`` an extra item.
+    """
+    executor = resolve_executor(backend, num_writers)
+
+    def load_once():   # again if another process replaces the checkpoint meanwhile
+        ck = open_checkpoint(path)
+        return restore_item(ck, pick_item(ck, item), target, strict=strict, verify=verify, executor=executor,
+                            progress=progress, shardings=shardings, select=select)
+    return read_consistently(load_once)
+
+
+# --- nnx: modules and optimizers ---------------------------------------------------------------
 
 def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *,
                compress: bool = False, num_shards: int | None = None, step: int | None = None,
                backend: str = "auto", num_writers: int | None = None,
                save_timeout: float | None = None, process_index: int | None = None,
                process_count: int | None = None, progress: bool | None = None) -> Path:
-    """Save ``model``'s full nnx state (parameters, RNG streams, batch stats...) to ``path``.
+    """Save ``model``'s full nnx state (parameters, RNG streams, batch stats...) to ``path``
+    as the item ``"model"`` (a plain pytree is accepted too).
 
-    ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path. In a
-    multi-process job every process calls it; each writes only its own shards.
+    ``config`` defaults to ``model.config`` (via ``to_dict()``). Returns the path. One
+    process saves by default; in a multi-process job where each process holds different
+    shards, every process calls it with ``process_index``/``process_count``.
     """
+    state = state_of(model, "model")
     cfg = model_config_of(model, config)
-    return save_checkpoint(path, {"model": nnx.state(model)}, step=step,
-                           json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}},
-                           num_shards=num_shards, compress=compress, progress=progress, keep_other_items=True,
-                           backend=backend, num_writers=num_writers, save_timeout=save_timeout,
-                           process_index=process_index, process_count=process_count)
+    return _save_items(path, {"model": state}, step=step,
+                       json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}},
+                       num_shards=num_shards, compress=compress, progress=progress, keep_other_items=True,
+                       backend=backend, num_writers=num_writers, save_timeout=save_timeout,
+                       process_index=process_index, process_count=process_count)
 
 
 def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compress: bool = False,
@@ -72,149 +241,64 @@ def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compres
                    process_index: int | None = None, process_count: int | None = None,
                    progress: bool | None = None) -> Path:
     """Save an ``nnx.Optimizer``'s state (step and every optax state leaf) into ``path``."""
-    return save_checkpoint(path, {"optimizer": nnx.state(optimizer)}, num_shards=num_shards,
-                           compress=compress, progress=progress, keep_other_items=True,
-                           backend=backend, num_writers=num_writers, save_timeout=save_timeout,
-                           process_index=process_index, process_count=process_count)
+    return _save_items(path, {"optimizer": state_of(optimizer, "optimizer")}, num_shards=num_shards,
+                       compress=compress, progress=progress, keep_other_items=True,
+                       backend=backend, num_writers=num_writers, save_timeout=save_timeout,
+                       process_index=process_index, process_count=process_count)
 
 
-def _build_config(cfg: dict | None, config_cls: type | None, where: str):
-    if config_cls is None:
-        from .models import ModelConfig
-        config_cls = ModelConfig
-    if cfg is None:
-        raise CheckpointError(f"{where}: config.json has no model_config; pass model= to load into")
-    try:
-        if hasattr(config_cls, "from_dict"):
-            return config_cls.from_dict(cfg)
-        if not isinstance(cfg, dict):
-            raise TypeError(f"expected a JSON object, got {type(cfg).__name__}")
-        return config_cls(**cfg)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever the saved config makes the class raise
-        raise CheckpointError(f"{where}: config.json's model_config does not make a {config_cls.__name__}: "
-                              f"{type(e).__name__}: {e}") from e
+def model_item(ck: Checkpoint) -> str:
+    """Where a checkpoint keeps the model: ``"model"``, or ``"state"`` for ``save(path, tree)``."""
+    if "model" not in ck.items and STATE_ITEM in ck.items:
+        return STATE_ITEM
+    return "model"
 
 
-def _is_param(leaf: Any) -> bool:
-    return isinstance(leaf, nnx.Param)
+def load_model_from(ck: Checkpoint, model: Any = None, model_cls: type | None = None,
+                    config_cls: type | None = None, *, verify: bool = True, executor=None, progress=None,
+                    shardings: Any = None, select: Callable[[str], bool] | None = None) -> Any:
+    """The model of an open checkpoint: into ``model`` (a module, filled in place; or a
+    pytree target, restored and returned), or built from the saved config."""
+    item = model_item(ck)
+    if model is None:
+        factory = model_factory(ck.read_config().get("model_config"), model_cls, config_cls, ck.where)
+        return restore_module_state(ck, item, factory, verify=verify, executor=executor, progress=progress,
+                                    shardings=shardings, select=select)
+    if isinstance(model, nnx.Module):
+        return restore_module_state(ck, item, model, verify=verify, executor=executor, progress=progress,
+                                    shardings=shardings, select=select)
+    check_module(model, ck.where, allow_tree=True)
+    return restore_item(ck, item, model, verify=verify, executor=executor, progress=progress,
+                        shardings=shardings, select=select)
 
 
-def restore_module_state(ck: Checkpoint, item: str, target: nnx.Module | Callable[[], nnx.Module],
-                         *, verify: bool = True, executor=None, progress=None,
-                         shardings: Any = None, select: Callable[[str], bool] | None = None) -> nnx.Module:
-    """Restore ``item`` into a module: a concrete one (updated in place) or a constructor,
-    evaluated abstractly with ``nnx.eval_shape`` so no weights are initialised just to be
-    overwritten. Non-parameter state absent from the checkpoint (RNG streams of legacy
-    checkpoints) falls back to a fresh initialisation, with a warning."""
-    concrete = isinstance(target, nnx.Module)
-    if select is not None and not concrete:
-        raise CheckpointError(f"{ck.where}: select= restores part of a model: pass the model to fill "
-                              "(the keys not selected keep its values)")
-    module = target if concrete else nnx.eval_shape(target)
-    graphdef, state = nnx.split(module)
-    restored, report = ck.restore(item, state, strict=False, verify=verify, executor=executor,
-                                  progress=progress, shardings=shardings, select=select)
-    leaves = FlatTree.of(state).leaves
-    missing_params = [k for k in report.missing if _is_param(leaves[k])]
-    if report.mismatched or report.unexpected or missing_params:
-        report.missing = missing_params or report.missing
-        raise StructureMismatchError(f"{ck.where}: the saved {item!r} does not fit the target module: "
-                                     f"{report.describe()}")
-    if concrete:
-        nnx.update(module, restored)
-        return module
-    if report.missing:
-        warnings.warn(f"{ck.where}: not in the checkpoint, freshly initialised: {', '.join(report.missing)}",
-                      stacklevel=3)
-        module = target()
-        nnx.update(module, _only(restored, report.restored))
-        return module
-    return nnx.merge(graphdef, restored)
-
-
-def _only(state: Any, keys: list[str]) -> Any:
-    """The sub-state holding ``keys`` (for a partial ``nnx.update``)."""
-    keep = set(keys)
-    flat = nnx.to_flat_state(state)
-    return nnx.from_flat_state([(p, v) for p, v in flat if ".".join(map(str, p)) in keep])
-
-
-def _cast_floats(model: nnx.Module, dtype: Any) -> None:
-    dtype = jnp.dtype(dtype)
-    state = nnx.state(model, nnx.Param)
-    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    nnx.update(model, cast)
-
-
-def load_model(path: os.PathLike | str, model: nnx.Module | None = None,
+def load_model(path: os.PathLike | str, model: Any = None,
                model_cls: type | None = None, config_cls: type | None = None, dtype: Any = None,
                *, verify: bool = True, backend: str = "auto", num_writers: int | None = None,
                shardings: Any = None, select: Callable[[str], bool] | None = None,
-               progress: bool | None = None) -> tuple[nnx.Module, dict | None]:
+               progress: bool | None = None) -> tuple[Any, dict | None]:
     """Load a model saved by ``save_model`` (or a guide-layout ``model.npz``).
 
     Without ``model``, builds ``model_cls`` (default ``LMModel``) from the saved config
-    abstractly and fills it from the files. With ``model``, restores into it in place (its
-    shardings are kept). ``shardings`` (one Sharding, a dict by dotted key, or a pytree
-    like the state) puts arrays on another layout; an abstract target built under a mesh
-    carries its own. Each device reads only the chunks its slice overlaps. ``select(key)``
-    restores only some keys (into a given ``model``; the rest keep their values).
-    ``dtype`` casts floating-point parameters after loading. Returns ``(model, config_dict)``.
+    abstractly and fills it from the files. With a module ``model``, restores into it in
+    place (its shardings are kept). With a pytree ``model`` (e.g. the dict given to
+    ``save_model``, or its ``jax.eval_shape``), returns the restored pytree. ``shardings``
+    (one Sharding, a dict by dotted key, or a pytree like the state) puts arrays on another
+    layout. ``select(key)`` restores only some keys (into a given ``model``). ``dtype``
+    casts floating-point parameters of a module after loading. Returns ``(model, config_dict)``.
     """
     executor = resolve_executor(backend, num_writers)
 
     def load_once():   # again if another process replaces the checkpoint meanwhile
         ck = open_checkpoint(path)
-        cfg = ck.read_config().get("model_config")
-        if model is None:
-            config = _build_config(cfg, config_cls, ck.where)
-            cls = model_cls
-            if cls is None:
-                from .models import LMModel
-                cls = LMModel
-            loaded = restore_module_state(ck, "model", lambda: cls(config, rngs=nnx.Rngs(0)),
-                                          verify=verify, executor=executor, progress=progress,
-                                          shardings=shardings, select=select)
-        else:
-            loaded = restore_module_state(ck, "model", model, verify=verify, executor=executor,
-                                          progress=progress, shardings=shardings, select=select)
-        return loaded, cfg
+        loaded = load_model_from(ck, model, model_cls, config_cls, verify=verify, executor=executor,
+                                 progress=progress, shardings=shardings, select=select)
+        return loaded, ck.read_config().get("model_config")
 
-    model, cfg = read_consistently(load_once)
-    if dtype is not None:
-        _cast_floats(model, dtype)
-    return model, cfg
-
-
-def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTransformation, *,
-                      wrt: Any = nnx.Param, strict: bool = False, verify: bool = True,
-                      executor=None, progress=None, shardings: Any = None) -> tuple[nnx.Optimizer, RestoreReport]:
-    """Build ``nnx.Optimizer(model, tx, wrt=wrt)`` and restore its state by key path.
-
-    When every leaf is in the checkpoint the optimizer is built abstractly and filled;
-    otherwise (another optimizer, fine-tuning) the matching leaves are restored, the rest
-    keep their fresh ``tx.init`` values, and a warning lists them; ``strict`` raises instead.
-    When no leaf at all matches, StructureMismatchError: never a silently fresh optimizer.
-    """
-    abstract = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
-    bind = getattr(ck, "bind_optimizer", None)   # the original layout: leaves by position
-    if bind is not None:
-        bind(abstract)
-    graphdef, state = nnx.split(abstract)
-    restored, report = ck.restore("optimizer", state, strict=strict, verify=verify,
-                                  executor=executor, progress=progress, shardings=shardings)
-    if not report.restored:
-        raise StructureMismatchError(f"{ck.where}: no leaf of the saved optimizer matches the new one "
-                                     f"(refusing to return a freshly initialised optimizer): {report.describe()}")
-    if report.complete:
-        return nnx.merge(graphdef, restored), report
-    warnings.warn(f"{ck.where}: optimizer state restored only where it matches the new optimizer; "
-                  f"{report.describe()}", stacklevel=3)
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    nnx.update(optimizer, _only(restored, report.restored))
-    return optimizer, report
+    loaded, cfg = read_consistently(load_once)
+    if dtype is not None and isinstance(loaded, nnx.Module):
+        cast_floats(loaded, dtype)
+    return loaded, cfg
 
 
 def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.GradientTransformation | None = None,
@@ -222,10 +306,12 @@ def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.Gradien
                    allow_pickle: bool = False, verify: bool = True, backend: str = "auto",
                    num_writers: int | None = None, shardings: Any = None,
                    progress: bool | None = None) -> nnx.Optimizer:
-    """Recreate the optimizer of ``model`` from ``path``: ``tx`` defaults to
-    ``optax.adamw(learning_rate)``; see ``restore_optimizer`` for how a different ``tx``
-    is handled."""
+    """Recreate ``nnx.Optimizer(model, tx, wrt=wrt)`` from ``path``: ``tx`` defaults to
+    ``optax.adamw(learning_rate)``; ``wrt`` is the filter the optimizer was built with
+    (``nnx.LoRAParam`` for LoRA). See ``restore_optimizer`` for how a different ``tx`` is
+    handled."""
     tx = tx if tx is not None else optax.adamw(learning_rate)
+    check_module(model, f"load_optimizer({path!s})")
     executor = resolve_executor(backend, num_writers)
     optimizer, _ = read_consistently(lambda: restore_optimizer(   # again if replaced meanwhile
         open_checkpoint(path, allow_pickle=allow_pickle), model, tx, wrt=wrt, strict=strict, verify=verify,

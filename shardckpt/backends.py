@@ -72,7 +72,8 @@ class SaveSession:
 
 def save_session(store: Store, final: str, *, backend: str | Executor = "auto", num_writers: int | None = None,
                  save_timeout: float | None = None, process_index: int | None = None,
-                 process_count: int | None = None, world: bool = False) -> SaveSession:
+                 process_count: int | None = None, world: bool = False,
+                 join_timeout: float | None = None) -> SaveSession:
     """One participant's view of a save of checkpoint ``final`` in ``store``.
 
     One participant: the Ray coordinator and writer actors with Ray (``backend='ray'``, or
@@ -80,6 +81,7 @@ def save_session(store: Store, final: str, *, backend: str | Executor = "auto", 
     (Ray running or ``backend='ray'``; each participant writes its own part with local
     threads), else the shared-storage protocol for ``jax.distributed`` process groups.
     ``world``: take the Ray Train world as the participants when not given (the manager).
+    ``join_timeout``: with Ray, abort when not every participant has begun within it.
     """
     from .participants import participants
     index, count = participants(process_index, process_count, ray_train_world=world)
@@ -102,7 +104,8 @@ def save_session(store: Store, final: str, *, backend: str | Executor = "auto", 
         if backend == "ray":
             from .executors.ray import ensure_ray
             ensure_ray()
-        return SaveSession(RayCoordinator(store, final, count, save_timeout), executor, index, count, replicated)
+        return SaveSession(RayCoordinator(store, final, count, save_timeout, join_timeout), executor, index, count,
+                           replicated)
     if jax.process_count() != count:
         raise CheckpointError(f"process_count={count} without Ray needs jax.distributed with {count} processes "
                               f"(jax.process_count() is {jax.process_count()}); start Ray, pass backend='ray', "

@@ -26,6 +26,7 @@ def save_checkpoint(path: Any, items: dict[str, Any], *, step: int | None = None
                     executor: Executor | None = None, progress: bool | None = None,
                     keep_other_items: bool = False, prepared: tuple | None = None,
                     backend: str = "auto", num_writers: int | None = None, save_timeout: float | None = None,
+                    join_timeout: float | None = None,
                     process_index: int | None = None, process_count: int | None = None,
                     world: bool = False, filesystem: Any = None) -> Any:
     """Write ``items`` (name -> pytree) as a committed checkpoint at ``path`` (a local
@@ -40,7 +41,7 @@ def save_checkpoint(path: Any, items: dict[str, Any], *, step: int | None = None
     check_metrics(metrics)          # before anything is written: a bad metric fails no commit
     store, name = resolve(path, filesystem)
     session = save_session(store, name, backend=executor if executor is not None else backend,
-                           num_writers=num_writers, save_timeout=save_timeout,
+                           num_writers=num_writers, save_timeout=save_timeout, join_timeout=join_timeout,
                            process_index=process_index, process_count=process_count, world=world)
     prepared = prepared if prepared is not None else prepare_items(items)
     return run_save(store, name, prepared, coordinator=session.coordinator, executor=session.executor,

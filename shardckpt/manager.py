@@ -14,35 +14,40 @@ import operator
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Self
 
 import optax
 from flax import nnx
 
-from .api import _build_config, model_config_of, restore_module_state, restore_optimizer
+from .api import check_item_name, load_model_from, model_item, restore_item
 from .backends import resolve_executor
 from .catalog import Catalog, CheckpointInfo
 from .checkpoint import save_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
+from .nnx_adapter import model_config_of, restore_optimizer, state_of
 from .reader import open_checkpoint, read_consistently
 from .store import open_store
 from .transaction import check_metrics, prepare_items
 
 LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
+DEFAULT_JOIN_TIMEOUT = 20.0   # seconds for every participant of a multi-process save to begin it
+RESERVED_ITEMS = ("model", "optimizer")
 
 
 @dataclass
 class CheckpointState:
-    """What a load returns (the guide's fields, exactly)."""
+    """What a load returns: the guide's fields, and ``items`` (the extra pytrees saved with
+    ``manager.save(..., items={...})``, by name)."""
 
     step: int
     model: nnx.Module
-    optimizer: Optional[nnx.Optimizer]
-    config: Dict
-    train_config: Dict
-    metrics: Dict[str, float]
-    extra: Dict
+    optimizer: nnx.Optimizer | None
+    config: dict
+    train_config: dict
+    metrics: dict[str, float]
+    extra: dict
+    items: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -58,7 +63,7 @@ class CheckpointManager:
                  prefix: str = "step", *, backend: str = "auto", num_writers: int | None = None,
                  save_timeout: float | None = None, num_shards: int | None = None,
                  compress: bool = False, verify: bool = True, progress: bool | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
         if max_to_keep is not None and max_to_keep < 1:
@@ -75,6 +80,7 @@ class CheckpointManager:
         self.backend = backend
         self.num_writers = num_writers
         self.save_timeout = save_timeout
+        self.join_timeout = join_timeout
         self.num_shards = num_shards
         self.compress = compress
         self.verify = verify
@@ -142,14 +148,21 @@ class CheckpointManager:
     # --- save ------------------------------------------------------------------------------
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
              config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
-             extra: dict | None = None, *, process_index: int | None = None,
-             process_count: int | None = None, blocking: bool | None = None) -> Any:
+             extra: dict | None = None, *, items: dict[str, Any] | None = None,
+             process_index: int | None = None, process_count: int | None = None,
+             blocking: bool | None = None) -> Any:
         """Commit a checkpoint of ``step`` atomically, then apply retention.
 
         With several participants (``process_count`` > 1, or taken from the Ray Train context
         or ``jax.process_count()``), every participant calls ``save`` for the same step; each
         writes only its part and the coordinator commits once all have reported. Processes
-        holding the same replicated state split the arrays between them.
+        holding the same replicated state split the arrays between them. A participant that
+        has not begun the save within ``join_timeout`` seconds aborts it, naming the missing
+        ones (with Ray).
+
+        ``items`` (name -> pytree) saves more state in the same atomic checkpoint, e.g.
+        ``items={"ema": ema_params, "data": loader_state}``; it comes back as
+        ``state.items[name]``. ``model`` may also be a plain pytree (no config then).
 
         Async (``blocking=False``, or ``async_save=True`` on the manager): returns once a
         consistent host snapshot is taken; shards are written and committed in the
@@ -160,9 +173,18 @@ class CheckpointManager:
         self.wait_until_finished()
         step = _check_step(step)
         check_metrics(metrics)          # raised here, not by a background save
-        items = {"model": nnx.state(model)}
+        saved = {"model": state_of(model, "model")}
         if optimizer is not None:
-            items["optimizer"] = nnx.state(optimizer)
+            if not isinstance(optimizer, nnx.Optimizer):
+                raise CheckpointError(f"optimizer= is a {type(optimizer).__name__}, not an nnx.Optimizer; save "
+                                      "other optimizer state with items={'name': state}")
+            saved["optimizer"] = nnx.state(optimizer)
+        for name, tree in (items or {}).items():
+            check_item_name(name)
+            if name in RESERVED_ITEMS:
+                raise CheckpointError(f"items={{{name!r}: ...}}: {name!r} is where model=/optimizer= go; "
+                                      "choose another name")
+            saved[name] = state_of(tree, f"items[{name!r}]")
         json_files = {"config.json": {"model_config": model_config_of(model, config), "step": step,
                                       "train_config": train_config}}
         if metrics is not None:
@@ -173,7 +195,7 @@ class CheckpointManager:
         index, _ = participants(process_index, process_count, ray_train_world=True)
         final = self.step_path(step)
         blocking = not self.async_save if blocking is None else blocking
-        prepared = prepare_items(items, snapshot=not blocking)
+        prepared = prepare_items(saved, snapshot=not blocking)
         if not blocking:
             json_files = copy.deepcopy(json_files)
             metrics = copy.deepcopy(metrics)
@@ -189,8 +211,8 @@ class CheckpointManager:
         path = save_checkpoint(final, {}, step=step, json_files=json_files, metrics=metrics,
                                num_shards=self.num_shards, compress=self.compress, progress=self.progress,
                                prepared=prepared, backend=self.backend, num_writers=self.num_writers,
-                               save_timeout=self.save_timeout, process_index=process_index,
-                               process_count=process_count, world=True)
+                               save_timeout=self.save_timeout, join_timeout=self.join_timeout,
+                               process_index=process_index, process_count=process_count, world=True)
         if retain:
             self.apply_retention()
         return path
@@ -205,7 +227,7 @@ class CheckpointManager:
         self.wait_until_finished()
         self._background.shutdown(wait=True)
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,51 +248,61 @@ class CheckpointManager:
         return [i.step for i in doomed]
 
     # --- load ------------------------------------------------------------------------------
-    def load(self, path: Any, model: nnx.Module | None = None,
+    def load(self, path: Any, model: Any = None,
              model_cls: type | None = None, config_cls: type | None = None,
              tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
              *, strict: bool = False, allow_pickle: bool = False, shardings: Any = None,
-             optimizer_shardings: Any = None) -> CheckpointState:
+             optimizer_shardings: Any = None, wrt: Any = nnx.Param,
+             items: dict[str, Any] | None = None) -> CheckpointState:
         """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout).
 
-        ``shardings`` / ``optimizer_shardings`` restore onto another device layout (see
-        ``load_model``); by default arrays follow the target's own shardings. A checkpoint
-        that another process replaces (or deletes) meanwhile is read again (or not found):
-        the state returned is always one whole saved version.
+        ``model``: a module to fill in place, or a pytree target (``state.model`` is then the
+        restored pytree); without it ``model_cls`` (default ``LMModel``) is built from the
+        saved config. The optimizer is rebuilt as ``nnx.Optimizer(model, tx, wrt=wrt)``.
+        ``items`` gives targets (or None: host arrays) for extra items; the ones not named
+        come back as host arrays in ``state.items``. ``shardings`` / ``optimizer_shardings``
+        restore onto another device layout (see ``load_model``); by default arrays follow
+        the target's own shardings. A checkpoint that another process replaces (or deletes)
+        meanwhile is read again (or not found): the state returned is always one whole
+        saved version.
         """
         self.wait_until_finished()
+        if items is not None and not isinstance(items, dict):
+            raise CheckpointError(f"items={items!r:.60}: give a dict of item name -> target (or None)")
         return read_consistently(lambda: self._load_once(
             path, model, model_cls, config_cls, tx, should_load_optimizer, strict=strict,
-            allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings))
+            allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings,
+            wrt=wrt, items=items or {}))
 
     def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
-                   allow_pickle, shardings, optimizer_shardings) -> CheckpointState:
+                   allow_pickle, shardings, optimizer_shardings, wrt, items) -> CheckpointState:
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
         executor = self._executor()
         cfg_file = ck.read_config()
         cfg = cfg_file.get("model_config")
-        if model is None:
-            if model_cls is None:
-                from .models import LMModel
-                model_cls = LMModel
-            config = _build_config(cfg, config_cls, ck.where)
-            model = restore_module_state(ck, "model", lambda: model_cls(config, rngs=nnx.Rngs(0)),
-                                         verify=self.verify, executor=executor, progress=self.progress,
-                                         shardings=shardings)
-        else:
-            restore_module_state(ck, "model", model, verify=self.verify, executor=executor,
+        loaded = load_model_from(ck, model, model_cls, config_cls, verify=self.verify, executor=executor,
                                  progress=self.progress, shardings=shardings)
         optimizer = None
         if should_load_optimizer and "optimizer" in ck.items:
-            optimizer, _ = restore_optimizer(ck, model, tx if tx is not None else optax.adamw(1e-4),
-                                             strict=strict, verify=self.verify, executor=executor,
+            if not isinstance(loaded, nnx.Module):
+                raise CheckpointError(f"{ck.where}: the optimizer is rebuilt over a module, and model= is a "
+                                      f"{type(loaded).__name__}: pass the module, or should_load_optimizer=False")
+            optimizer, _ = restore_optimizer(ck, loaded, tx if tx is not None else optax.adamw(1e-4),
+                                             wrt=wrt, strict=strict, verify=self.verify, executor=executor,
                                              progress=self.progress, shardings=optimizer_shardings)
+        extra_names = [n for n in ck.items if n not in RESERVED_ITEMS and n != model_item(ck)]
+        unknown = [n for n in items if n not in extra_names]
+        if unknown:
+            raise StructureMismatchError(f"{ck.where}: items= names {unknown}, which the checkpoint does not hold "
+                                         f"as extra items (it has {extra_names or 'none'})")
+        extra_items = {name: restore_item(ck, name, items.get(name), strict=True, verify=self.verify,
+                                          executor=executor, progress=self.progress) for name in extra_names}
         step = ck.step if ck.step is not None else cfg_file.get("step")
-        return CheckpointState(step=step if isinstance(step, int) else -1, model=model,
+        return CheckpointState(step=step if isinstance(step, int) else -1, model=loaded,
                                optimizer=optimizer, config=cfg or {},
                                train_config=cfg_file.get("train_config") or {},
                                metrics=ck.read_json("metrics.json", {}) or {},
-                               extra=ck.read_json("extra.json", {}) or {})
+                               extra=ck.read_json("extra.json", {}) or {}, items=extra_items)
 
     def load_step(self, step: int, **kw) -> CheckpointState:
         self.wait_until_finished()

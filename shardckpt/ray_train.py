@@ -20,7 +20,13 @@ runs in the background and is reported at the next ``save`` or at ``finish`` (re
 one per call on every rank, as Ray Train requires).
 
 The one Ray Train internal we touch — the run's storage context — is read in
-``_run_storage`` only.
+``_run_storage`` only. ``ray.train`` is imported only inside the functions here: it needs
+``pip install 'shardckpt[train]'`` (``ray[train]``), core Ray does not.
+
+Ray Train's own pattern — rank 0 saves into a local directory and reports it with
+``ray.train.report(checkpoint=Checkpoint.from_directory(...))`` — works with the plain
+functions (``save``, ``save_model``, ``save_optimizer``), which save from one process by
+default; see ``docs/ray_train.md``.
 """
 
 from __future__ import annotations
@@ -34,15 +40,24 @@ import optax
 from flax import nnx
 
 from .errors import CheckpointError
-from .manager import CheckpointManager, CheckpointState
+from .manager import DEFAULT_JOIN_TIMEOUT, CheckpointManager, CheckpointState
 
 PREFIX = "step"
 
 
+def ray_train():
+    """``ray.train``, or a CheckpointError naming the extra that installs it."""
+    try:
+        import ray.train
+    except ImportError as e:
+        raise CheckpointError("shardckpt.ray_train needs Ray Train: pip install 'shardckpt[train]' "
+                              f"(ray[train]); importing ray.train failed: {e}") from e
+    return ray.train
+
+
 def _run_storage() -> tuple[str, Any]:
     """(experiment directory, pyarrow filesystem) of the current Ray Train run."""
-    import ray.train
-    storage = ray.train.get_context().get_storage()
+    storage = ray_train().get_context().get_storage()
     return storage.experiment_fs_path, storage.storage_filesystem
 
 
@@ -55,12 +70,18 @@ def _is_local(filesystem: Any) -> bool:
 
 
 class RayTrainCheckpointer:
-    """Save/restore shardckpt checkpoints from every worker of a Ray Train run."""
+    """Save/restore shardckpt checkpoints from every worker of a Ray Train run.
+
+    Every rank must call ``save`` for the same steps: a save that some rank has not begun
+    within ``join_timeout`` seconds (default 20) is aborted on the ranks that did, with an
+    error naming the missing ranks (``None``: wait up to ``save_timeout``). To save from
+    rank 0 alone, use the plain functions and ``ray.train.report`` (docs/ray_train.md).
+    """
 
     def __init__(self, directory: os.PathLike | str | None = None, *, async_save: bool = False,
-                 num_shards: int | None = None, save_timeout: float | None = None, verify: bool = True):
-        import ray.train
-        ctx = ray.train.get_context()
+                 num_shards: int | None = None, save_timeout: float | None = None, verify: bool = True,
+                 join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
+        ctx = ray_train().get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         if directory is None:
             path, fs = _run_storage()
@@ -74,7 +95,8 @@ class RayTrainCheckpointer:
         self.directory = Path(directory)
         # Ray Train's CheckpointConfig does retention: our manager keeps everything.
         self.manager = CheckpointManager(self.directory, max_to_keep=None, prefix=PREFIX, backend="ray",
-                                         num_shards=num_shards, save_timeout=save_timeout, verify=verify)
+                                         num_shards=num_shards, save_timeout=save_timeout, verify=verify,
+                                         join_timeout=join_timeout)
         self.async_save = async_save
         self._unreported: tuple[Path, dict] | None = None
 
@@ -84,8 +106,7 @@ class RayTrainCheckpointer:
         (``ray.train.get_checkpoint()``) and the newest one committed in the run's directory.
         Ray Train registers reports asynchronously, so after a crash it can hand out an
         older checkpoint than the last one committed (or none); the directory is the truth."""
-        import ray.train
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray_train().get_checkpoint()
         candidates = []
         if checkpoint is not None:
             path = Path(checkpoint.path)
@@ -98,33 +119,39 @@ class RayTrainCheckpointer:
 
     def restore(self, model: nnx.Module | None = None, *, tx: optax.GradientTransformation | None = None,
                 model_cls: type | None = None, config_cls: type | None = None,
-                shardings: Any = None, optimizer_shardings: Any = None) -> CheckpointState | None:
+                shardings: Any = None, optimizer_shardings: Any = None, wrt: Any = nnx.Param,
+                items: dict[str, Any] | None = None, should_load_optimizer: bool = True,
+                strict: bool = False) -> CheckpointState | None:
         """Load the run's latest reported checkpoint, or None on a fresh start. Each rank
-        reads only what its target needs (its devices' slices of sharded arrays)."""
+        reads only what its target needs (its devices' slices of sharded arrays). ``wrt``:
+        the filter the optimizer was built with (``nnx.LoRAParam`` for LoRA); ``items``:
+        targets for extra items (see ``CheckpointManager.load``)."""
         path = self.latest_path()
         if path is None:
             return None
         return self.manager.load(path, model=model, model_cls=model_cls, config_cls=config_cls, tx=tx,
-                                 shardings=shardings, optimizer_shardings=optimizer_shardings)
+                                 shardings=shardings, optimizer_shardings=optimizer_shardings, wrt=wrt,
+                                 items=items, should_load_optimizer=should_load_optimizer, strict=strict)
 
     # --- save ----------------------------------------------------------------------------
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
              metrics: dict | None = None, config: Any = None, train_config: dict | None = None,
-             extra: dict | None = None) -> None:
-        """Save ``step`` on this rank (all ranks call it) and report to Ray Train."""
-        import ray.train
+             extra: dict | None = None, items: dict[str, Any] | None = None) -> None:
+        """Save ``step`` on this rank (all ranks call it) and report to Ray Train.
+        ``items`` saves more pytrees (EMA, data-loader state) in the same checkpoint."""
+        train = ray_train()
         metrics = dict(metrics or {})
         metrics.setdefault("step", step)
         previous = self._finish_pending()
         path = self.manager.save(step, model, optimizer, config=config, train_config=train_config,
-                                 metrics=metrics, extra=extra, process_index=self.rank,
+                                 metrics=metrics, extra=extra, items=items, process_index=self.rank,
                                  process_count=self.world_size, blocking=not self.async_save)
         if self.async_save:
             self._unreported = (path, metrics)
             if previous is not None:
                 self._report(*previous)
             else:
-                ray.train.report(_plain(metrics))
+                train.report(_plain(metrics))
         else:
             self._report(path, metrics)
 
@@ -140,13 +167,13 @@ class RayTrainCheckpointer:
         return pending
 
     def _report(self, path: Path, metrics: dict) -> None:
-        import ray.train
+        train = ray_train()
         from ray.train import Checkpoint, CheckpointUploadMode
         checkpoint = None
         if self.rank == 0:
             checkpoint = Checkpoint(path=str(path), filesystem=self._filesystem) if self._filesystem else \
                 Checkpoint.from_directory(str(path))
-        ray.train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_dir_name=path.name,
+        train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_dir_name=path.name,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 

@@ -167,6 +167,7 @@ def test_setup_commands_install_shardckpt_on_every_node(name):
         assert installs, f"{name}: {role} (setup_commands merged in) never pip-installs shardckpt"
         for args in installs:
             for token in args.split():
+                token = re.split(r"[\[\"']", token)[0]      # the path, without extras ("[train,s3]")
                 if token.startswith(("~", "/", ".")) and "shardckpt" in token:
                     # installed from a path: file_mounts must ship the repository there
                     assert token in cfg["file_mounts"], \

@@ -226,8 +226,15 @@ def test_checkpoint_state_fields():
     from shardckpt import CheckpointState
 
     assert dataclasses.is_dataclass(CheckpointState)
-    assert [f.name for f in dataclasses.fields(CheckpointState)] == [
+    fields = dataclasses.fields(CheckpointState)
+    # the guide's fields, in the guide's order (positional construction keeps working) ...
+    assert [f.name for f in fields][:7] == [
         "step", "model", "optimizer", "config", "train_config", "metrics", "extra"]
+    # ... and only defaulted additions after them (items: the extra pytrees, by name)
+    assert [f.name for f in fields][7:] == ["items"]
+    assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in fields[7:])
+    CheckpointState(0, None, None, {}, {}, {}, {})   # the guide's seven, positionally
 
 
 # --- Advanced Usage: Save Extra Data --------------------------------------------------------

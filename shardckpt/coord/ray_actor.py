@@ -67,7 +67,7 @@ class SaveCoordinator:
         return {"pid": os.getpid(), "directory": self.store.uri}
 
     async def begin(self, final: str, participants: int, participant: int, timeout: float,
-                    owner: Any = None) -> dict:
+                    owner: Any = None, join_timeout: float | None = None) -> dict:
         """Join the open transaction for ``final``, or start one once the directory's
         running transaction (if any) has ended. Waiters re-check on every change, so all
         participants of a save that had to queue join the same transaction."""
@@ -88,7 +88,7 @@ class SaveCoordinator:
             if active is not None and not active.done.is_set() and await self._abort_if_orphaned(active):
                 continue
             if active is None or active.done.is_set():
-                info = self._open(final, participants, participant, timeout, owner)
+                info = self._open(final, participants, participant, timeout, owner, join_timeout)
                 self._changed()
                 return info
             await self.changed.wait()
@@ -127,7 +127,8 @@ class SaveCoordinator:
             if txn is None or txn.done.is_set() or await self._abort_if_orphaned(txn):
                 return
 
-    def _open(self, final: str, participants: int, participant: int, timeout: float, owner: Any) -> dict:
+    def _open(self, final: str, participants: int, participant: int, timeout: float, owner: Any,
+              join_timeout: float | None = None) -> dict:
         """Synchronous on purpose: no other ``begin`` may run between deciding to open and
         registering the transaction (staging creation is a mkdir or nothing at all)."""
         tid = uuid.uuid4().hex
@@ -143,7 +144,19 @@ class SaveCoordinator:
         loop.call_later(timeout, lambda: loop.create_task(self._expire(txn.id)))
         if participants > 1:
             loop.create_task(self._watch(txn.id))
+            if join_timeout is not None and join_timeout < timeout:
+                loop.call_later(join_timeout, lambda: loop.create_task(self._check_joined(txn.id, join_timeout)))
         return self._info(txn)
+
+    async def _check_joined(self, tid: str, join_timeout: float) -> None:
+        """Abort a save that some participants never began (e.g. only rank 0 called save)."""
+        txn = self.txns.get(tid)
+        missing = sorted(set(range(txn.participants)) - txn.claimed) if txn else []
+        if txn and missing and not txn.done.is_set():
+            await self._finish(txn, error=(
+                f"participants {missing} of {txn.participants} never began this save within "
+                f"join_timeout={join_timeout:g}s (only {sorted(txn.claimed)} did): call save on every "
+                "participant for the same step, or save from one process alone with process_count=1"))
 
     async def _expire(self, tid: str) -> None:
         txn = self.txns.get(tid)
@@ -253,17 +266,19 @@ def first_line(e: BaseException) -> str:
 class RayCoordinator(Coordinator):
     """The client side: one participant talking to the directory's coordinator actor."""
 
-    def __init__(self, store: Store, final: str, participants: int = 1, save_timeout: float | None = None):
+    def __init__(self, store: Store, final: str, participants: int = 1, save_timeout: float | None = None,
+                 join_timeout: float | None = None):
         self.store, self.final, self.participants = store, final, participants
         self.timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
+        self.join_timeout = join_timeout
         self.actor = get_coordinator(store)
 
     def begin(self, participant: int) -> Txn:
         import ray
         owner = current_actor() if self.participants > 1 else None   # the coordinator notices if we die
         try:
-            info = ray.get(self.actor.begin.remote(self.final, self.participants, participant, self.timeout, owner),
-                           timeout=self.timeout)
+            info = ray.get(self.actor.begin.remote(self.final, self.participants, participant, self.timeout, owner,
+                                                   self.join_timeout), timeout=self.timeout)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, CheckpointError):
                 raise e.cause from None

@@ -551,7 +551,10 @@ class ArrowStore(Store):
     @property
     def fs(self):
         if self._fs is None:
-            import pyarrow.fs as pafs
+            try:
+                import pyarrow.fs as pafs
+            except ImportError as e:
+                raise CheckpointError(f"{self.uri}: this scheme needs pyarrow: pip install 'shardckpt[fs]'") from e
             parts = urlsplit(self.uri)
             if self._filesystem is not None:
                 self._fs, self._root = self._filesystem, (parts.netloc + parts.path)
