@@ -30,7 +30,7 @@ import xxhash
 
 from shardckpt import cli
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
-from shardckpt.format import INDEX, dump_index
+from shardckpt.format import MAX_JSON_DEPTH, seal_manifest, INDEX, dump_index
 
 PAYLOADS = {
     "CSI clear": "\x1b[2J\x1b[H",
@@ -60,7 +60,7 @@ def seal(path: Path, manifest: dict, *, index: bytes | None = None, meta: dict[s
     for name, data in {**({INDEX: index} if index is not None else {}), **(meta or {})}.items():
         (path / name).write_bytes(data)
         manifest["meta_files"][name] = {"size": len(data), "xxh3_64": xxhash.xxh3_64(data).hexdigest()}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))   # as a hostile writer would
 
 
 def base_checkpoint(path: Path) -> Path:
@@ -161,22 +161,26 @@ def test_deeply_nested_metrics_and_config(tmp_path, capsys, kind, depth):
     p = base_checkpoint(run / "step_5")
     deep = deep_json(kind, depth)
     manifest = json.loads((p / "manifest.json").read_text())
-    manifest["metrics"]["deep"] = "__DEEP__"
+    manifest["metrics"]["deep"] = json.loads(deep)
     config = json.dumps({"model_config": {"hidden": 4}, "deep": "__DEEP__"}).replace('"__DEEP__"', deep).encode()
-    seal(p, manifest, meta={"config.json": config, "extra.json": config})
-    mf = p / "manifest.json"
-    mf.write_text(mf.read_text().replace('"__DEEP__"', deep))
+    seal(p, manifest, meta={"config.json": config, "extra.json": config})      # a sealed, hostile manifest
+    refused = depth > MAX_JSON_DEPTH         # the loader refuses manifests nested deeper than this
     for argv in (["ls", str(run)], ["ls", str(run), "--best-metric", "deep"], ["inspect", str(p)],
                  ["verify", str(run)], ["diff", str(good), str(p)]):
         rc, out, err = run_main(capsys, argv)
         assert rc in (0, 1) and "Traceback" not in err, (argv, err)
-        assert "step" in out or "identical" in out or "different" in out or "OK" in out
+        assert "step" in out or "identical" in out or "different" in out or "OK" in out or \
+            (refused and "deeper than" in out + err), (argv, out, err)
     rc, out, _ = run_main(capsys, ["ls", str(run), "--json"])
-    assert rc == 0 and [c["step"] for c in json.loads(out)["checkpoints"]] == [4, 5]
-    rc, out, _ = run_main(capsys, ["inspect", str(p), "--json"])
-    assert rc == 0
-    if depth > 32:
-        assert "nested too deep" in json.dumps(json.loads(out)["metrics"])
+    listing = json.loads(out)
+    assert rc == 0 and [c["step"] for c in listing["checkpoints"]] == ([4] if refused else [4, 5])
+    if refused:
+        assert [b["name"] for b in listing["invalid"]] == ["step_5"]
+    rc, out, err = run_main(capsys, ["inspect", str(p), "--json"])
+    if refused:
+        assert rc == 1 and "deeper than" in err
+    else:
+        assert rc == 0 and "nested too deep" in json.dumps(json.loads(out)["metrics"])
 
 
 WRITER_FIELDS = {
@@ -186,7 +190,7 @@ WRITER_FIELDS = {
     "int writer and host": {"writer": 7, "host": 8, "backend": 9},
     "float pid": {"pid": 1.5, "host": None},
     "list pid": {"pid": [1], "node_id": ""},
-    "nested deep": {"node_id": json.loads("[" * 500 + "]" * 500)},
+    "nested deep": {"node_id": json.loads("[" * 50 + "]" * 50)},   # deeper than the display cap (32)
     "huge int": {"node_id": 10**300, "pid": 10**300},
     "bool": {"node_id": True, "writer": False},
     "long": {"node_id": "x" * 100_000},
@@ -213,7 +217,8 @@ def test_writer_record_that_is_not_a_dict(tmp_path, capsys):
     for f, v in zip(manifest["files"].values(), ([1, 2], "abc")):
         f["writer"] = v
     seal(p, manifest)
-    assert run_main(capsys, ["inspect", str(p)])[0] == 0
+    rc, out, err = run_main(capsys, ["inspect", str(p)])
+    assert rc == 1 and "writer" in err and "Traceback" not in err   # refused by the manifest schema
 
 
 def test_hostile_command_line_paths_are_escaped(tmp_path, capsys):
