@@ -26,7 +26,7 @@ import jax
 import optax
 from flax import nnx
 
-from .backends import resolve_executor
+from .backends import resolve_load_executor
 from .checkpoint import Checkpoint, open_checkpoint, read_consistently, save_checkpoint
 from .errors import CheckpointError, StructureMismatchError
 from .nnx_adapter import (  # noqa: F401
@@ -203,7 +203,7 @@ def restore(path: os.PathLike | str, target: Any = None, *, item: str | None = N
     ``item``: default ``"state"`` (what ``save(path, tree)`` writes), or the checkpoint's
     only item; ``item="model"`` reads what ``save_model`` wrote, ``item="ema"`` an extra item.
     """
-    executor = resolve_executor(backend, num_writers)
+    executor = resolve_load_executor(backend, num_writers)
 
     def load_once():   # again if another process replaces the checkpoint meanwhile
         ck = open_checkpoint(path)
@@ -287,7 +287,7 @@ def load_model(path: os.PathLike | str, model: Any = None,
     layout. ``select(key)`` restores only some keys (into a given ``model``). ``dtype``
     casts floating-point parameters of a module after loading. Returns ``(model, config_dict)``.
     """
-    executor = resolve_executor(backend, num_writers)
+    executor = resolve_load_executor(backend, num_writers)
 
     def load_once():   # again if another process replaces the checkpoint meanwhile
         ck = open_checkpoint(path)
@@ -312,7 +312,7 @@ def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.Gradien
     handled."""
     tx = tx if tx is not None else optax.adamw(learning_rate)
     check_module(model, f"load_optimizer({path!s})")
-    executor = resolve_executor(backend, num_writers)
+    executor = resolve_load_executor(backend, num_writers)
     optimizer, _ = read_consistently(lambda: restore_optimizer(   # again if replaced meanwhile
         open_checkpoint(path, allow_pickle=allow_pickle), model, tx, wrt=wrt, strict=strict, verify=verify,
         executor=executor, progress=progress, shardings=shardings))

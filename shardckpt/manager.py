@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from .api import check_item_name, load_model_from, model_item, restore_item
-from .backends import resolve_executor
+from .backends import resolve_executor, resolve_load_executor
 from .catalog import Catalog, CheckpointInfo
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
@@ -277,7 +277,7 @@ class CheckpointManager:
     def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
                    allow_pickle, shardings, optimizer_shardings, wrt, items) -> CheckpointState:
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
-        executor = self._executor()
+        executor = resolve_load_executor(self.backend, self.num_writers)   # a Ray worker reads via its node's cache
         cfg_file = ck.read_config()
         cfg = cfg_file.get("model_config")
         loaded = load_model_from(ck, model, model_cls, config_cls, verify=self.verify, executor=executor,

@@ -38,6 +38,13 @@ class NodeChunkCache:
         self.pending: dict[tuple, threading.Event] = {}
         self.used: dict[str, float] = {}           # version -> last use
         self.lock = threading.Lock()
+        # drop idle versions even when no request comes (the bytes live in the object store)
+        threading.Thread(target=self._evict_idle, daemon=True, name="chunk-cache-evict").start()
+
+    def _evict_idle(self) -> None:
+        while True:
+            time.sleep(min(10.0, CACHE_SECONDS / 4))
+            self._expire(None)
 
     def stats(self) -> dict:
         from ..store.base import read_stats
@@ -111,10 +118,11 @@ class NodeChunkCache:
                 self.entries[key] = results[key]
                 self.pending.pop(key).set()
 
-    def _expire(self, version: str) -> None:
+    def _expire(self, version: str | None) -> None:
         now = time.time()
         with self.lock:
-            self.used[version] = now
+            if version is not None:
+                self.used[version] = now
             stale = {v for v, t in self.used.items() if now - t > CACHE_SECONDS}
             recent = sorted((v for v in self.used if v not in stale), key=self.used.get)
             stale |= set(recent[:-MAX_VERSIONS])          # the least recently used beyond the limit
