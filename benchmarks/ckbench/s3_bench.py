@@ -162,6 +162,13 @@ class CpuWatch:
                 "server_rss": self.p.memory_info().rss}
 
 
+def _object_sizes(client, bucket: str, prefix: str) -> list[int]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Size"] for o in page.get("Contents", [])]
+    return out
+
+
 def _delete_prefix(client, bucket: str, prefix: str) -> None:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
@@ -259,6 +266,10 @@ def run_s3(args, console) -> dict:
             if check:
                 rec["bit_exact"] = _equal(out, state.items)
             del out
+            sizes = _object_sizes(client, "ckpts", f"bench/step_{counter[0]}/")
+            big = sorted(sizes, reverse=True)
+            rec["objects"] = {"count": len(sizes), "bytes": sum(sizes), "largest": big[:8],
+                              "over_1mb": sum(1 for x in sizes if x > 1 << 20)}
             _delete_prefix(client, "ckpts", f"bench/step_{counter[0]}/")
             return rec
 
@@ -323,6 +334,8 @@ def run_s3(args, console) -> dict:
                     "restore_rss_shmem_peak_mb": spread([x["restore_driver_mem"]["RssShmem_peak_delta"] / 1e6
                                                          for x in rs]),
                     "bit_exact": all(x.get("bit_exact", True) for x in rs),
+                    "shard_objects": spread([x.get("objects", {}).get("over_1mb") for x in rs]),
+                    "largest_object_mb": spread([(x.get("objects", {}).get("largest") or [0])[0] / 1e6 for x in rs]),
                 }
             result["states"][name] = {"describe": state.describe(), "spec": spec, "state_bytes": state.nbytes,
                                       "runs": runs, "summary": summary}
