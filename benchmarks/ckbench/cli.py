@@ -28,7 +28,9 @@ the extra host memory of each save are measured in fresh subprocesses. See
 benchmarks/README.md (how to add a system) and docs/benchmarks.md (results).
 
 Other modes: --scaling (the Ray backend on ray.cluster_utils.Cluster with 1, 2, 4 simulated
-nodes) and --index-bench (the committer's and loader's cost for a synthetic index).
+nodes), --index-bench (the committer's and loader's cost for a synthetic index), --s3 (saves
+and restores to a loopback moto S3 server), --regression OLD_TREE (local save/restore of this
+tree against an older one) and --replica (replica-aware restore on a 2-node Cluster).
 """
 
 
@@ -61,6 +63,24 @@ def parse_args(argv=None):
     p.add_argument("--object-store-mb", type=int, default=1024, help="object store per simulated node (scaling)")
     p.add_argument("--index-bench", default=None,
                    help="run only the synthetic index benchmark: comma list of TOTALxPER_ARRAY chunk counts, e.g. 1e5x512,1e6x512")
+    p.add_argument("--s3", action="store_true",
+                   help="run only the S3 benchmark: saves/restores to a loopback moto server, threads and Ray "
+                        "(1, 2, 4 writers)")
+    p.add_argument("--s3-systems", default="threads,ray1,ray2,ray4", help="comma list of threads, rayN (--s3)")
+    p.add_argument("--s3-small-params", type=float, default=None,
+                   help="also run an LMModel of about this many parameters after the preset (--s3)")
+    p.add_argument("--s3-budget", type=float, default=600.0,
+                   help="stop adding repeats once this many seconds were spent per state (--s3)")
+    p.add_argument("--moto-key-buffer", type=int, default=2 << 30,
+                   help="bytes of an object moto keeps in memory before spooling it to a temp file (--s3)")
+    p.add_argument("--regression", default=None, metavar="OLD_TREE",
+                   help="run only the local no-regression benchmark: this tree against the source tree OLD_TREE "
+                        "(e.g. a git worktree of the last release), one subprocess per sample, alternating")
+    p.add_argument("--replica", action="store_true",
+                   help="run only the replica-aware restore benchmark (2-node Cluster, NodeSharedReader vs threads)")
+    p.add_argument("--replica-arrays", type=int, default=64, help="1024x1024 float32 arrays of the replicated state")
+    p.add_argument("--replica-workers", default="1,2,4", help="workers per node (--replica)")
+    p.add_argument("--replica-modes", default="shared,threads", help="shared (NodeSharedReader), threads (--replica)")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="result file name stem (default: bench, bench_quick, bench_smoke, scaling, index_bench)")
     p.add_argument("--workdir", default=None, help="scratch directory for checkpoints (default: a new dir in $TMPDIR)")
@@ -99,6 +119,8 @@ def parse_args(argv=None):
     a.states = [s for s in a.states.split(",") if s]
     a.scaling_nodes = [int(x) for x in a.scaling_nodes.split(",")]
     a.index_bench = a.index_bench.split(",") if a.index_bench else None
+    a.replica_workers = [int(x) for x in a.replica_workers.split(",")]
+    a.replica_modes = [m for m in a.replica_modes.split(",") if m]
     return a
 
 
@@ -135,6 +157,14 @@ def main(argv=None) -> int:
         from .scaling import scaling_child
         scaling_child(args)
         return 0
+    if args._child == "regression":
+        from .s3_bench import regression_child
+        regression_child(args)
+        return 0
+    if args._child == "replica":
+        from .s3_bench import replica_child
+        replica_child(args)
+        return 0
 
     from rich.console import Console
 
@@ -166,6 +196,21 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({**meta, **res}, indent=1))
         console.print(f"wrote {path}")
         return 0
+
+    for mode, stem, fn in (("s3", "s3", "run_s3"), ("regression", "regression", "run_regression"),
+                           ("replica", "replica_restore", "run_replica")):
+        if getattr(args, mode):
+            from . import s3_bench
+            if args.smoke:
+                stem += "_smoke"
+            elif args.quick:
+                stem += "_quick"
+            console.print(f"{mode} benchmark (load {load_avg()})")
+            res = getattr(s3_bench, fn)(args, console)
+            meta["load_avg_end"] = load_avg()
+            meta.update({"repeats": args.repeats, "idle_s": args.idle})
+            s3_bench.write_json(out_dir, args.tag or stem, {**meta, **res}, console)
+            return 0
 
     if args.scaling:
         from .scaling import run_scaling
