@@ -155,7 +155,7 @@ def _json_default(o: Any):
 def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, transaction: str = "") -> None:
     """The committer: check the parts agree, write metadata and index into ``staging``, then
     publish it with the manifest, atomically. Raises (and publishes nothing) on any problem."""
-    from .reader import existing_checkpoint
+    from .reader import ReplacedWhileReadingError, existing_checkpoint
     where = staging.store.where(staging.final)
     records: dict[str, ItemRecord] = {}
     for part in sorted(parts, key=lambda p: p.participant):
@@ -192,8 +192,11 @@ def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, trans
             t_records, t_chunks = dict(records), {n: defaultdict(list, v) for n, v in chunks_by_item.items()}
             t_files, meta_files, adopted = dict(files), {}, []
             if previous is not None:
-                adopted = _carry_over(previous, staging, set(records), json_files, t_records, t_chunks,
-                                      t_files, meta_files)
+                try:
+                    adopted = _carry_over(previous, staging, set(records), json_files, t_records, t_chunks,
+                                          t_files, meta_files)
+                except ReplacedWhileReadingError:
+                    continue          # replaced while its index was read: carry over the new one
                 # Adding an item keeps what the checkpoint is listed by (its step and metrics).
                 step = previous.step if step is None else step
                 metrics = previous.metrics if metrics is None else metrics

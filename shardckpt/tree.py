@@ -213,6 +213,8 @@ def decode_stored(spec: ArraySpec, stored: np.ndarray, what: str = "") -> np.nda
         except (ValueError, TypeError, KeyError) as e:   # a name jax does not know
             raise CorruptCheckpointError(f"{what or 'PRNG key'}: key data of unknown implementation {spec.key_impl!r:.80} "
                                          f"({type(e).__name__}: {e})") from e
+    if spec.dtype in (stored.dtype.name, stored.dtype.str):
+        return stored       # stored as it is (the original layout's raw V2 bfloat16 included)
     dtype = real_dtype(spec.dtype)
     return stored.view(dtype) if stored.dtype != dtype else stored
 
