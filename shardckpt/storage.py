@@ -5,7 +5,7 @@ name, fsyncs every file, writes the manifest last, fsyncs the directory, renames
 place and fsyncs the parent. Replacing an existing checkpoint swaps the two directories in
 one ``renameat2(RENAME_EXCHANGE)`` call, so the old one stays whole until the new one is
 visible; where the kernel or filesystem lacks it we move the old one aside first and
-recovery (``recover_replacements``) puts it back if we crash in between. A delete renames
+recovery (the Catalog's leftovers plan, ``catalog.py``) puts it back if we crash in between. A delete renames
 the checkpoint to a hidden name first (instantly invisible), then removes it.
 """
 
@@ -239,7 +239,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Make the fully written, fsynced ``tmp`` directory visible as ``final``.
 
     If ``final`` exists it is replaced without a window in which neither is present
-    (``renameat2`` exchange), or with a window that ``recover_replacements`` repairs.
+    (``renameat2`` exchange), or with a window that the Catalog's leftovers plan repairs.
     The commit point is the fsync of the parent after the rename: if anything fails before
     it, ``final`` is left (or put back) as it was and the error raised; ``tmp`` is the
     caller's to remove. A failure to remove the replaced copy after it does not fail the
@@ -362,18 +362,3 @@ def retire_dir(path: Path) -> None:
 def remove_tree(path: Path) -> None:
     inject("remove", path)
     shutil.rmtree(path, ignore_errors=False)
-
-
-def recover_replacements(directory: Path) -> None:
-    """Undo a replacement interrupted between its two renames (fallback path only): an
-    ``.old`` directory whose final name is gone is moved back. One whose final name is back
-    in place (the replacement died after its second rename) is obsolete and removed."""
-    for entry in os.scandir(directory):
-        info = parse_hidden(entry.name)
-        if info and info["kind"] == "old" and not owner_alive(info):
-            final = directory / info["name"]
-            if not final.exists():
-                os.rename(entry.path, final)
-                fsync_path(directory)
-            else:
-                remove_tree(Path(entry.path))

@@ -47,7 +47,7 @@ def save_loop(directory: str, log_path: str, seed: int, start_step: int, backend
               control=None, max_saves: int | None = None, no_exchange: bool = False) -> None:
     """``no_exchange``: run as on a filesystem without ``renameat2(RENAME_EXCHANGE)`` (the
     storage seam refuses the exchange with EINVAL), so replacements take the fallback path
-    (old copy renamed aside, repaired by ``recover_replacements`` after a crash)."""
+    (old copy renamed aside, repaired by the Catalog's leftovers plan after a crash)."""
     if no_exchange:
         import errno
         from shardckpt.storage import Fault, FaultPlan
