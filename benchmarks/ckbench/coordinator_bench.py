@@ -107,7 +107,7 @@ def run(total: int, participants: int, workdir: Path) -> dict:
         for d in range(8):
             box = ((p * 8 + d, 0), (1, cols))
             dest = aligned_empty(box[1], "float32")
-            for _f, c in rows_of:
+            for _f, c in rows_of.overlapping(*box):      # what Checkpoint._read_boxes_of_this_version does
                 if chunk_target(c, dest, box) is not None:
                     hits += 1
     t_plan = time.perf_counter() - t0
