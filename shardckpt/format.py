@@ -12,12 +12,12 @@ other and against the files before any array is allocated, and no pickle is ever
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as _dt
 import gc
 import heapq
 import io
-import itertools
 import json
 import math
 import operator
@@ -311,7 +311,8 @@ class ChunkTable(Sequence):
     records only when asked. ``overlapping(offset, shape)`` finds, with numpy, the chunks
     that meet a box."""
 
-    __slots__ = ("key", "files", "fidx", "offs", "shps", "doff", "nbytes", "crc", "members", "_ends", "_full")
+    __slots__ = ("key", "files", "fidx", "offs", "shps", "doff", "nbytes", "crc", "members", "_ends", "_full",
+                 "_sorted")
 
     def __init__(self, key: str, files: list[str], fidx: np.ndarray, offs: np.ndarray, shps: np.ndarray,
                  doff: np.ndarray, nbytes: np.ndarray, crc: np.ndarray, members: list[str]):
@@ -364,25 +365,57 @@ class ChunkTable(Sequence):
         """The names of the files holding these chunks."""
         return {self.files[i] for i in np.unique(self.fidx).tolist()}
 
-    def overlapping_rows(self, offset, shape) -> np.ndarray:
-        """Row numbers of the chunks meeting box ``offset``..``offset+shape`` (the rule of
-        ``plan.box_overlap``: touching is not meeting, except for empty boxes)."""
+    def overlapping_rows(self, offset, shape) -> list[int]:
+        """Row numbers, ascending, of the chunks meeting box ``offset``..``offset+shape``
+        (the rule of ``plan.box_overlap``: touching is not meeting, except for empty
+        boxes). A binary search on the first dimension narrows the candidates; few are
+        tested in Python, many with numpy."""
         nd = self.offs.shape[1]
-        lo = np.asarray(offset, dtype=np.int64).reshape(nd)
-        size = np.asarray(shape, dtype=np.int64).reshape(nd)
+        lo = [int(v) for v in offset]
+        size = [int(v) for v in shape]
+        if len(lo) != nd or len(size) != nd:
+            raise ValueError(f"box {offset}+{shape} does not have the {nd} dimensions of {self.key!r}")
+        hi = [a + n for a, n in zip(lo, size)]
+        nonempty = all(n > 0 for n in size)
+        n = len(self)
         if self._ends is None:
             self._ends = self.offs + self.shps
             self._full = (self.shps > 0).all(axis=1)
-        a = np.maximum(self.offs, lo)
-        b = np.minimum(self._ends, lo + size)
-        hit = (b >= a).all(axis=1)
-        if bool((size > 0).all()):
-            hit &= ~((b == a).any(axis=1) & self._full)
-        return np.flatnonzero(hit)
+            if nd and n:
+                order = np.argsort(self.offs[:, 0], kind="stable")
+                self._sorted = (order.tolist(), self.offs[order, 0].tolist(), int(self.shps[:, 0].max()))
+        if nd and n:
+            order, starts, longest = self._sorted
+            # a chunk meeting the box starts in [lo0 - longest, hi0] along the first dimension
+            a = bisect.bisect_left(starts, lo[0] - longest)
+            b = bisect.bisect_right(starts, hi[0])
+            rows = sorted(order[a:b])
+        else:
+            rows = list(range(n))
+        if len(rows) <= 32:
+            out = []
+            offs, ends, full = self.offs, self._ends, self._full
+            for r in rows:
+                x = [max(u, v) for u, v in zip(offs[r].tolist(), lo)]
+                y = [min(u, v) for u, v in zip(ends[r].tolist(), hi)]
+                if any(q < p for p, q in zip(x, y)):
+                    continue
+                if nonempty and full[r] and any(q == p for p, q in zip(x, y)):
+                    continue
+                out.append(r)
+            return out
+        idx = np.array(rows, dtype=np.intp)
+        lo_a, hi_a = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+        x = np.maximum(self.offs[idx], lo_a)
+        y = np.minimum(self._ends[idx], hi_a)
+        hit = (y >= x).all(axis=1)
+        if nonempty:
+            hit &= ~((y == x).any(axis=1) & self._full[idx])
+        return idx[hit].tolist()
 
     def overlapping(self, offset, shape) -> list[tuple[str, ChunkRecord]]:
         """The ``(file, ChunkRecord)`` of the chunks meeting the box, in index order."""
-        return [self._record(i) for i in self.overlapping_rows(offset, shape).tolist()]
+        return [self._record(i) for i in self.overlapping_rows(offset, shape)]
 
 
 @dataclass
@@ -428,8 +461,11 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
                                     rows.doff, rows.nbytes, rows.crc, list(rows.members))
                 continue
             fs = list(map(first, rows))
-            for f in dict.fromkeys(fs):          # new names numbered in order of appearance
-                fmap.setdefault(f, len(fmap))
+            uniq = dict.fromkeys(fs)
+            missing = uniq.keys() - fmap.keys()
+            if missing:                          # new names numbered in order of appearance
+                new = [f for f in uniq if f in missing]
+                fmap.update(zip(new, range(len(fmap), len(fmap) + len(new))))
             fidx = np.array(list(map(fmap.__getitem__, fs)), dtype=np.int64)
             cs = list(map(second, rows))
             try:
@@ -449,23 +485,37 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
 
 
 def _int_vector(values: list, what: str) -> np.ndarray:
-    """Python ints (never bools, floats, strings or NumPy scalars, as the msgpack writer of
-    version 1 required) as int64; larger ones refused (OverflowError)."""
-    if values and not set(map(type, values)) <= {int}:
+    """Integers as int64; anything NumPy does not read as int64 (floats, strings, bools
+    alone, integers beyond int64) refused."""
+    try:
+        a = np.array(values)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(f"{what}: a chunk record has malformed values ({e!s:.200})") from e
+    if len(values) and a.dtype != np.int64:
         raise CorruptCheckpointError(f"{what}: a chunk record has a value that is not an integer")
-    return np.array(values, dtype=np.int64)
+    return a.astype(np.int64, copy=False)
 
 
 def _int_matrix(tuples: list, what: str) -> np.ndarray:
-    """Equal-length tuples of Python ints as an int64 array (n, len)."""
-    ranks = set(map(len, tuples))
+    """Equal-length tuples of integers as an int64 array (n, len). Equal tuples (most
+    chunk shapes, the offsets of one participant) are converted once."""
+    try:
+        uniq = dict.fromkeys(tuples)
+    except TypeError:                    # lists: unhashable, converted one by one
+        uniq = dict.fromkeys(map(tuple, tuples))
+        tuples = list(map(tuple, tuples))
+    ranks = set(map(len, uniq))
     if len(ranks) > 1:
         raise CorruptCheckpointError(f"{what}: chunk boxes of different ranks")
-    nd = ranks.pop() if ranks else 0
-    if nd and not set(map(type, itertools.chain.from_iterable(tuples))) <= {int}:
-        raise CorruptCheckpointError(f"{what}: a chunk box has a coordinate that is not an integer")
-    flat = np.fromiter(itertools.chain.from_iterable(tuples), dtype=np.int64, count=len(tuples) * nd)
-    return flat.reshape(len(tuples), nd)
+    if ranks <= {0}:
+        return np.zeros((len(tuples), 0), np.int64)
+    table = _int_vector(list(uniq), what)
+    if table.ndim != 2:
+        raise CorruptCheckpointError(f"{what}: chunk boxes of different ranks")
+    if len(uniq) == len(tuples):
+        return table
+    code = {t: i for i, t in enumerate(uniq)}
+    return table[np.array(list(map(code.__getitem__, tuples)), dtype=np.intp)]
 
 
 def dump_index(chunks_by_item: Any) -> bytes:
@@ -584,7 +634,7 @@ def _read_index(raw: bytes, state: _IndexState, where: str) -> None:
 
 def _unpacker(raw: bytes) -> msgpack.Unpacker:
     return msgpack.Unpacker(io.BytesIO(raw), raw=False, strict_map_key=True, read_size=1 << 20,
-                            max_buffer_size=max(len(raw), 1 << 20))
+                            max_buffer_size=max(len(raw), 1 << 20), max_array_len=MAX_INDEX_CHUNKS + 1)
 
 
 def _ints(values: list, what: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -610,6 +660,7 @@ class _IndexState:
         self.manifest, self.where = manifest, where
         self.files: list[str] | None = None
         self.version: int | None = None
+        self.claims: list[tuple[np.ndarray, np.ndarray]] = []
         self.out: dict[str, dict[str, ChunkTable]] = {}
         self.chunks = 0
 
@@ -629,9 +680,7 @@ class _IndexState:
                 raise CorruptCheckpointError(f"{where}: index names file {f!r} that the manifest does not list")
         self.files = files
         self.sizes = np.array([self.manifest.files[f].size for f in files], dtype=np.int64)
-        # bytes claimed per file, exact: int64 high and low parts (sums stay below 2^53)
-        nf = len(files)
-        self.stored_hi, self.stored_lo = np.zeros(nf, np.int64), np.zeros(nf, np.int64)
+        self.claims: list[tuple[np.ndarray, np.ndarray]] = []    # (file numbers, nbytes) of stored chunks
         self.inflated: dict[int, int] = {}
 
     def item_specs(self, item: Any) -> dict[str, ArraySpec]:
@@ -660,6 +709,7 @@ class _IndexState:
 
     def finish(self) -> dict[str, dict[str, ChunkTable]]:
         where, out = self.where, self.out
+        self._check_claims()
         for item, specs in ((i, r.arrays) for i, r in self.manifest.items.items()):
             if specs and item not in out:
                 raise CorruptCheckpointError(f"{where}: item {item!r} has no chunks in the index")
@@ -683,15 +733,11 @@ class _IndexState:
             name = up.unpack()
             if name not in _COLUMNS or name in d:
                 raise CorruptCheckpointError(f"{what}: malformed or repeated column {name!r:.40}")
+            d[name] = up.unpack()       # arrays are capped at MAX_INDEX_CHUNKS entries (_unpacker)
             if name == "member":
-                n = up.read_array_header()
-                self._count(n)
-                members = [up.unpack() for _ in range(n)]
-                if members and not set(map(type, members)) <= {str}:
-                    raise CorruptCheckpointError(f"{what}: malformed member name")
-                d[name] = members
-            else:
-                d[name] = up.unpack()
+                if type(d[name]) is not list:
+                    raise CorruptCheckpointError(f"{what}: member names are not a list")
+                self._count(len(d[name]))
         missing = [c for c in _COLUMNS if c not in d]
         if missing:
             raise CorruptCheckpointError(f"{what}: columns {missing} are missing")
@@ -800,33 +846,41 @@ class _IndexState:
         item_out[key] = ChunkTable(key, files, fidx, offs, shps, doff, nbytes, crc, members)
 
     def _claim(self, what: str, fidx: np.ndarray, doff: np.ndarray, nbytes: np.ndarray) -> None:
-        """Bytes claimed per file: stored chunks at most the file's size, compressed ones
-        (their inflated size) at most deflate's ratio times it; exact, no int64 overflow."""
+        """Bytes claimed per file: stored chunks at most the file's size (summed over the
+        whole index in ``_check_claims``), compressed ones (their inflated size) at most
+        deflate's ratio times it; exact, no int64 overflow."""
         if not len(fidx):
             return
         files, sizes = self.files, self.sizes
         stored = doff >= 0
-        nf = len(files)
-        if stored.any():
-            f, nb = fidx[stored], nbytes[stored]
-            # nbytes < 2^55 and at most 2^22 chunks: each part's sum stays below 2^53 (exact)
-            self.stored_lo += np.bincount(f, weights=(nb & _LO_MASK).astype(np.float64), minlength=nf).astype(np.int64)
-            self.stored_hi += np.bincount(f, weights=(nb >> _LO_BITS).astype(np.float64), minlength=nf).astype(np.int64)
-            touched = np.unique(f)
-            hi = self.stored_hi[touched] + (self.stored_lo[touched] >> _LO_BITS)
-            lo = self.stored_lo[touched] & _LO_MASK
-            s = sizes[touched]
-            over = (hi > (s >> _LO_BITS)) | ((hi == (s >> _LO_BITS)) & (lo > (s & _LO_MASK)))
-            if over.any():
-                fi = int(touched[np.flatnonzero(over)[0]])
+        if stored.all():
+            self.claims.append((fidx, nbytes))
+            return
+        self.claims.append((fidx[stored], nbytes[stored]))
+        inflated = self.inflated
+        for fi, nb in zip(fidx[~stored].tolist(), nbytes[~stored].tolist()):
+            inflated[fi] = inflated.get(fi, 0) + nb
+        for fi in np.unique(fidx[~stored]).tolist():
+            if inflated[fi] > MAX_DEFLATE_RATIO * int(sizes[fi]) + 65536:
                 raise CorruptCheckpointError(f"{what}: the chunks of {files[fi]} claim more bytes than it holds")
-        if not stored.all():
-            inflated = self.inflated
-            for fi, nb in zip(fidx[~stored].tolist(), nbytes[~stored].tolist()):
-                inflated[fi] = inflated.get(fi, 0) + nb
-            for fi in np.unique(fidx[~stored]).tolist():
-                if inflated[fi] > MAX_DEFLATE_RATIO * int(sizes[fi]) + 65536:
-                    raise CorruptCheckpointError(f"{what}: the chunks of {files[fi]} claim more bytes than it holds")
+
+    def _check_claims(self) -> None:
+        if not self.claims or self.files is None:
+            return
+        f = np.concatenate([c[0] for c in self.claims])
+        nb = np.concatenate([c[1] for c in self.claims])
+        self.claims = []
+        nf = len(self.files)
+        # nbytes < 2^55 and at most 2^22 chunks: each part's float sum stays below 2^53 (exact)
+        lo = np.bincount(f, weights=(nb & _LO_MASK).astype(np.float64), minlength=nf).astype(np.int64)
+        hi = np.bincount(f, weights=(nb >> _LO_BITS).astype(np.float64), minlength=nf).astype(np.int64)
+        hi += lo >> _LO_BITS
+        lo &= _LO_MASK
+        s = self.sizes
+        over = np.flatnonzero((hi > (s >> _LO_BITS)) | ((hi == (s >> _LO_BITS)) & (lo > (s & _LO_MASK))))
+        if over.size:
+            raise CorruptCheckpointError(f"{self.where}: the chunks of {self.files[int(over[0])]} claim more bytes "
+                                         "than it holds")
 
 
 # --- exact tiling ---------------------------------------------------------------------------
@@ -892,6 +946,19 @@ def check_boxes(key: str, shape: tuple[int, ...], offs: np.ndarray, shps: np.nda
     m = offs.shape[0]
     if m <= 1:
         return
+    s0 = shps[0]
+    if (shps == s0).all() and not (offs % s0).any():
+        # one chunk shape, offsets on its grid (what sharding produces): the boxes are cells
+        # of that grid, disjoint iff their cell numbers differ (fewer than 2^50 cells)
+        stride, strides = 1, []
+        for dim, step in zip(reversed(shape), reversed(s0.tolist())):
+            strides.append(stride)
+            stride *= -(-dim // step)
+        code = (offs // s0) @ np.array(strides[::-1], dtype=np.int64)
+        code.sort()
+        if not (code[1:] == code[:-1]).any():
+            return
+        # an overlap: found and named by the general test below
     ends = offs + shps
     lo = np.empty_like(offs)
     hi = np.empty_like(offs)
