@@ -514,6 +514,8 @@ def _int_matrix(tuples: list, what: str) -> np.ndarray:
         raise CorruptCheckpointError(f"{what}: chunk boxes of different ranks")
     if len(uniq) == len(tuples):
         return table
+    if len(uniq) == 1:
+        return np.repeat(table, len(tuples), axis=0)
     code = {t: i for i, t in enumerate(uniq)}
     return table[np.array(list(map(code.__getitem__, tuples)), dtype=np.intp)]
 
