@@ -22,9 +22,9 @@ import numpy as np
 
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
 from .executors.base import Executor, ReadJob
-from .format import MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MANIFEST, ItemRecord, Manifest, check_file_name, load_index
+from .format import (MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MANIFEST, ChunkTable, ItemRecord, Manifest, check_file_name,
+                     load_index)
 from .progress import byte_progress
-from .shard_io import ChunkRecord
 from .geometry import (Box, aligned_empty, chunk_target, concrete_sharding, device_boxes, full_box,
                        sharding_resolver)
 from .store import Store, resolve
@@ -147,7 +147,9 @@ class Checkpoint:
     def metrics(self) -> dict:
         return self.manifest.metrics
 
-    def index(self) -> dict[str, dict[str, list[tuple[str, ChunkRecord]]]]:
+    def index(self) -> dict[str, dict[str, ChunkTable]]:
+        """The validated chunk index: item -> key -> ``ChunkTable`` (a sequence of ``(file,
+        ChunkRecord)`` with ``overlapping(offset, shape)``), parsed once."""
         if self._index is None:
             name = self.manifest.index_file
             raw = self._read_meta(name, MAX_INDEX_BYTES)
@@ -337,7 +339,7 @@ class Checkpoint:
         executor = executor or default_executor()
         # Sizes against the real files before anything is allocated: the index's bounds
         # checks hold against the manifest's sizes, which a hostile manifest could inflate.
-        self._check_file_sizes({f for key in specs for f, _ in index[key]})
+        self._check_file_sizes(set().union(*(index[key].file_names() for key in specs)))
         out: dict[str, dict[Box, np.ndarray]] = {}
         jobs: dict[str, ReadJob] = {}
         total = 0
@@ -348,7 +350,7 @@ class Checkpoint:
                 dest = aligned_empty(box[1], dtype)
                 out[key][box] = dest
                 total += dest.nbytes
-                for fname, chunk in index[key]:
+                for fname, chunk in index[key].overlapping(*box):
                     target = chunk_target(chunk, dest, box)
                     if target is None:
                         continue

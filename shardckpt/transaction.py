@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from .errors import CheckpointError, SaveAbortedError
 from .executors.base import Executor
-from .format import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, dump_index, load_index
+from .format import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, check_index, dump_index, index_columns
 from .plan import default_num_shards, plan_save
 from .progress import byte_progress
 from .shard_io import ChunkRecord, ShardReport
@@ -237,14 +237,16 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
                  for item, rec in records.items()}
     _add_meta(staging, meta_files, "structure.json", json_bytes(structure, "structure.json"))
-    index = dump_index({k: dict(v) for k, v in chunks_by_item.items()})
+    index_cols = index_columns(chunks_by_item)     # one pass over the chunk records
+    index = dump_index(index_cols)
     index_rec = _add_meta(staging, meta_files, INDEX, index)
     writers = {(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}
     manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
                         metrics=plain_metrics(metrics or {}), writers=writer_versions(),
                         host_count=len(writers) or 1, transaction=transaction, index_file=index_rec)
-    # The index validator is the loader's: a commit never publishes what a load would refuse.
-    load_index(index, manifest, where)
+    # The index validator is the loader's (the same checks on the columns just serialised):
+    # a commit never publishes what a load would refuse.
+    check_index(index_cols, manifest, where)
     if expect is not None and _version_of(existing_checkpoint(staging.store, staging.final)) != expect:
         return False
     try:

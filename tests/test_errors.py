@@ -22,7 +22,7 @@ from shardckpt import (CheckpointError, CheckpointManager, CheckpointNotFoundErr
                        load_model, load_optimizer, save_model, save_optimizer)
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 from shardckpt.executors.local import ThreadExecutor
-from shardckpt.format import seal_manifest
+from shardckpt.format import dump_index_v1, seal_manifest
 
 from conftest import assert_bit_equal, bits_of, hidden_entries, raw_bits, tree_of_files, train_steps
 
@@ -57,8 +57,7 @@ def _edit_manifest(path: Path, fn) -> None:
 
 def _edit_index(path: Path, fn) -> None:
     """Rewrite the chunk index and re-seal it in the manifest, as a hostile writer would."""
-    raw = (path / "index.msgpack").read_bytes()
-    d = msgpack.unpackb(raw, raw=False)
+    d = msgpack.unpackb(dump_index_v1(Checkpoint(path).index()), raw=False)    # rows (version 1)
     d = fn(d) or d
     raw = msgpack.packb(d, use_bin_type=True)
     (path / "index.msgpack").write_bytes(raw)

@@ -26,7 +26,7 @@ import shardckpt.format as fmt
 from shardckpt import CorruptCheckpointError
 from shardckpt.checkpoint import Checkpoint, save_checkpoint
 from shardckpt.format import (MAX_NDIM, FileRecord, ItemRecord, Manifest, check_boxes, check_file_name,
-                              dump_index, load_index, manifest_checksum, parse_array_spec, seal_manifest)
+                              dump_index, dump_index_v1, load_index, manifest_checksum, parse_array_spec, seal_manifest)
 from shardckpt.shard_io import ChunkRecord
 from shardckpt.tree import ArraySpec, decode_scalar, real_dtype
 
@@ -42,8 +42,8 @@ def grid_boxes(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[tuple[tupl
     return out
 
 
-def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, itemsize: int = 4):
-    """A manifest and index: ``arrays`` maps key -> (shape, boxes)."""
+def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, itemsize: int = 4, v1: bool = False):
+    """A manifest and index (version 2; ``v1``: the row layout): ``arrays`` maps key -> (shape, boxes)."""
     specs, chunks, fsize = {}, {}, {}
     for a, (key, (shape, boxes)) in enumerate(arrays.items()):
         specs[key] = ArraySpec("float32", tuple(shape), "float32", tuple(shape))
@@ -57,7 +57,7 @@ def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, item
         chunks[key] = rows
     files = {f: FileRecord(s, "0" * 16, "model") for f, s in fsize.items()}
     m = Manifest(step=1, items={"model": ItemRecord(specs, {})}, files=files, meta_files={})
-    return m, dump_index({"model": chunks})
+    return m, (dump_index_v1 if v1 else dump_index)({"model": chunks})
 
 
 def dup_and_miss(boxes: list, dup: int, miss: int) -> list:
@@ -150,8 +150,7 @@ def test_duplicate_and_missing_chunk_in_a_real_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"model": tree}, step=1, num_shards=2)
     ck = Checkpoint(path)
     assert len(ck.index()["model"]["w"]) >= 1
-    raw = (path / "index.msgpack").read_bytes()
-    d = msgpack.unpackb(raw, raw=False)
+    d = msgpack.unpackb(dump_index_v1(ck.index()), raw=False)                        # rows (version 1)
     d["items"]["model"]["w"] = [[0, "w@0", [0, 0], [32, 8], 0, 32 * 8 * 4, 0]] * 2    # twice the top half
     raw = msgpack.packb(d, use_bin_type=True)
     manifest = Checkpoint(path).manifest
@@ -231,7 +230,7 @@ def test_boxes_outside_the_array(box):
     boxes = [box, ((0, 0), (4, 4))]
     with pytest.raises(CorruptCheckpointError, match="outside the array"):
         check_boxes("w", (4, 4), *arrays_of(boxes, 2), "ck")
-    m, raw = synth({"w": ((4, 4), [((0, 0), (4, 4))])})
+    m, raw = synth({"w": ((4, 4), [((0, 0), (4, 4))])}, v1=True)
     d = msgpack.unpackb(raw, raw=False)
     d["items"]["model"]["w"][0][2:4] = [list(box[0]), list(box[1])]
     with pytest.raises(CorruptCheckpointError):
