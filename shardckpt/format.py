@@ -577,13 +577,15 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
     if len(raw) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(f"{where}: chunk index is {len(raw)} bytes, over the limit of {MAX_INDEX_BYTES}")
     state = _IndexState(manifest, where)
-    with _no_cyclic_gc():     # a version-1 index makes 10^6 lists: gen-2 collections would be quadratic
+    with no_cyclic_gc():     # a version-1 index makes 10^6 lists: gen-2 collections would be quadratic
         _read_index(raw, state, where)
     return state.finish()
 
 
 @contextlib.contextmanager
-def _no_cyclic_gc():
+def no_cyclic_gc():
+    """Pause the cyclic garbage collector while 10^5-10^6 small objects are made or walked
+    (its generation-2 passes would make that quadratic); reference counting still frees."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from .errors import CheckpointError, SaveAbortedError
 from .executors.base import Executor
-from .format import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, check_index, dump_index, index_columns
+from .format import no_cyclic_gc, INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, check_index, dump_index, index_columns
 from .plan import default_num_shards, plan_save
 from .progress import byte_progress
 from .shard_io import ChunkRecord, ShardReport
@@ -51,6 +51,22 @@ class PartReport:
     items: dict[str, ItemRecord]
     reports: list[ShardReport]
     item_of_file: dict[str, str]
+    digests: dict[str, str] | None = None    # item -> digest of its record, made by the participant
+
+    def digest(self, item: str) -> str:
+        """A checksum of what ``item`` holds (its record's canonical JSON): computed once, by
+        the participant that wrote the part, so a committer of 1,024 parts compares short
+        strings instead of 1,024 structures of thousands of arrays."""
+        if self.digests is None:
+            self.digests = {}
+        if item not in self.digests:
+            self.digests[item] = record_digest(self.items[item])
+        return self.digests[item]
+
+
+def record_digest(rec: ItemRecord) -> str:
+    import xxhash
+    return xxhash.xxh3_128(json.dumps(rec.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -123,8 +139,11 @@ def write_part(staging: Staging, entries: dict[str, list], records: dict[str, It
     if sorted(got) != sorted(expected):
         raise SaveAbortedError(f"saving {staging.final}: writers did not report "
                                f"{sorted(expected - set(got)) or 'as planned'}")
-    return PartReport(participant, records,
+    part = PartReport(participant, records,
                       reports, {staging.stored_name(plan.file): item for item, plan in planned})
+    for item in records:
+        part.digest(item)          # here, in parallel across participants, not in the committer
+    return part
 
 
 # --- commit ----------------------------------------------------------------------------------
@@ -155,14 +174,20 @@ def _json_default(o: Any):
 def commit(staging: Staging, parts: list[PartReport], args: CommitArgs, *, transaction: str = "") -> None:
     """The committer: check the parts agree, write metadata and index into ``staging``, then
     publish it with the manifest, atomically. Raises (and publishes nothing) on any problem."""
+    with no_cyclic_gc():      # 10^6 chunk records from 1,024 parts: no quadratic gen-2 passes
+        _commit(staging, parts, args, transaction)
+
+
+def _commit(staging: Staging, parts: list[PartReport], args: CommitArgs, transaction: str) -> None:
     from .reader import ReplacedWhileReadingError, existing_checkpoint
     where = staging.store.where(staging.final)
     records: dict[str, ItemRecord] = {}
+    digests: dict[str, str] = {}
     for part in sorted(parts, key=lambda p: p.participant):
         for name, rec in part.items.items():
             if name not in records:
-                records[name] = rec
-            elif records[name].to_json() != rec.to_json():
+                records[name], digests[name] = rec, part.digest(name)
+            elif rec is not records[name] and part.digest(name) != digests[name]:
                 raise SaveAbortedError(f"saving {where}: participants disagree on the structure of "
                                        f"{name!r} (participant {part.participant} differs)")
     chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in records}

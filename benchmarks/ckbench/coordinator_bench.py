@@ -55,7 +55,10 @@ def synthetic_parts(total: int, participants: int, arrays_per_participant_file: 
             reports.append(ShardReport(name, pos + 4096, "0123456789abcdef", chunks,
                                        {"host": f"h{p}", "pid": 1, "node_id": f"node{p:04d}", "writer": f"w{p}"}))
             item_of[name] = "state"
-        parts.append(PartReport(p, {"state": rec}, reports, item_of))
+        # each participant sends its own copy of the record, with the digest it computed
+        part = PartReport(p, {"state": ItemRecord(dict(rec.arrays), dict(rec.scalars))}, reports, item_of)
+        part.digest("state")
+        parts.append(part)
     return parts, arrays, rows, cols
 
 

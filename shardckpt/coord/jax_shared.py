@@ -35,6 +35,7 @@ def part_to_bytes(part) -> bytes:
         "participant": part.participant,
         "items": {n: r.to_json() for n, r in part.items.items()},
         "item_of_file": part.item_of_file,
+        "digests": {n: part.digest(n) for n in part.items},
         "reports": [{"file": r.file, "size": r.size, "xxh3_64": r.xxh3_64, "writer": r.writer,
                      "chunks": [[c.key, c.member, list(c.offset), list(c.shape),
                                  -1 if c.data_offset is None else c.data_offset, c.nbytes, c.crc32]
@@ -50,7 +51,7 @@ def part_from_bytes(raw: bytes, where: str):
     reports = [ShardReport(r["file"], r["size"], r["xxh3_64"],
                            [ChunkRecord(k, m, tuple(o), tuple(s), None if off < 0 else off, n, crc)
                             for k, m, o, s, off, n, crc in r["chunks"]], r["writer"]) for r in d["reports"]]
-    return PartReport(d["participant"], items, reports, d["item_of_file"])
+    return PartReport(d["participant"], items, reports, d["item_of_file"], d.get("digests"))
 
 
 def agree_on_transaction() -> tuple[str, str, int]:
