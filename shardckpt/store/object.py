@@ -678,11 +678,14 @@ class ArrowStaging(ObjectStaging):
     def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
         path = self.store._path(self._name(name))
         self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.store.fs.open_output_stream(path) as out:
-            sink = _ArrowSink(out)
-            try:
+        try:
+            with self.store.fs.open_output_stream(path) as out:
+                sink = _ArrowSink(out)
                 result = fill(sink)
-            except BaseException:
-                out.abort() if hasattr(out, "abort") else None
-                raise
+        except BaseException:
+            try:                     # nothing of the file remains (the version is discarded anyway)
+                self.store.fs.delete_file(path)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
         return result, Written(self.stored_name(name), sink.pos, sink.hasher.hexdigest())
