@@ -72,6 +72,12 @@ def _is_local(filesystem: Any) -> bool:
 class RayTrainCheckpointer:
     """Save/restore shardckpt checkpoints from every worker of a Ray Train run.
 
+    ``directory``: None for the run's own storage (``RunConfig(storage_path=)``: a filesystem
+    every worker mounts, or S3 / another pyarrow filesystem, where every rank uploads its own
+    shards straight from memory and Ray registers the committed checkpoint), or any path or
+    URI (``s3://bucket/run?endpoint_url=...``; an object-store directory Ray does not see is
+    reported as metrics only, and ``max_to_keep`` keeps it in bounds).
+
     Every rank must call ``save`` for the same steps: a save that some rank has not begun
     within ``join_timeout`` seconds (default 20) is aborted on the ranks that did, with an
     error naming the missing ranks (``None``: wait up to ``save_timeout``). To save from
@@ -80,21 +86,26 @@ class RayTrainCheckpointer:
 
     def __init__(self, directory: os.PathLike | str | None = None, *, async_save: bool = False,
                  num_shards: int | None = None, save_timeout: float | None = None, verify: bool = True,
-                 join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
+                 join_timeout: float | None = DEFAULT_JOIN_TIMEOUT, max_to_keep: int | None = None):
         ctx = ray_train().get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._filesystem = self._fs_root = None       # the run's storage, where Ray sees the checkpoints
         if directory is None:
             path, fs = _run_storage()
-            if not _is_local(fs):
-                raise CheckpointError(f"run storage {path!r} is on {type(fs).__name__}: shardckpt writes "
-                                      "checkpoints to a filesystem every worker mounts (NFS, EFS, "
-                                      "Filestore, Lustre); set RunConfig(storage_path=) to such a path")
-            directory, self._filesystem = path, fs
-        else:
-            self._filesystem = None
-        self.directory = Path(directory)
-        # Ray Train's CheckpointConfig does retention: our manager keeps everything.
-        self.manager = CheckpointManager(self.directory, max_to_keep=None, prefix=PREFIX, backend="ray",
+            self._filesystem, self._fs_root = fs, path
+            if _is_local(fs):
+                directory = path
+            elif type(fs).__name__ == "S3FileSystem":
+                directory = f"s3://{path}"            # every rank uploads its own shards (boto3)
+            else:
+                from .store import open_store
+                directory = open_store(f"{type(fs).__name__.lower()}://{path}", filesystem=fs)
+        from .store import open_store
+        store = open_store(directory)
+        self.directory = store.location("")           # a Path on a filesystem, a URI on an object store
+        # Ray Train's CheckpointConfig does retention where Ray sees the checkpoints; for an
+        # object-store directory of the user's choosing, ``max_to_keep`` does.
+        self.manager = CheckpointManager(store, max_to_keep=max_to_keep, prefix=PREFIX, backend="ray",
                                          num_shards=num_shards, save_timeout=save_timeout, verify=verify,
                                          join_timeout=join_timeout)
         self.async_save = async_save
@@ -109,12 +120,15 @@ class RayTrainCheckpointer:
         checkpoint = ray_train().get_checkpoint()
         candidates = []
         if checkpoint is not None:
-            path = Path(checkpoint.path)
-            m = re.fullmatch(rf"{PREFIX}_(\d+)", path.name)
-            candidates.append((int(m.group(1)) if m else -1, path))
+            name = str(checkpoint.path).rstrip("/").rsplit("/", 1)[-1]
+            m = re.fullmatch(rf"{PREFIX}_(\d+)", name)
+            if m:
+                candidates.append((int(m.group(1)), self.manager.step_path(int(m.group(1)))))
+            elif self._filesystem is None or _is_local(self._filesystem):
+                candidates.append((-1, Path(checkpoint.path)))
         latest = self.manager.latest_step
         if latest is not None:
-            candidates.append((latest, Path(self.manager.step_path(latest))))
+            candidates.append((latest, self.manager.step_path(latest)))
         return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
     def restore(self, model: nnx.Module | None = None, *, tx: optax.GradientTransformation | None = None,
@@ -166,15 +180,28 @@ class RayTrainCheckpointer:
         pending, self._unreported = self._unreported, None
         return pending
 
-    def _report(self, path: Path, metrics: dict) -> None:
+    def _report(self, path: Any, metrics: dict) -> None:
+        """Register the committed checkpoint with Ray Train where Ray can see it (the run's
+        storage, or a local directory); a checkpoint in an object-store directory of the
+        user's choosing is reported as metrics only (resume and retention then go by the
+        directory: ``latest_path``, ``max_to_keep``)."""
         train = ray_train()
         from ray.train import Checkpoint, CheckpointUploadMode
-        checkpoint = None
-        if self.rank == 0:
-            checkpoint = Checkpoint(path=str(path), filesystem=self._filesystem) if self._filesystem else \
-                Checkpoint.from_directory(str(path))
-        train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_dir_name=path.name,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        checkpoint, visible = None, True
+        if self._filesystem is not None:
+            if self.rank == 0:
+                checkpoint = Checkpoint(path=f"{self._fs_root}/{name}", filesystem=self._filesystem)
+        elif isinstance(path, Path):
+            if self.rank == 0:
+                checkpoint = Checkpoint.from_directory(str(path))
+        else:
+            visible = False
+        if not visible:
+            train.report(_plain(metrics))
+            return
+        train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def _plain(metrics: dict) -> dict:

@@ -92,11 +92,24 @@ def train_loop(config):
         out["mistake_s"] = time.time() - t
         out["mistake_steps"] = manager.all_steps()
     ray.train.report({"phase": 3})
+
+    # 4. every rank saves into an object-store directory (no shared filesystem): each rank
+    # uploads its own shards, one manifest, restored bit-exactly; max_to_keep bounds it
+    s3 = RayTrainCheckpointer(config["s3_dir"], num_shards=1, save_timeout=120, max_to_keep=1)
+    s3.save(4, net, opt, items={"ema": ema}, metrics={"loss": 0.5})
+    s3.save(5, net, opt, metrics={"loss": 0.4})
+    back = s3.restore(model=Net(nnx.Rngs(7)), tx=tx, wrt=nnx.LoRAParam)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), nnx.state(back.optimizer), nnx.state(opt))
+    out["s3_opt_equal"] = all(jax.tree.leaves(same))
+    out["s3_step"], out["s3_steps"] = back.step, s3.manager.all_steps()
+    from shardckpt import Checkpoint as Ck
+    out["s3_writer_pids"] = sorted({f.writer["pid"] for f in Ck(s3.manager.step_path(5)).manifest.files.values()})
+    ray.train.report({"phase": 4})
     if rank == 0:
         Path(config["outcome"]).write_text(json.dumps(out))
 
 
-def test_rank0_local_save_and_every_rank_save_and_a_missing_rank(tmp_path):
+def test_rank0_local_save_and_every_rank_save_and_a_missing_rank(tmp_path, s3_server):
     import ray
     from flax import nnx
     from ray.train import RunConfig, ScalingConfig
@@ -109,7 +122,8 @@ def test_rank0_local_save_and_every_rank_save_and_a_missing_rank(tmp_path):
     trainer = JaxTrainer(
         train_loop,
         train_loop_config={"mistake_dir": str(tmp_path / "mistake"),
-                           "join_timeout": 5.0, "outcome": str(outcome)},
+                           "join_timeout": 5.0, "outcome": str(outcome),
+                           "s3_dir": f"s3://ckpts/raytrain-{time.time_ns()}?endpoint_url={s3_server.endpoint}"},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="patterns"),
     )
@@ -133,4 +147,7 @@ def test_rank0_local_save_and_every_rank_save_and_a_missing_rank(tmp_path):
     assert "process_count=1" in out["mistake"], out["mistake"]
     assert out["mistake_s"] < 60, out   # join_timeout=5 s (+ Ray overheads), not save_timeout=300 s
     assert out["mistake_steps"] == []
+    # 4. an object-store directory: both ranks uploaded their own shards, bit-exact, bounded
+    assert out["s3_opt_equal"] and out["s3_step"] == 5 and out["s3_steps"] == [5], out
+    assert len(out["s3_writer_pids"]) == 2, out
     assert result.error is None and elapsed < 600
