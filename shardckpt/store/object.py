@@ -144,28 +144,23 @@ class S3Store(Store):
         return retrying(call, what, self.deadline)
 
     # --- reading ---------------------------------------------------------------------------
-    def size(self, name: str) -> int | None:
+    def _head(self, name: str) -> dict | None:
+        """The object's HEAD response, None if it does not exist."""
         try:
-            return self._do("HEAD", lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))["ContentLength"]
+            return self._do("HEAD", lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))
         except Exception as e:  # noqa: BLE001 - botocore ClientError
             if _code(e) in _MISSING_CODES:
                 return None
             raise
 
+    def size(self, name: str) -> int | None:
+        head = self._head(name)
+        return None if head is None else head["ContentLength"]
+
     def read_bytes(self, name: str, limit: int) -> bytes:
-        def get():
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(name))
-        try:
-            resp = self._do("GET", get)
-        except Exception as e:  # noqa: BLE001
-            if _code(e) in _MISSING_CODES:
-                raise FileNotFoundError(self.where(name)) from e
-            raise
-        if resp["ContentLength"] > limit:
-            resp["Body"].close()
-            raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the {limit} limit")
-        data = self._do("GET body", lambda: resp["Body"].read(limit + 1))
-        _count(gets=1, get_bytes=len(data))
+        data, _ = self.read_with_etag(name, limit)
+        if data is None:
+            raise FileNotFoundError(self.where(name))
         return data
 
     def open(self, name: str) -> "S3Source":
@@ -233,25 +228,27 @@ class S3Store(Store):
         self.put_key(self.key(name), data)
 
     def etag(self, name: str) -> str | None:
-        try:
-            return self._do("HEAD", lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))["ETag"]
-        except Exception as e:  # noqa: BLE001 - botocore ClientError
-            if _code(e) in _MISSING_CODES:
-                return None
-            raise
+        head = self._head(name)
+        return None if head is None else head["ETag"]
 
     def read_with_etag(self, name: str, limit: int) -> tuple[bytes | None, str | None]:
-        """(contents, ETag) of one small object read in one GET, (None, None) if absent."""
+        """(contents, ETag) of one small object read in one GET, (None, None) if absent. A
+        transient failure retries the whole GET (never a half-read body)."""
+        def get() -> tuple[bytes, str]:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+            if resp["ContentLength"] > limit:
+                resp["Body"].close()
+                raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the "
+                                             f"{limit} limit")
+            return resp["Body"].read(limit + 1), resp["ETag"]
         try:
-            resp = self._do("GET", lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name)))
-        except Exception as e:  # noqa: BLE001
+            data, etag = self._do("GET", get)
+        except Exception as e:  # noqa: BLE001 - botocore ClientError
             if _code(e) in _MISSING_CODES:
                 return None, None
             raise
-        if resp["ContentLength"] > limit:
-            resp["Body"].close()
-            raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the {limit} limit")
-        return self._do("GET body", lambda: resp["Body"].read(limit + 1)), resp["ETag"]
+        _count(gets=1, get_bytes=len(data))
+        return data, etag
 
     def put_conditional(self, name: str, data: bytes, etag: str | None) -> None:
         """PUT only if the object is still version ``etag`` (absent when None); else
