@@ -21,6 +21,7 @@ from shardckpt.plan import box_overlap
 from shardckpt.shard_io import ChunkRecord
 from shardckpt.tree import ArraySpec
 from tests.test_validation import grid_boxes, guillotine
+from tests.test_validation import layout as validation_layout
 
 FILE = "model-00000-of-00001.npz"
 
@@ -30,21 +31,7 @@ def tiling(shape: tuple, n: int, rng: random.Random) -> list:
 
 
 def layout(arrays: dict, nfiles: int = 4, itemsize: int = 4, compressed_every: int = 0):
-    """A manifest and ``{"model": {key: [(file, ChunkRecord)]}}`` for ``arrays``: key -> (shape, boxes)."""
-    specs, chunks, fsize = {}, {}, {}
-    for a, (key, (shape, boxes)) in enumerate(arrays.items()):
-        specs[key] = ArraySpec("float32", tuple(shape), "float32", tuple(shape))
-        rows = []
-        for i, (off, shp) in enumerate(boxes):
-            f = f"model-{(a + i) % nfiles:05d}-of-{nfiles:05d}.npz"
-            nb = int(np.prod(shp, dtype=np.int64)) * itemsize
-            at = fsize.get(f, 0)
-            do = None if compressed_every and i % compressed_every == 0 else at
-            rows.append((f, ChunkRecord(key, f"{key}@{i}", tuple(off), tuple(shp), do, nb, (i * 2654435761) & 0xFFFFFFFF)))
-            fsize[f] = at + nb + 64
-        chunks[key] = rows
-    files = {f: FileRecord(s, "0" * 16, "model") for f, s in fsize.items()}
-    return Manifest(step=1, items={"model": ItemRecord(specs, {})}, files=files, meta_files={}), {"model": chunks}
+    return validation_layout(arrays, nfiles, itemsize, compressed_every)
 
 
 # --- round trips ---------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def grid_boxes(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[tuple[tupl
     return out
 
 
-def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, itemsize: int = 4, v1: bool = False):
-    """A manifest and index (version 2; ``v1``: the row layout): ``arrays`` maps key -> (shape, boxes)."""
+def layout(arrays: dict, nfiles: int = 8, itemsize: int = 4, compressed_every: int = 0):
+    """A manifest and ``{"model": {key: [(file, ChunkRecord)]}}`` for ``arrays``: key -> (shape,
+    boxes); every ``compressed_every``-th chunk is a compressed one (no data offset)."""
     specs, chunks, fsize = {}, {}, {}
     for a, (key, (shape, boxes)) in enumerate(arrays.items()):
         specs[key] = ArraySpec("float32", tuple(shape), "float32", tuple(shape))
@@ -52,12 +53,18 @@ def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, item
             f = f"model-{(a + i) % nfiles:05d}-of-{nfiles:05d}.npz"
             nb = int(np.prod(shp, dtype=np.int64)) * itemsize
             at = fsize.get(f, 0)
-            rows.append((f, ChunkRecord(key, f"{key}@{i}", tuple(off), tuple(shp), at, nb, i & 0xFFFFFFFF)))
+            do = None if compressed_every and i % compressed_every == 0 else at
+            rows.append((f, ChunkRecord(key, f"{key}@{i}", tuple(off), tuple(shp), do, nb, (i * 2654435761) & 0xFFFFFFFF)))
             fsize[f] = at + nb + 64
         chunks[key] = rows
     files = {f: FileRecord(s, "0" * 16, "model") for f, s in fsize.items()}
-    m = Manifest(step=1, items={"model": ItemRecord(specs, {})}, files=files, meta_files={})
-    return m, (dump_index_v1 if v1 else dump_index)({"model": chunks})
+    return Manifest(step=1, items={"model": ItemRecord(specs, {})}, files=files, meta_files={}), {"model": chunks}
+
+
+def synth(arrays: dict[str, tuple[tuple[int, ...], list]], nfiles: int = 8, itemsize: int = 4, v1: bool = False):
+    """A manifest and index (version 2; ``v1``: the row layout): ``arrays`` maps key -> (shape, boxes)."""
+    m, chunks = layout(arrays, nfiles, itemsize)
+    return m, (dump_index_v1 if v1 else dump_index)(chunks)
 
 
 def dup_and_miss(boxes: list, dup: int, miss: int) -> list:

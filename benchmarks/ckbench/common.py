@@ -43,14 +43,7 @@ def du(path: Path) -> int:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+    """fsync a directory (or a file: the same call)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
