@@ -411,7 +411,10 @@ def check_replaceable(store: Store, final: str) -> None:
         raise CheckpointError(f"{where} exists and is not a directory; refusing to overwrite it")
     if store.exists(f"{final}/{MANIFEST}"):
         return
-    foreign = [e.name for e in store.list(final) if not (e.is_dir and VERSION_DIR.match(e.name))]
+    listing = store.list(final)
+    if any(e.name == MANIFEST for e in listing):
+        return   # a concurrent save published between the two looks (a rename pair is not atomic)
+    foreign = [e.name for e in listing if not (e.is_dir and VERSION_DIR.match(e.name))]
     if foreign:
         raise CheckpointError(f"{where} exists and is not a shardckpt checkpoint (no {MANIFEST}; it holds "
                               f"{', '.join(sorted(foreign)[:5])}); refusing to overwrite it: choose an empty "

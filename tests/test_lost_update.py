@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from shardckpt.checkpoint import Checkpoint, read_consistently, save_checkpoint
-from shardckpt.errors import CheckpointNotFoundError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 ROUNDS = 120 if STRESS else 25
@@ -91,8 +91,14 @@ def test_concurrent_item_saves_both_survive(tmp_path, run):
           f"{figures['regressions']} acknowledged values lost")
 
 
-def _nnx_saver(path: str, item: str, rounds: int, acked, start) -> None:
-    """The public functions: save_model / save_optimizer of real nnx objects."""
+def _nnx_saver(path: str, item: str, rounds: int, acked, start, no_exchange: bool = False) -> None:
+    """The public functions: save_model / save_optimizer of real nnx objects. ``no_exchange``:
+    as on a filesystem without ``renameat2(RENAME_EXCHANGE)`` (overlay, some FUSE mounts),
+    where a replacement is a pair of renames and the directory is briefly absent."""
+    if no_exchange:
+        import errno
+        from shardckpt.storage import Fault, FaultPlan
+        FaultPlan(Fault("exchange", "*", errno.EINVAL, times=1 << 62)).__enter__()
     import jax.numpy as jnp
     import optax
     from flax import nnx
@@ -112,14 +118,15 @@ def _nnx_saver(path: str, item: str, rounds: int, acked, start) -> None:
         acked.value = i
 
 
-def test_save_model_and_save_optimizer_racing(tmp_path):
+@pytest.mark.parametrize("no_exchange", [False, True], ids=["exchange", "rename-pair"])
+def test_save_model_and_save_optimizer_racing(tmp_path, no_exchange):
     pytest.importorskip("optax")
     path = tmp_path / "ck"
     rounds = 8
     ctx = mp.get_context("spawn")
     start = ctx.Event()
     acked = {item: ctx.Value("i", -1) for item in ("model", "optimizer")}
-    procs = [ctx.Process(target=_nnx_saver, args=(str(path), item, rounds, acked[item], start))
+    procs = [ctx.Process(target=_nnx_saver, args=(str(path), item, rounds, acked[item], start, no_exchange))
              for item in ("model", "optimizer")]
     for p in procs:
         p.start()
@@ -150,3 +157,29 @@ def test_concurrent_item_saves_both_survive_on_s3(s3_server):
     for item in ("model", "optimizer"):
         np.testing.assert_array_equal(ck.read_arrays(item)["w"], _tree(rounds - 1)["w"])
     assert figures["regressions"] == 0, figures
+
+
+def test_replaceable_check_sees_a_publish_between_its_two_looks(tmp_path):
+    """Where a replacement is a pair of renames, a concurrent save can make the checkpoint
+    directory absent for the manifest check and present again for the listing (the CI
+    failure of session 2). The check must take the listing's word, not call the
+    freshly published checkpoint foreign."""
+    from shardckpt.store.local import LocalStore
+    from shardckpt.transaction import check_replaceable
+
+    save_checkpoint(tmp_path / "ck", {"model": {"w": np.arange(4.0)}})
+    save_checkpoint(tmp_path / "next", {"model": {"w": np.arange(4.0) + 1}})
+
+    class PublishedMeanwhile(LocalStore):
+        """Runs another saver's two renames around the manifest check, as the kernel may."""
+        def exists(self, name):
+            os.rename(tmp_path / "ck", tmp_path / ".ck.old")
+            seen = super().exists(name)
+            os.rename(tmp_path / "next", tmp_path / "ck")
+            return seen
+
+    check_replaceable(PublishedMeanwhile(tmp_path), "ck")      # no CheckpointError
+    (tmp_path / "next").mkdir()
+    (tmp_path / "next" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        check_replaceable(LocalStore(tmp_path), "next")
