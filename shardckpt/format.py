@@ -419,7 +419,7 @@ class ChunkTable(Sequence):
 
 
 @dataclass
-class _Columns:
+class IndexArrayColumns:
     """One array's chunks as columns, as written to and read from a version-2 index."""
 
     fidx: np.ndarray        # int64[n], file numbers
@@ -436,7 +436,7 @@ class IndexColumns:
     """A whole index as columns: what ``dump_index`` serialises and ``check_index`` checks."""
 
     files: list[str]
-    items: dict[str, dict[str, _Columns]]
+    items: dict[str, dict[str, IndexArrayColumns]]
 
 
 def index_columns(chunks_by_item: Any) -> IndexColumns:
@@ -446,7 +446,7 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
     if isinstance(chunks_by_item, IndexColumns):
         return chunks_by_item
     fmap: dict[str, int] = {}
-    items: dict[str, dict[str, _Columns]] = {}
+    items: dict[str, dict[str, IndexArrayColumns]] = {}
     get_off, get_shp = operator.attrgetter("offset"), operator.attrgetter("shape")
     get_do, get_nb, get_crc = operator.attrgetter("data_offset"), operator.attrgetter("nbytes"), operator.attrgetter("crc32")
     get_member = operator.attrgetter("member")
@@ -457,7 +457,7 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
             what = f"chunk index: chunks of {key!r}"
             if isinstance(rows, ChunkTable):
                 remap = np.array([fmap.setdefault(f, len(fmap)) for f in rows.files], dtype=np.int64)
-                out[key] = _Columns(remap[rows.fidx] if len(rows) else np.zeros(0, np.int64), rows.offs, rows.shps,
+                out[key] = IndexArrayColumns(remap[rows.fidx] if len(rows) else np.zeros(0, np.int64), rows.offs, rows.shps,
                                     rows.doff, rows.nbytes, rows.crc, list(rows.members))
                 continue
             fs = list(map(first, rows))
@@ -480,7 +480,7 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
                 raise CorruptCheckpointError(f"{what}: a chunk record has malformed values ({e!s:.200})") from e
             if shps.shape != offs.shape:
                 raise CorruptCheckpointError(f"{what}: chunk boxes of different ranks")
-            out[key] = _Columns(fidx, offs, shps, doff, nbytes, crc, list(map(get_member, cs)))
+            out[key] = IndexArrayColumns(fidx, offs, shps, doff, nbytes, crc, list(map(get_member, cs)))
     return IndexColumns(list(fmap), items)
 
 
@@ -524,18 +524,20 @@ def dump_index(chunks_by_item: Any) -> bytes:
     """Serialise ``{item: {key: [(file, chunk), ...] or ChunkTable}}`` (or ``IndexColumns``)
     as a version-2 index: per array, little-endian columns as msgpack binaries."""
     cols = index_columns(chunks_by_item)
-    items = {}
-    for item, by_key in cols.items.items():
-        out = items[item] = {}
-        for key, c in by_key.items():
-            n = len(c.members)
-            if n and (int(c.crc.min()) < 0 or int(c.crc.max()) > 0xFFFFFFFF):
-                raise CorruptCheckpointError(f"chunk index: chunks of {key!r}: a checksum is not a CRC-32")
-            box = np.stack([c.offs.reshape(n, -1), c.shps.reshape(n, -1)], axis=1) if n else np.zeros(0, np.int64)
-            out[key] = {"file": c.fidx.astype("<i4").tobytes(), "box": box.astype("<i8").tobytes(),
-                        "data_offset": c.doff.astype("<i8").tobytes(), "nbytes": c.nbytes.astype("<i8").tobytes(),
-                        "crc": c.crc.astype("<u4").tobytes(), "member": c.members}
+    items = {item: {key: encode_columns(key, c) for key, c in by_key.items()} for item, by_key in cols.items.items()}
     return msgpack.packb({"version": INDEX_VERSION, "files": cols.files, "items": items}, use_bin_type=True)
+
+
+def encode_columns(key: str, c: IndexArrayColumns) -> dict:
+    """One array's chunks as the msgpack map of a version-2 index (also the rows of one
+    array in an index fragment): little-endian column blobs and the member names."""
+    n = len(c.members)
+    if n and (int(c.crc.min()) < 0 or int(c.crc.max()) > 0xFFFFFFFF):
+        raise CorruptCheckpointError(f"chunk index: chunks of {key!r}: a checksum is not a CRC-32")
+    box = np.stack([c.offs.reshape(n, -1), c.shps.reshape(n, -1)], axis=1) if n else np.zeros(0, np.int64)
+    return {"file": c.fidx.astype("<i4").tobytes(), "box": box.astype("<i8").tobytes(),
+            "data_offset": c.doff.astype("<i8").tobytes(), "nbytes": c.nbytes.astype("<i8").tobytes(),
+            "crc": c.crc.astype("<u4").tobytes(), "member": c.members}
 
 
 def dump_index_v1(chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]]) -> bytes:
@@ -555,7 +557,7 @@ def check_index(cols: IndexColumns, manifest: Manifest, where: str) -> dict[str,
     """Validate an index given as columns against the manifest with exactly the checks
     ``load_index`` runs (it calls this for version 2): the committer runs it on the
     columns it serialises, so a commit never publishes what a load would refuse."""
-    state = _IndexState(manifest, where)
+    state = IndexValidator(manifest, where)
     state.set_files(cols.files)
     for item, by_key in cols.items.items():
         specs = state.item_specs(item)
@@ -576,7 +578,7 @@ def load_index(raw: bytes, manifest: Manifest, where: str) -> dict[str, dict[str
     ``CorruptCheckpointError``."""
     if len(raw) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(f"{where}: chunk index is {len(raw)} bytes, over the limit of {MAX_INDEX_BYTES}")
-    state = _IndexState(manifest, where)
+    state = IndexValidator(manifest, where)
     with no_cyclic_gc():     # a version-1 index makes 10^6 lists: gen-2 collections would be quadratic
         _read_index(raw, state, where)
     return state.finish()
@@ -595,9 +597,9 @@ def no_cyclic_gc():
             gc.enable()
 
 
-def _read_index(raw: bytes, state: _IndexState, where: str) -> None:
+def _read_index(raw: bytes, state: IndexValidator, where: str) -> None:
     try:
-        up = _unpacker(raw)
+        up = index_unpacker(raw)
         seen: set = set()
         items_raw = None
         for _ in range(up.read_map_header()):
@@ -629,14 +631,14 @@ def _read_index(raw: bytes, state: _IndexState, where: str) -> None:
         if state.version is None:
             state.version = 1            # indexes written before the field existed
         if items_raw is not None:
-            state.read_items(_unpacker(items_raw))
+            state.read_items(index_unpacker(items_raw))
     except CorruptCheckpointError:
         raise
     except Exception as e:   # msgpack errors, wrong types, ints beyond int64, ...
         raise CorruptCheckpointError(f"{where}: malformed chunk index ({type(e).__name__}: {e!s:.200})") from e
 
 
-def _unpacker(raw: bytes) -> msgpack.Unpacker:
+def index_unpacker(raw: bytes) -> msgpack.Unpacker:
     return msgpack.Unpacker(io.BytesIO(raw), raw=False, strict_map_key=True, read_size=1 << 20,
                             max_buffer_size=max(len(raw), 1 << 20), max_array_len=MAX_INDEX_CHUNKS + 1)
 
@@ -656,7 +658,7 @@ _LO_BITS = 31
 _LO_MASK = (1 << _LO_BITS) - 1
 
 
-class _IndexState:
+class IndexValidator:
     """Validation state of one index: the files, bytes claimed per file, output. Both
     ``load_index`` (versions 1 and 2) and ``check_index`` (the committer) end in ``add``."""
 
@@ -685,6 +687,7 @@ class _IndexState:
         self.files = files
         self.sizes = np.array([self.manifest.files[f].size for f in files], dtype=np.int64)
         self.claims: list[tuple[np.ndarray, np.ndarray]] = []    # (file numbers, nbytes) of stored chunks
+        self.claimed: tuple[np.ndarray, np.ndarray] | None = None  # checked totals so far (low, high bits)
         self.inflated: dict[int, int] = {}
 
     def item_specs(self, item: Any) -> dict[str, ArraySpec]:
@@ -708,12 +711,12 @@ class _IndexState:
                 if key in item_out:
                     raise CorruptCheckpointError(f"{where}: index lists the chunks of {key!r} twice")
                 cols = self._read_rows(up, key, specs[key]) if self.version == 1 else \
-                    self._read_columns(up, key, specs[key])
+                    self.read_columns(up, key, specs[key])
                 self.add(item, key, specs, cols)
 
     def finish(self) -> dict[str, dict[str, ChunkTable]]:
         where, out = self.where, self.out
-        self._check_claims()
+        self.check_claims()
         for item, specs in ((i, r.arrays) for i, r in self.manifest.items.items()):
             if specs and item not in out:
                 raise CorruptCheckpointError(f"{where}: item {item!r} has no chunks in the index")
@@ -727,7 +730,7 @@ class _IndexState:
         if self.chunks > MAX_INDEX_CHUNKS:
             raise CorruptCheckpointError(f"{self.where}: chunk index has more than {MAX_INDEX_CHUNKS} chunks")
 
-    def _read_columns(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> _Columns:
+    def read_columns(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> IndexArrayColumns:
         """One array of a version-2 index: a map of column blobs and the member names; each
         blob's length is checked against the chunk count and rank before it is viewed."""
         what = f"{self.where}: chunks of {key!r}"
@@ -737,7 +740,7 @@ class _IndexState:
             name = up.unpack()
             if name not in _COLUMNS or name in d:
                 raise CorruptCheckpointError(f"{what}: malformed or repeated column {name!r:.40}")
-            d[name] = up.unpack()       # arrays are capped at MAX_INDEX_CHUNKS entries (_unpacker)
+            d[name] = up.unpack()       # arrays are capped at MAX_INDEX_CHUNKS entries (index_unpacker)
             if name == "member":
                 if type(d[name]) is not list:
                     raise CorruptCheckpointError(f"{what}: member names are not a list")
@@ -756,10 +759,10 @@ class _IndexState:
                                              f"({type(blob).__name__} of {len(blob) if hasattr(blob, '__len__') else '?'})")
             arrays[name] = np.frombuffer(blob, dtype=dt).astype(np.int64)
         box = arrays["box"].reshape(n, 2, nd)
-        return _Columns(arrays["file"], box[:, 0, :], box[:, 1, :], arrays["data_offset"], arrays["nbytes"],
+        return IndexArrayColumns(arrays["file"], box[:, 0, :], box[:, 1, :], arrays["data_offset"], arrays["nbytes"],
                         arrays["crc"], members)
 
-    def _read_rows(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> _Columns:
+    def _read_rows(self, up: msgpack.Unpacker, key: str, spec: ArraySpec) -> IndexArrayColumns:
         """One array of a version-1 index: rows, gathered into columns (types checked)."""
         what = f"{self.where}: chunk of {key!r}"
         nfiles = len(self.files)
@@ -788,10 +791,10 @@ class _IndexState:
         if members and not set(map(type, members)) <= {str}:
             raise CorruptCheckpointError(f"{what}: malformed member name")
         box = _ints(flat, what, (n, 2, nd)) if n else np.zeros((0, 2, nd), np.int64)
-        return _Columns(np.array(cf, dtype=np.int64), box[:, 0, :], box[:, 1, :], _ints(cd, what),
+        return IndexArrayColumns(np.array(cf, dtype=np.int64), box[:, 0, :], box[:, 1, :], _ints(cd, what),
                         _ints(cn, what), _ints(cc, what), members)
 
-    def add(self, item: str, key: Any, specs: dict[str, ArraySpec], c: _Columns) -> None:
+    def add(self, item: str, key: Any, specs: dict[str, ArraySpec], c: IndexArrayColumns) -> None:
         """Check one array's columns (the checks of every index version and of the commit)
         and keep them as a ``ChunkTable``."""
         where = self.where
@@ -800,7 +803,15 @@ class _IndexState:
         item_out = self.out[item]
         if key in item_out:
             raise CorruptCheckpointError(f"{where}: index lists the chunks of {key!r} twice")
-        spec = specs[key]
+        table = self.check_rows(key, specs[key], c)
+        check_boxes(key, specs[key].stored_shape, table.offs, table.shps, where)
+        item_out[key] = table
+
+    def check_rows(self, key: str, spec: ArraySpec, c: IndexArrayColumns) -> ChunkTable:
+        """Every check of one array's chunk rows except the tiling (which needs all of its
+        rows): files, bounds, byte counts, offsets inside the files, CRC range, bytes
+        claimed per file. Used alone for the rows of one index fragment."""
+        where = self.where
         what = f"{where}: chunk of {key!r}"
         files, sizes = self.files, self.sizes
         nfiles = len(files)
@@ -846,12 +857,11 @@ class _IndexState:
         if bad.size:
             raise CorruptCheckpointError(f"{what}: checksum {int(crc[bad[0]])} is not a CRC-32")
         self._claim(what, fidx, doff, nbytes)
-        check_boxes(key, gshape, offs, shps, where)
-        item_out[key] = ChunkTable(key, files, fidx, offs, shps, doff, nbytes, crc, members)
+        return ChunkTable(key, files, fidx, offs, shps, doff, nbytes, crc, members)
 
     def _claim(self, what: str, fidx: np.ndarray, doff: np.ndarray, nbytes: np.ndarray) -> None:
         """Bytes claimed per file: stored chunks at most the file's size (summed over the
-        whole index in ``_check_claims``), compressed ones (their inflated size) at most
+        whole index in ``check_claims``), compressed ones (their inflated size) at most
         deflate's ratio times it; exact, no int64 overflow."""
         if not len(fidx):
             return
@@ -868,7 +878,7 @@ class _IndexState:
             if inflated[fi] > MAX_DEFLATE_RATIO * int(sizes[fi]) + 65536:
                 raise CorruptCheckpointError(f"{what}: the chunks of {files[fi]} claim more bytes than it holds")
 
-    def _check_claims(self) -> None:
+    def check_claims(self) -> None:
         if not self.claims or self.files is None:
             return
         f = np.concatenate([c[0] for c in self.claims])
@@ -878,8 +888,12 @@ class _IndexState:
         # nbytes < 2^55 and at most 2^22 chunks: each part's float sum stays below 2^53 (exact)
         lo = np.bincount(f, weights=(nb & _LO_MASK).astype(np.float64), minlength=nf).astype(np.int64)
         hi = np.bincount(f, weights=(nb >> _LO_BITS).astype(np.float64), minlength=nf).astype(np.int64)
+        if self.claimed is not None:       # running totals: the fragments of one index, in turns
+            lo += self.claimed[0]
+            hi += self.claimed[1]
         hi += lo >> _LO_BITS
         lo &= _LO_MASK
+        self.claimed = (lo, hi)
         s = self.sizes
         over = np.flatnonzero((hi > (s >> _LO_BITS)) | ((hi == (s >> _LO_BITS)) & (lo > (s & _LO_MASK))))
         if over.size:

@@ -24,6 +24,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointE
 from .executors.base import Executor, ReadJob
 from .format import (MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MANIFEST, ChunkTable, ItemRecord, Manifest, check_file_name,
                      load_index)
+from .index_fragments import FragmentedIndex, is_directory, load_directory
 from .progress import byte_progress
 from .geometry import (Box, aligned_empty, chunk_target, concrete_sharding, device_boxes, full_box,
                        sharding_resolver)
@@ -134,6 +135,7 @@ class Checkpoint:
         self._manifest_raw = raw     # what this object reads; see _raise_if_replaced
         self.version = hashlib.sha1(raw).hexdigest()
         self._index = None
+        self._fragmented = None      # FragmentedIndex, False (one index file), None (not read yet)
 
     @property
     def step(self) -> int | None:
@@ -151,10 +153,40 @@ class Checkpoint:
         """The validated chunk index: item -> key -> ``ChunkTable`` (a sequence of ``(file,
         ChunkRecord)`` with ``overlapping(offset, shape)``), parsed once."""
         if self._index is None:
-            name = self.manifest.index_file
-            raw = self._read_meta(name, MAX_INDEX_BYTES)
-            self._index = load_index(raw, self.manifest, self.where)
+            fragmented = self._index_source()
+            if fragmented:
+                self._index = fragmented.full()
         return self._index
+
+    def chunk_tables(self, item: str, requests: dict[str, list[Box]]) -> dict[str, ChunkTable]:
+        """The chunks of ``item``'s arrays that can meet the requested boxes (key -> boxes),
+        validated: from a fragmented index only the fragments holding them are read."""
+        fragmented = self._index_source()
+        if not fragmented:
+            index = self.index()[item]
+            return {key: index[key] for key in requests}
+        return fragmented.tables(item, requests)
+
+    @property
+    def index_bytes_read(self) -> int:
+        """Bytes of chunk index (directory and fragments, or the one file) read so far."""
+        f = self._index_source() if self._fragmented is None else self._fragmented
+        return self._index_bytes + (f.bytes_read if f else 0)
+
+    def _index_source(self):
+        """Read ``index.msgpack``: a fragment directory becomes a ``FragmentedIndex`` (its
+        fragments read on demand); a whole index is loaded at once (returns False)."""
+        if self._fragmented is None:
+            raw = self._read_meta(self.manifest.index_file, MAX_INDEX_BYTES)
+            self._index_bytes = len(raw)
+            if is_directory(raw):
+                directory = load_directory(raw, self.manifest, self.where)
+                self._fragmented = FragmentedIndex(directory, self.manifest, self.where,
+                                                   lambda name: self._read_meta(name, MAX_INDEX_BYTES))
+            else:
+                self._index = load_index(raw, self.manifest, self.where)
+                self._fragmented = False
+        return self._fragmented
 
     def _read_meta(self, name: str, limit: int) -> bytes:
         import xxhash
@@ -335,7 +367,7 @@ class Checkpoint:
         those), file by file, in parallel."""
         if not specs:
             return {}
-        index = self.index()[item]
+        index = self.chunk_tables(item, {key: requests[key] for key in specs})
         executor = executor or default_executor()
         # Sizes against the real files before anything is allocated: the index's bounds
         # checks hold against the manifest's sizes, which a hostile manifest could inflate.

@@ -30,6 +30,7 @@ import numpy as np
 from . import __version__
 from .errors import CheckpointError, SaveAbortedError
 from .executors.base import Executor
+from .index_fragments import dump_directory, dump_fragment, fragment_name, is_fragment_name, plan_fragments
 from .format import no_cyclic_gc, INDEX, MANIFEST, FileRecord, ItemRecord, Manifest, check_index, dump_index, index_columns
 from .plan import default_num_shards, plan_save
 from .progress import byte_progress
@@ -192,7 +193,7 @@ def _commit(staging: Staging, parts: list[PartReport], args: CommitArgs, transac
                                        f"{name!r} (participant {part.participant} differs)")
     chunks_by_item: dict[str, dict[str, list[tuple[str, ChunkRecord]]]] = {n: defaultdict(list) for n in records}
     files: dict[str, FileRecord] = {}
-    for part in parts:
+    for part in sorted(parts, key=lambda p: p.participant):   # files numbered by writer: see index_fragments
         for r in part.reports:
             if r.file in files:
                 raise SaveAbortedError(f"saving {where}: shard {r.file} was reported twice")
@@ -263,8 +264,14 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
                  for item, rec in records.items()}
     _add_meta(staging, meta_files, "structure.json", json_bytes(structure, "structure.json"))
     index_cols = index_columns(chunks_by_item)     # one pass over the chunk records
-    index = dump_index(index_cols)
-    index_rec = _add_meta(staging, meta_files, INDEX, index)
+    plan = plan_fragments(index_cols, writer_order=[r.file for p in sorted(parts, key=lambda p: p.participant)
+                                                    for r in p.reports])
+    if plan is None:
+        index_rec = _add_meta(staging, meta_files, INDEX, dump_index(index_cols))
+    else:   # too big for every reader to read whole: fragments by writer, and their directory
+        names = [_add_meta(staging, meta_files, fragment_name(k), dump_fragment(index_cols, plan, k))
+                 for k in range(plan.count)]
+        index_rec = _add_meta(staging, meta_files, INDEX, dump_directory(index_cols, plan, names))
     writers = {(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}
     manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
                         metrics=plain_metrics(metrics or {}), writers=writer_versions(),
@@ -308,7 +315,7 @@ def _carry_over(previous, staging: Staging, items: set, json_files: dict, manife
         chunks_by_item[name] = defaultdict(list, {k: [(renamed.get(f, f), c) for f, c in v] for k, v in rows.items()})
     for fname, frec in old.meta_files.items():
         base = fname.rsplit("/", 1)[-1]
-        if base in json_files or base in (INDEX, "structure.json"):
+        if base in json_files or base in (INDEX, "structure.json") or is_fragment_name(base):
             continue
         meta_files[staging.adopt(staging.final, fname)] = frec
         adopted.append(fname)

@@ -95,32 +95,42 @@ def run(total: int, participants: int, workdir: Path) -> dict:
 
     gc.collect()
     t_commit, c_commit = asyncio.run(commit_all())
+    # One participant's restore: its 8 devices each want rows [p*8 + d, +1) of every array.
+    # It reads the index directory and only the fragments holding those rows
+    # (Checkpoint.chunk_tables, what Checkpoint._read_boxes_of_this_version calls), then plans.
+    from shardckpt.geometry import aligned_empty, chunk_target
+    p = participants // 2
+    requests = {key: [((p * 8 + d, 0), (1, cols)) for d in range(8)] for key in parts[0].items["state"].arrays}
     t0 = time.perf_counter()
     ck = Checkpoint(workdir / "step_1")
     t_open = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    index = ck.index()
+    tables = ck.chunk_tables("state", requests)
     t_index, c_index = time.perf_counter() - t0, time.process_time() - c0
-    # one participant's restore plan: its 8 devices each want rows [p*8 + d, +1) of every array
-    from shardckpt.geometry import chunk_target
-    from shardckpt.geometry import aligned_empty
     t0, c0 = time.perf_counter(), time.process_time()
-    p = participants // 2
     hits = 0
-    for key, rows_of in index["state"].items():
-        for d in range(8):
-            box = ((p * 8 + d, 0), (1, cols))
+    for key, boxes in requests.items():
+        for box in boxes:
             dest = aligned_empty(box[1], "float32")
-            for _f, c in rows_of.overlapping(*box):      # what Checkpoint._read_boxes_of_this_version does
+            for _f, c in tables[key].overlapping(*box):
                 if chunk_target(c, dest, box) is not None:
                     hits += 1
     t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c0
-    size = {n: (workdir / "step_1" / n).stat().st_size for n in ("manifest.json", "index.msgpack")}
+    index_read = ck.index_bytes_read
+    # A reader of the whole index (verify, inspection, a carried-over item): every fragment.
+    t0 = time.perf_counter()
+    whole = Checkpoint(workdir / "step_1")
+    whole.index()
+    t_full = time.perf_counter() - t0
+    index_files = [n for n in whole.manifest.meta_files if n.rsplit("/", 1)[-1].startswith("index")]
+    size = {"manifest.json": (workdir / "step_1" / "manifest.json").stat().st_size,
+            "index": sum((workdir / "step_1" / n).stat().st_size for n in index_files)}
     return {"chunks": chunks, "participants": participants, "arrays": arrays, "build_parts_s": t_build,
             "commit_s": t_commit, "open_manifest_s": t_open, "load_index_s": t_index,
-            "plan_one_participant_s": t_plan, "plan_hits": hits,
+            "plan_one_participant_s": t_plan, "plan_hits": hits, "index_files": len(index_files),
+            "index_mb_read_by_one_participant": index_read / 1e6, "load_whole_index_s": t_full,
             "commit_cpu_s": c_commit, "load_index_cpu_s": c_index, "plan_cpu_s": c_plan,
-            "manifest_mb": size["manifest.json"] / 1e6, "index_mb": size["index.msgpack"] / 1e6}
+            "manifest_mb": size["manifest.json"] / 1e6, "index_mb": size["index"] / 1e6}
 
 
 def main(argv=None) -> None:
@@ -140,7 +150,9 @@ def main(argv=None) -> None:
         print(f"{r['chunks']:>9,} chunks {r['participants']:>5} participants {r['arrays']:>5} arrays | commit "
               f"{r['commit_s']:6.2f} s | open manifest {r['open_manifest_s']:5.2f} s | load index "
               f"{r['load_index_s']:5.2f} s | plan 8 devices {r['plan_one_participant_s']:5.2f} s | index "
-              f"{r['index_mb']:6.1f} MB manifest {r['manifest_mb']:5.1f} MB | CPU: commit {r['commit_cpu_s']:.2f} s, "
+              f"{r['index_mb']:6.1f} MB in {r['index_files']} files, one participant reads "
+              f"{r['index_mb_read_by_one_participant']:6.2f} MB | whole index {r['load_whole_index_s']:5.2f} s | "
+              f"manifest {r['manifest_mb']:5.1f} MB | CPU: commit {r['commit_cpu_s']:.2f} s, "
               f"load index {r['load_index_cpu_s']:.2f} s, plan {r['plan_cpu_s']:.2f} s", flush=True)
         gc.collect()
     if args.json:
