@@ -154,7 +154,8 @@ def write_members(sink, members: list[MemberToWrite], compress: bool = False, pr
         header = npy_header(arr)
         name = (m.member + ".npy").encode("utf-8")
         raw = memoryview(arr).cast("B") if arr.nbytes else b""
-        crc = crc32(raw, crc32(header))
+        data_crc = crc32(raw)        # one pass over the data: the member's zip CRC is combined from it
+        crc = isal_zlib.crc32_combine(crc32(header), data_crc, len(raw))
         usize = len(header) + arr.nbytes
         offset = sink.pos
         if compress:
@@ -171,7 +172,7 @@ def write_members(sink, members: list[MemberToWrite], compress: bool = False, pr
             csize, method = usize, 0
         central.append(_central_entry(name, crc, csize, usize, method, offset))
         chunks.append(ChunkRecord(m.key, m.member, tuple(m.offset), tuple(arr.shape),
-                                  data_offset, arr.nbytes, crc32(raw)))
+                                  data_offset, arr.nbytes, data_crc))
         if progress is not None:
             progress(arr.nbytes)
     cd_offset = sink.pos
