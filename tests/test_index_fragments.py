@@ -202,3 +202,54 @@ def test_damaged_fragment_is_refused(fragmented, damage):
     with pytest.raises(CorruptCheckpointError):
         Checkpoint(fragmented).read_arrays("model")
     assert not verify(fragmented).ok
+
+
+def _synthetic_parts(participants: int, arrays: int, rows_per: int = 4):
+    """FSDP-like part reports (metadata only): participant p wrote rows [p*r, (p+1)*r) of
+    every array, in two files, the reports arriving in reverse order."""
+    from shardckpt.format import ItemRecord
+    from shardckpt.shard_io import ChunkRecord, ShardReport
+    from shardckpt.transaction import PartReport
+    from shardckpt.tree import ArraySpec
+    rows, cols = participants * rows_per, 8
+    specs = {f"w{a}": ArraySpec("float32", (rows, cols), "float32", (rows, cols)) for a in range(arrays)}
+    keys = list(specs)
+    parts = []
+    nbytes = rows_per * cols * 4
+    for p in range(participants):
+        reports, item_of = [], {}
+        for f, group in enumerate((keys[::2], keys[1::2])):
+            name = f"state-p{p:03d}-{f}.npz"
+            chunks = [ChunkRecord(k, f"{k}@{p}", (p * rows_per, 0), (rows_per, cols), 64 + i * nbytes, nbytes, 7)
+                      for i, k in enumerate(group)]
+            reports.append(ShardReport(name, 64 + len(group) * nbytes, "0123456789abcdef", chunks, {"host": "h"}))
+            item_of[name] = "state"
+        parts.append(PartReport(p, {"state": ItemRecord(dict(specs), {})}, reports, item_of))
+    return parts[::-1], rows, cols
+
+
+def test_fragments_follow_writers_so_a_participant_reads_one(tmp_path, monkeypatch):
+    from shardckpt.store import LocalStore
+    from shardckpt.transaction import CommitArgs, commit
+    monkeypatch.setattr(frag, "FRAGMENT_ROWS", 40)          # 4 participants x 10 arrays
+    parts, rows, cols = _synthetic_parts(participants=16, arrays=10)
+    store = LocalStore(tmp_path)
+    commit(store.stage("step_1", "t" * 32), parts, CommitArgs(step=1))
+    ck = Checkpoint(tmp_path / "step_1")
+    directory = ck._index_source().directory
+    assert len(directory.fragments) == 4
+    for key, where in directory.arrays["state"].items():
+        # fragment k holds exactly the rows of participants 4k..4k+3
+        assert where.frag.tolist() == [0, 1, 2, 3], key
+        assert where.lo[:, 0].tolist() == [0, 16, 32, 48] and where.hi[:, 0].tolist() == [16, 32, 48, 64], key
+    for p in (0, 5, 15):
+        reader = Checkpoint(tmp_path / "step_1")
+        requests = {k: [((p * 4, 0), (4, cols))] for k in directory.arrays["state"]}
+        tables = reader.chunk_tables("state", requests)
+        assert set(reader._fragmented.loaded) == {p // 4}
+        assert all(t.overlapping_rows((p * 4, 0), (4, cols)) for t in tables.values())
+    # a box straddling two participants of different fragments reads both, checked exactly
+    reader = Checkpoint(tmp_path / "step_1")
+    reader.chunk_tables("state", {"w0": [((14, 0), (4, cols))]})
+    assert set(reader._fragmented.loaded) == {0, 1}
+    assert len(Checkpoint(tmp_path / "step_1").index()["state"]["w3"]) == 16
