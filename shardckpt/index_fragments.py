@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -272,6 +273,7 @@ class FragmentedIndex:
         self.validator.set_files(directory.files)
         self.loaded: dict[int, dict[str, dict[str, ChunkTable]]] = {}
         self.bytes_read = 0
+        self._lock = threading.Lock()      # one Checkpoint may restore items from several threads
 
     def tables(self, item: str, requests: dict[str, list[Box]]) -> dict[str, ChunkTable]:
         """The chunks of ``item``'s arrays ``requests`` names that can meet its boxes, read
@@ -316,9 +318,13 @@ class FragmentedIndex:
         return ChunkTable(key, self.directory.files, *cat, members)
 
     def _fragment(self, k: int) -> dict[str, dict[str, ChunkTable]]:
-        got = self.loaded.get(k)
-        if got is not None:
-            return got
+        with self._lock:      # read and validated once: claims are totalled per fragment read
+            got = self.loaded.get(k)
+            if got is None:
+                got = self._load(k)
+        return got
+
+    def _load(self, k: int) -> dict[str, dict[str, ChunkTable]]:
         name = self.directory.fragments[k]
         raw = self._read(name)
         self.bytes_read += len(raw)

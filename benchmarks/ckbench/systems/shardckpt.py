@@ -81,3 +81,41 @@ class ShardckptRay(Shardckpt):
         if action == "restore":
             from shardckpt.executors.ray import RayExecutor
             self.executor = RayExecutor.get(None, 180)
+
+
+@register
+class ShardckptNnx(Shardckpt):
+    """What a resuming training script calls: ``CheckpointManager.load_latest(model=<a
+    constructor>, tx=...)`` on the threads checkpoint. Besides the I/O it builds the abstract
+    model (``nnx.eval_shape`` of the constructor) and the optimizer target (traced from the
+    parameters only), so the row shows the nnx adapter's cost next to ``Checkpoint.restore``
+    of prebuilt abstract targets."""
+
+    name = "shardckpt_nnx"
+    label = "shardckpt load_latest(model=, tx=)"
+    restores_from = "shardckpt"
+    measure_memory = False      # the same reads as "shardckpt (threads)" restore
+
+    save = System.save
+    async_save = System.async_save
+
+    def setup(self):
+        pass
+
+    def teardown(self):
+        pass
+
+    def restore(self, path, target):
+        import jax
+        import optax
+        from flax import nnx
+
+        from shardckpt import CheckpointManager
+
+        from ..states import KINDS
+        spec = self.ctx.state.spec
+        with CheckpointManager(Path(path).parent, max_to_keep=None, progress=False) as mgr:
+            loaded = mgr.load_latest(model=lambda: KINDS[spec["kind"]][1](spec), tx=optax.adamw(1e-4))
+        out = {"model": nnx.state(loaded.model), "optimizer": nnx.state(loaded.optimizer)}
+        jax.block_until_ready(out)
+        return out
