@@ -56,6 +56,8 @@ def _threads_trials(tmp_path: Path, trials: int, seed: int) -> tuple[History, Ch
             time.sleep(0.01)
         if trial % 2:
             time.sleep(rng.uniform(0.0, 0.6))          # anywhere in the loop
+        elif trial % 6 == 4:
+            _at_a_delete(directory, log, rng.randint(1, 4))   # while retention deletes a step
         else:
             _after_begins(log, rng.randint(1, 6))      # inside a save (or its retention)
             time.sleep(rng.uniform(0.0, 0.02))
@@ -67,6 +69,21 @@ def _threads_trials(tmp_path: Path, trials: int, seed: int) -> tuple[History, Ch
         history.feed(log.read_text())
         check_directory(directory, history, stats)
     return history, stats, kills
+
+
+def _at_a_delete(directory: Path, log: Path, n: int) -> None:
+    """Return as soon as a step being deleted (a hidden ``.del`` directory: renamed, not yet
+    removed) is seen after ``n`` more saves began, polling the directory without sleeping:
+    the kills of random timing alone landed inside a delete too rarely to count on (the
+    window is the parent's fsync and the removal)."""
+    _after_begins(log, n)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            if any(name.startswith(".") and ".del-" in name for name in os.listdir(directory)):
+                return
+        except FileNotFoundError:
+            pass
 
 
 def _after_begins(log: Path, n: int) -> None:
