@@ -833,13 +833,7 @@ class IndexValidator:
         bad = np.flatnonzero((fidx < 0) | (fidx >= nfiles))
         if bad.size:
             raise CorruptCheckpointError(f"{what}: file number {int(fidx[bad[0]])} is not in [0, {nfiles - 1}]")
-        g = np.array(gshape, dtype=np.int64).reshape(nd)
-        if n:
-            bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
-            if bad.size:
-                i = int(bad[0])
-                raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
-                                             f"lies outside the array {gshape}")
+        check_inside(what, offs, shps, gshape)
         itemsize = real_dtype(spec.stored_dtype).itemsize
         # exact: with every dim >= 1, partial products are at most the array's element count
         vols = shps.prod(axis=1) if math.prod(gshape) else np.zeros(n, np.int64)
@@ -916,6 +910,19 @@ def check_tiling(key: str, shape: tuple[int, ...], chunks: list[ChunkRecord], wh
     check_boxes(key, tuple(shape), offs, shps, where)
 
 
+def check_inside(what: str, offs: np.ndarray, shps: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Every box ``offs[i] .. offs[i] + shps[i]`` lies inside an array of ``shape`` (no
+    int64 overflow decides: offsets and sizes are compared with the shape first)."""
+    if not len(offs):
+        return
+    g = np.array(shape, dtype=np.int64).reshape(offs.shape[1])
+    bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
+                                     f"lies outside the array {tuple(shape)}")
+
+
 def check_boxes(key: str, shape: tuple[int, ...], offs: np.ndarray, shps: np.ndarray, where: str) -> None:
     """Boxes ``offs[i] .. offs[i] + shps[i]`` (int64 arrays of shape (n, ndim)) tile the
     array ``shape`` exactly: each inside it, no element covered twice, none left out.
@@ -940,13 +947,7 @@ def check_boxes(key: str, shape: tuple[int, ...], offs: np.ndarray, shps: np.nda
     what = f"{where}: chunks of {key!r}"
     if nd != len(shape):
         raise CorruptCheckpointError(f"{what}: chunk boxes have {nd} dimensions, the array {len(shape)}")
-    g = np.array(shape, dtype=np.int64).reshape(nd)
-    if n:
-        bad = np.flatnonzero(((offs < 0) | (shps < 0) | (offs > g) | (shps > g) | (offs + shps > g)).any(axis=1))
-        if bad.size:
-            i = int(bad[0])
-            raise CorruptCheckpointError(f"{what}: box {tuple(offs[i].tolist())}+{tuple(shps[i].tolist())} "
-                                         f"lies outside the array {tuple(shape)}")
+    check_inside(what, offs, shps, tuple(shape))
     total = math.prod(shape)
     if total == 0:       # nothing to cover; every box inside is empty
         if not n:
