@@ -22,8 +22,8 @@ from pathlib import Path
 def train_loop(config: dict) -> None:
     import ray.train
 
-    from shardckpt.ray_train import RayTrainCheckpointer
-    from shardckpt.training import batch_for_step, make_tx, new_run, train_step
+    from shardckpt.api.ray_train import RayTrainCheckpointer
+    from shardckpt.lm.training import batch_for_step, make_tx, new_run, train_step
 
     ckpt = RayTrainCheckpointer(async_save=config["async_save"])
     state = ckpt.restore(tx=make_tx())

@@ -21,19 +21,18 @@ effort and safe when several processes race (a leftover removed by someone else 
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import MANIFEST
-from .store import Store
-from .store.base import VERSION_DIR
-from .store.local import this_host
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from shardckpt.format.manifest import MANIFEST
+from shardckpt.format.names import is_version_dir, step_pattern
+from shardckpt.loading.checkpoint import Checkpoint
+from shardckpt.loading.legacy import LegacyCheckpoint
+from shardckpt.loading.open import layout_of
+from shardckpt.store.base import Leftover, Store
 
-STALE_FOREIGN_SECONDS = 24 * 3600   # a local tmp dir of another host untouched this long is dead
-STALE_VERSION_SECONDS = 3600         # an unreferenced object-store version this old is dead
 SCAN_ATTEMPTS = 5
 
 
@@ -59,21 +58,6 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
-class Leftover:
-    """Something a save or delete left behind, and what cleanup does with it."""
-
-    name: str                 # root-relative
-    kind: str                 # tmp | del | old | version
-    checkpoint: str           # the step directory it belongs to
-    action: str               # remove | restore | keep
-    reason: str
-    host: str = ""
-    pid: int = 0
-    owner_alive: bool = False
-    age_s: float = 0.0
-
-
-@dataclass(frozen=True)
 class Invalid:
     name: str
     path: Any
@@ -95,14 +79,14 @@ def metric_number(value: Any) -> float | None:
 class Catalog:
     def __init__(self, store: Store, prefix: str = "step"):
         self.store, self.prefix = store, prefix
-        self.pattern = re.compile(rf"^{re.escape(prefix)}_(0|[1-9][0-9]{{0,17}})$")
+        self.pattern = step_pattern(prefix)
         self._cache: dict[str, tuple[tuple, CheckpointInfo]] = {}
 
     def name_of(self, step: int) -> str:
         return f"{self.prefix}_{int(step)}"
 
     def step_of(self, name: str) -> int | None:
-        m = self.pattern.match(name)
+        m = self.pattern.fullmatch(name)
         return int(m.group(1)) if m else None
 
     # --- listing -----------------------------------------------------------------------------
@@ -140,22 +124,18 @@ class Catalog:
         return self.scan()[0]
 
     def _info(self, name: str, step: int) -> tuple[CheckpointInfo | None, str]:
-        from .reader import Checkpoint
         try:
             children = self.store.list(name)
         except (OSError, CheckpointError):
             return None, ""
         if not children:
-            local = self.store.local_path(name)
-            if local is not None and local.is_dir():
+            if self.store.is_dir(name):
                 return None, f"empty directory, no {MANIFEST} (not committed; ignored)"
             return None, ""          # gone meanwhile
-        if not any(c.name == MANIFEST and not c.is_dir for c in children):
-            local = self.store.local_path(name)
-            if local is not None:
-                from .legacy import is_legacy_dir
-                if is_legacy_dir(local):
-                    return self._legacy_info(name, step), ""
+        layout = layout_of(self.store, name, children)
+        if layout.kind == "legacy":
+            return self._legacy_info(name, step), ""
+        if layout.kind != "checkpoint":
             return None, f"no {MANIFEST} (not committed; ignored)"
         mf = next(c for c in children if c.name == MANIFEST)
         ident = (mf.size, mf.mtime, tuple(sorted((c.name, c.is_dir) for c in children)))
@@ -171,7 +151,7 @@ class Catalog:
         man = ck.manifest
         listed = {n.split("/", 1)[0] for n in list(man.files) + list(man.meta_files)} | {MANIFEST}
         foreign = tuple(sorted(c.name for c in children if c.name not in listed
-                               and not (c.is_dir and VERSION_DIR.match(c.name))))
+                               and not (c.is_dir and is_version_dir(c.name))))
         nbytes = sum(r.size for r in man.files.values()) + sum(r.size for r in man.meta_files.values()) + mf.size
         info = CheckpointInfo(step, self.store.location(name), dict(man.metrics), man.created, name,
                               foreign=foreign, nbytes=nbytes, files=len(man.files), items=tuple(man.items))
@@ -179,9 +159,8 @@ class Catalog:
         return info, ""
 
     def _legacy_info(self, name: str, step: int) -> CheckpointInfo:
-        from .legacy import LegacyCheckpoint
         try:
-            metrics = dict(LegacyCheckpoint(self.store.local_path(name)).metrics)
+            metrics = dict(LegacyCheckpoint.at(self.store, name).metrics)
         except (CheckpointError, OSError, ValueError):
             metrics = {}
         return CheckpointInfo(step, self.store.location(name), metrics, "", name, legacy=True)
@@ -224,70 +203,10 @@ class Catalog:
 
     # --- leftovers -------------------------------------------------------------------------------
     def leftovers(self, now: float | None = None) -> list[Leftover]:
-        """What dead saves left in this directory and what cleanup would do with each."""
+        """What dead saves left in this directory and what cleanup would do with each (the
+        store knows its own kinds of leftovers: ``Store.leftovers``)."""
         now = time.time() if now is None else now
-        return self._hidden_leftovers(now) + self._version_leftovers(now)
-
-    def _hidden_leftovers(self, now: float) -> list[Leftover]:
-        """Hidden ``.{name}.{tmp,del,old}-host-pid-rand`` directories (local stores)."""
-        from .storage import owner_alive, parse_hidden
-        out = []
-        host = this_host()
-        for entry in sorted(self.store.list(""), key=lambda e: e.name):
-            info = parse_hidden(entry.name)
-            if not info or not self.pattern.match(info["name"]):
-                continue
-            if entry.is_link or not entry.is_dir:
-                out.append(Leftover(entry.name, info["kind"], info["name"], "keep",
-                                    "not a directory (not written by shardckpt): left alone"))
-                continue
-            alive = owner_alive(info)
-            age = now - entry.mtime
-            if alive and info["host"] != host:
-                alive = age < STALE_FOREIGN_SECONDS
-            if info["kind"] == "old":
-                action = "keep" if alive else ("restore" if self.store.size(info["name"]) is None
-                                               and not self.store.list(info["name"]) else "remove")
-            else:
-                action = "keep" if alive else "remove"
-            reason = "its save is still running" if alive else "its process is gone"
-            out.append(Leftover(entry.name, info["kind"], info["name"], action, reason, info["host"],
-                                int(info["pid"]), alive, round(age, 1)))
-        return out
-
-    def _version_leftovers(self, now: float) -> list[Leftover]:
-        from .reader import Checkpoint
-        from .store.object import ABORT_MARKER
-        out = []
-        for entry in sorted(self.store.list(""), key=lambda e: e.name):
-            if not entry.is_dir or self.step_of(entry.name) is None:
-                continue
-            children = self.store.list(entry.name)
-            versions = [c.name for c in children if c.is_dir and VERSION_DIR.match(c.name)]
-            if not versions:
-                continue
-            referenced: set[str] = set()
-            if any(c.name == MANIFEST for c in children):
-                try:
-                    man = Checkpoint.at(self.store, entry.name).manifest
-                    referenced = {n.split("/", 1)[0] for n in list(man.files) + list(man.meta_files) if "/" in n}
-                except CheckpointError:
-                    continue   # damaged: leave it for a person to look at
-            for v in versions:
-                if v in referenced:
-                    continue
-                objs = self.store.list(f"{entry.name}/{v}")
-                newest = max((o.mtime for o in objs), default=0.0)
-                age = now - newest if newest else float("inf")
-                if any(o.name == ABORT_MARKER for o in objs):
-                    action, reason = "remove", "an aborted save"
-                elif age > STALE_VERSION_SECONDS:
-                    action, reason = "remove", f"unreferenced for {age:.0f} s (a save that never committed)"
-                else:
-                    action, reason = "keep", "may belong to a save still running"
-                out.append(Leftover(f"{entry.name}/{v}", "version", entry.name, action, reason,
-                                    age_s=round(age, 1) if math.isfinite(age) else -1))
-        return out
+        return self.store.leftovers(lambda name: self.step_of(name) is not None, now)
 
     def cleanup_leftovers(self, now: float | None = None) -> list[Leftover]:
         """Carry out the leftovers plan, best effort: a leftover that another process removes

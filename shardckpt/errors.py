@@ -28,3 +28,14 @@ class StructureMismatchError(CheckpointError):
 class SaveAbortedError(CheckpointError):
     """A save failed part-way; nothing of it became visible and earlier checkpoints are
     untouched."""
+
+
+class ReplacedWhileReadingError(CheckpointNotFoundError):
+    """The checkpoint being read was replaced by another save of the same path, or deleted
+    by retention, in another process meanwhile. The version that was opened is gone;
+    nothing read from it is returned. The load functions retry on it."""
+
+
+class OrbaxCheckpointError(CheckpointNotFoundError):
+    """A shardckpt load was pointed at an Orbax checkpoint (the message says how to convert
+    it)."""

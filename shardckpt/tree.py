@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
+from shardckpt.errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
 
 #: Scalar leaves (not arrays) kept verbatim in the manifest, with their Python type.
 SCALAR_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "none"}

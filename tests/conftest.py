@@ -25,7 +25,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from shardckpt import LMModel, ModelConfig  # noqa: E402
-from shardckpt.models import lm_loss  # noqa: E402
+from shardckpt.lm.models import lm_loss  # noqa: E402
 
 # Credentials for the loopback S3 server, set before anything starts Ray so that writer and
 # reader actors see them too (the endpoint travels in each URI: ?endpoint_url=...).

@@ -89,7 +89,7 @@ def parse_args(argv=None):
                    help="proves every system runs: ~4 MB states, 300 small arrays, 1 repeat, 0.2 s idle, "
                         "host memory on the first state only")
     # internal: subprocess modes
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-role", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mem-mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -149,19 +149,19 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args._child == "memory":
+    if args.child_role == "memory":
         from .memory import child
         child(args)
         return 0
-    if args._child == "scaling":
+    if args.child_role == "scaling":
         from .scaling import scaling_child
         scaling_child(args)
         return 0
-    if args._child == "regression":
+    if args.child_role == "regression":
         from .s3_bench import regression_child
         regression_child(args)
         return 0
-    if args._child == "replica":
+    if args.child_role == "replica":
         from .s3_bench import replica_child
         replica_child(args)
         return 0

@@ -27,9 +27,9 @@ from pathlib import Path
 def synthetic_parts(total: int, participants: int, arrays_per_participant_file: int = 8):
     """``total`` chunks: arrays of 1,024 rows x 256 split by rows over the participants
     (FSDP-like: participant p writes rows [p*r, (p+1)*r) of every array)."""
-    from shardckpt.format import ItemRecord
-    from shardckpt.shard_io import ChunkRecord, ShardReport
-    from shardckpt.transaction import PartReport
+    from shardckpt.format.manifest import ItemRecord
+    from shardckpt.format.parts import PartReport
+    from shardckpt.format.shard import ChunkRecord, ShardReport
     from shardckpt.tree import ArraySpec
 
     arrays = max(1, total // participants)
@@ -70,8 +70,8 @@ class _FlatStaging:
 def run(total: int, participants: int, workdir: Path) -> dict:
     from shardckpt import Checkpoint
     from shardckpt.coord.ray_actor import SaveCoordinator
-    from shardckpt.store import LocalStore
-    from shardckpt.transaction import CommitArgs
+    from shardckpt.format.parts import CommitArgs
+    from shardckpt.store.local import LocalStore
 
     t0 = time.perf_counter()
     parts, arrays, rows, cols = synthetic_parts(total, participants)
@@ -98,7 +98,7 @@ def run(total: int, participants: int, workdir: Path) -> dict:
     # One participant's restore: its 8 devices each want rows [p*8 + d, +1) of every array.
     # It reads the index directory and only the fragments holding those rows
     # (Checkpoint.chunk_tables, what Checkpoint._read_boxes_of_this_version calls), then plans.
-    from shardckpt.geometry import aligned_empty, chunk_target
+    from shardckpt.loading.geometry import aligned_empty, chunk_target
     p = participants // 2
     requests = {key: [((p * 8 + d, 0), (1, cols)) for d in range(8)] for key in parts[0].items["state"].arrays}
     t0 = time.perf_counter()

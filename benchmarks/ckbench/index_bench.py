@@ -28,11 +28,12 @@ def index_bench(args, console) -> dict:
     import pickle
     import pstats
 
-    from shardckpt.checkpoint import Checkpoint
-    from shardckpt.format import ItemRecord
-    from shardckpt.shard_io import ChunkRecord, ShardReport
-    from shardckpt.store import LocalStore
-    from shardckpt.transaction import CommitArgs, PartReport, commit
+    from shardckpt.format.manifest import ItemRecord
+    from shardckpt.format.parts import CommitArgs, PartReport
+    from shardckpt.format.shard import ChunkRecord, ShardReport
+    from shardckpt.loading.checkpoint import Checkpoint
+    from shardckpt.saving.commit import commit
+    from shardckpt.store.local import LocalStore
     from shardckpt.tree import ArraySpec
 
     results = []
@@ -92,7 +93,7 @@ def index_bench(args, console) -> dict:
             t_index = time.perf_counter() - t0
             # One host's restore planning (Checkpoint._read_boxes): each of its 8 devices wants
             # one box of every array; every chunk of the array is tested against every box.
-            from shardckpt.plan import box_overlap
+            from shardckpt.loading.geometry import box_overlap
             rows_per_host = rows // participants if rows >= participants else rows
             t0 = time.perf_counter()
             hits = 0

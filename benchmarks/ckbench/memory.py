@@ -73,7 +73,7 @@ class _Sampler:
 
 
 def child(args) -> None:
-    """``--_child memory``: one measurement; prints ``MEM_JSON {...}``."""
+    """``--child-role memory``: one measurement; prints ``MEM_JSON {...}``."""
     import jax
     load_all()
     spec = json.loads(args.state_json)
@@ -123,7 +123,7 @@ def _spawn(args, mode: str, system: str, spec: dict, path: Path | None, console)
     # RSS into ru_maxrss, so a child forked (or vforked) straight from this big process
     # would start with this process's peak.
     cmd = ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-m", "benchmarks.ckbench",
-           "--_child", "memory", "--mem-mode", mode, "--system", system, "--state-json", json.dumps(spec),
+           "--child-role", "memory", "--mem-mode", mode, "--system", system, "--state-json", json.dumps(spec),
            "--path", str(path or ""), "--workdir", str(args.workdir or tempfile.gettempdir())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env, check=False)

@@ -27,11 +27,10 @@ class RayGuard:
                  logging_level="ERROR")
 
     def alive(self) -> bool:
+        import ray
         try:
-            from ray._private import worker
-            node = worker._global_node
-            return node is not None and not node.dead_processes()
-        except Exception:  # noqa: BLE001
+            return ray.is_initialized() and bool(ray.cluster_resources())
+        except Exception:  # noqa: BLE001 - the local Ray died
             return False
 
     def ensure(self) -> bool:

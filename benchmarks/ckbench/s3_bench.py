@@ -3,7 +3,7 @@
 * ``--s3``: durable saves and restores of the state to a loopback moto S3 server (moto's
   standalone server, a Python process holding the objects in memory) with the threads
   backend and the Ray backend with 1, 2 and 4 writer actors; GB/s, the server's CPU share,
-  the object-store request counters (``shardckpt.store.object.STATS``) of every process
+  the object-store request counters (``shardckpt.store.s3.STATS``) of every process
   that talked to the server, and the driver's peak extra memory.
 * ``--regression OLD_TREE``: local durable save and restore (threads backend) of this tree
   against an older source tree (e.g. a ``git worktree`` of the last release), each sample in
@@ -12,7 +12,7 @@
   restoring the same replicated checkpoint through ``NodeSharedReader`` (one read per node)
   against the plain thread executor (every worker reads the files itself).
 
-Internal shardckpt names used (they may move in a refactor): ``shardckpt.store.object.STATS``,
+Internal shardckpt names used (they may move in a refactor): ``shardckpt.store.s3.STATS``,
 ``shardckpt.store.base.read_stats``, ``shardckpt.executors.ray.RayExecutor``
 (``get``, ``actors()``, ``peak_inflight_bytes``), ``shardckpt.coord.ray_actor``
 (``coordinator_name``, ``NAMESPACE``), ``shardckpt.executors.node_share``
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 from .common import GB, REPO, drop_cache, load_avg, rmtree, warm_cache
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -101,11 +100,11 @@ def write_json(out_dir: Path, stem: str, data: dict, console) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def _stats_in_actor(handle) -> dict:
-    """``shardckpt.store.object.STATS`` of the process behind an actor."""
+    """``shardckpt.store.s3.STATS`` of the process behind an actor."""
     import ray
 
     def read(_self):
-        from shardckpt.store.object import STATS
+        from shardckpt.store.s3 import STATS
         return dict(STATS)
 
     return ray.get(handle.__ray_call__.remote(read), timeout=60)
@@ -115,7 +114,7 @@ def _s3_counters(store, writer_handles) -> dict:
     """Sum of STATS over the driver, the writer actors and the store's coordinator actor."""
     import ray
 
-    from shardckpt.store.object import STATS
+    from shardckpt.store.s3 import STATS
     total = dict(STATS)
     handles = list(writer_handles)
     try:
@@ -194,9 +193,9 @@ def run_s3(args, console) -> dict:
     # objects in the server's memory so the server's disk is not what is measured
     os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(args.moto_key_buffer))
     import shardckpt
-    from shardckpt.checkpoint import save_checkpoint
     from shardckpt.executors.ray import RayExecutor
-    from shardckpt.store import resolve
+    from shardckpt.store.registry import resolve
+    from shardckpt.testing import save_items
 
     systems = [s for s in args.s3_systems.split(",") if s]
     logdir = tempfile.mkdtemp(prefix="shardckpt-s3bench-")
@@ -219,8 +218,8 @@ def run_s3(args, console) -> dict:
 
         def save(system: str, items, uri: str):
             if system == "threads":
-                return save_checkpoint(uri, items, backend="threads")
-            return save_checkpoint(uri, items, backend="ray", num_writers=int(system.removeprefix("ray")))
+                return save_items(uri, items, backend="threads")
+            return save_items(uri, items, backend="ray", num_writers=int(system.removeprefix("ray")))
 
         def restore(system: str, uri: str, targets):
             ck = shardckpt.Checkpoint(uri)
@@ -391,8 +390,7 @@ def regression_child(args) -> None:
     assert os.path.realpath(shardckpt.__file__).startswith(os.path.realpath(tree)), (shardckpt.__file__, tree)
     import jax
 
-    from shardckpt.checkpoint import Checkpoint, save_checkpoint
-    from shardckpt.executors.local import ThreadExecutor
+    from shardckpt import Checkpoint, save      # public names: the same in every tree compared
 
     from .states import State
     spec = json.loads(args.state_json)
@@ -405,7 +403,7 @@ def regression_child(args) -> None:
     def do_save() -> Path:
         seq[0] += 1
         p = work / f"step_{seq[0]}"
-        save_checkpoint(p, state.items, executor=ThreadExecutor())
+        save(p, items=state.items, backend="threads", progress=False)
         return p
 
     def do_restore(path: Path):
@@ -456,7 +454,7 @@ def run_regression(args, console) -> dict:
     for r in range(args.repeats):
         for which in (("old", "new") if r % 2 == 0 else ("new", "old")):
             env = {**os.environ, "PYTHONPATH": trees[which], "SHARDCKPT_TREE": trees[which]}
-            cmd = [sys.executable, "-m", "benchmarks.ckbench", "--_child", "regression",
+            cmd = [sys.executable, "-m", "benchmarks.ckbench", "--child-role", "regression",
                    "--state-json", json.dumps(spec), "--idle", str(args.idle), "--regimes", ",".join(args.regimes)]
             if args.workdir:
                 cmd += ["--workdir", args.workdir]
@@ -516,10 +514,11 @@ class _Worker:
     """A data-parallel worker (Ray actor body, pickled by value)."""
 
     def warm(self) -> str:
-        import shardckpt  # noqa: F401
-        from shardckpt.executors.local import ThreadExecutor  # noqa: F401
-        from shardckpt.executors.node_share import NodeSharedReader  # noqa: F401
         import ray
+
+        import shardckpt  # noqa: F401
+        from shardckpt.executors.node_share import NodeSharedReader  # noqa: F401
+        from shardckpt.executors.threads import ThreadExecutor  # noqa: F401
         return ray.get_runtime_context().get_node_id()
 
     def restore(self, path: str, arrays: int, rows: int, cols: int, mode: str, sums: list) -> dict:
@@ -527,8 +526,8 @@ class _Worker:
         import ray
 
         from shardckpt import Checkpoint
-        from shardckpt.executors.local import ThreadExecutor
         from shardckpt.executors.node_share import NodeSharedReader
+        from shardckpt.executors.threads import ThreadExecutor
         from shardckpt.store.base import read_stats
         before = read_stats()["bytes"]
         target = {f"w{i}": np.zeros((rows, cols), np.float32) for i in range(arrays)}
@@ -548,8 +547,8 @@ def replica_child(args) -> None:
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from shardckpt.checkpoint import save_checkpoint
     from shardckpt.executors.node_share import NAMESPACE
+    from shardckpt.testing import save_items
 
     arrays, rows, cols = args.replica_arrays, 1024, 1024
     state_bytes = arrays * rows * cols * 4
@@ -571,7 +570,7 @@ def replica_child(args) -> None:
         tree = {f"w{i}": rng.standard_normal((rows, cols)).astype(np.float32) for i in range(arrays)}
         sums = [float(tree[f"w{i}"].astype(np.float64).sum()) for i in range(arrays)]
         path = work / f"step_{seq[0]}"
-        save_checkpoint(path, {"state": tree}, backend="threads", num_shards=4)
+        save_items(path, {"state": tree}, backend="threads", num_shards=4)
         warm_cache(path)        # every run reads from the page cache: the count of bytes is the point
         return path, sums
 
@@ -632,7 +631,7 @@ def replica_child(args) -> None:
 
 def run_replica(args, console) -> dict:
     console.rule("replica-aware restore on a 2-node ray.cluster_utils.Cluster")
-    cmd = [sys.executable, "-m", "benchmarks.ckbench", "--_child", "replica", "--repeats", str(args.repeats),
+    cmd = [sys.executable, "-m", "benchmarks.ckbench", "--child-role", "replica", "--repeats", str(args.repeats),
            "--replica-arrays", str(args.replica_arrays), "--replica-workers", ",".join(map(str, args.replica_workers)),
            "--replica-modes", ",".join(args.replica_modes), "--object-store-mb", str(args.object_store_mb)]
     if args.workdir:

@@ -89,7 +89,7 @@ def run_scaling(args, console) -> dict:
     cfg = config_for(args.scaling_params, "100m")
     out = {"config": cfg.to_dict(), "runs": []}
     for n in args.scaling_nodes:
-        cmd = [sys.executable, "-m", "benchmarks.ckbench", "--_child", "scaling", "--nodes", str(n),
+        cmd = [sys.executable, "-m", "benchmarks.ckbench", "--child-role", "scaling", "--nodes", str(n),
                "--config-json", json.dumps(cfg.to_dict()), "--repeats", str(args.repeats),
                "--workdir", str(args.workdir or tempfile.gettempdir()),
                "--object-store-mb", str(args.object_store_mb)]

@@ -30,7 +30,7 @@ BYTES_PER_PARAM = 12     # fp32 param + fp32 Adam mu + fp32 Adam nu
 
 def config_for(size_params: int | None, preset: str):
     """A ModelConfig: the preset, or the LMModel shape closest to ``size_params``."""
-    from shardckpt.models import ModelConfig
+    from shardckpt.lm.models import ModelConfig
     if not size_params:
         return ModelConfig.preset(preset)
     best = None
@@ -59,7 +59,7 @@ def lm_param_count(cfg) -> int:
     import jax
     from flax import nnx
 
-    from shardckpt.models import LMModel
+    from shardckpt.lm.models import LMModel
     abs_model = nnx.eval_shape(lambda: LMModel(cfg, rngs=nnx.Rngs(0)))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abs_model, nnx.Param)))
 
@@ -67,7 +67,7 @@ def lm_param_count(cfg) -> int:
 def _lm_model(spec):
     from flax import nnx
 
-    from shardckpt.models import LMModel, ModelConfig
+    from shardckpt.lm.models import LMModel, ModelConfig
     return LMModel(ModelConfig.from_dict(spec["model_config"]), rngs=nnx.Rngs(0))
 
 
@@ -234,6 +234,6 @@ def make_specs(names: list[str], args) -> dict[str, dict]:
     if unknown:
         raise SystemExit(f"--states: unknown {unknown} (known: {', '.join(KINDS)})")
     lm = spec_lm(None, args)
-    from shardckpt.models import ModelConfig
+    from shardckpt.lm.models import ModelConfig
     total = args.state_bytes or BYTES_PER_PARAM * lm_param_count(ModelConfig.from_dict(lm["model_config"]))
     return {n: (lm if n == "lm" else KINDS[n][0](int(total), args)) for n in names}

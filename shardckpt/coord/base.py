@@ -3,7 +3,8 @@
 A transaction has an id, a staging area in the store and a deadline. Every participant
 ``begin``s (all get the same transaction), writes its part into the staging area, and
 ``report``s the part's metadata; once all parts are in, the coordinator runs the committer
-(``transaction.commit``) and every ``wait`` returns; on a failure, an ``abort`` or the
+it was constructed with (``save.commit.commit``: a coordinator knows nothing above it) and
+every ``wait`` returns; on a failure, an ``abort`` or the
 deadline nothing is published, the staging area is discarded and every ``wait`` raises.
 
 Implementations: one process (local.py), the Ray coordinator actor (ray_actor.py), and the
@@ -14,17 +15,32 @@ any Store and any Executor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-DEFAULT_SAVE_TIMEOUT = 600.0
+from shardckpt.format import limits
+from shardckpt.format.manifest import MANIFEST, Manifest
+from shardckpt.format.parts import CommitArgs, PartReport
+from shardckpt.store.base import Staging, Store
+
+#: ``commit(staging, parts, args, transaction=txn_id)``: check the parts, publish (or raise).
+Commit = Callable[..., None]
 
 
 @dataclass
 class Txn:
     id: str
-    staging: Any           # store.Staging
+    staging: Staging
     deadline: float        # time.time() by which the commit must have happened
+
+
+def committed_by(store: Store, name: str, txn: str) -> bool:
+    """Whether checkpoint ``name`` of ``store`` is the one transaction ``txn`` committed."""
+    try:
+        raw = store.read_bytes(f"{name}/{MANIFEST}", limits.MAX_MANIFEST_BYTES)
+        return Manifest.loads(raw, store.where(name)).transaction == txn
+    except Exception:  # noqa: BLE001 - not there yet, or being replaced
+        return False
 
 
 class Coordinator(ABC):
@@ -33,7 +49,7 @@ class Coordinator(ABC):
         ...
 
     @abstractmethod
-    def report(self, txn: Txn, participant: int, part: Any, commit_args: Any | None) -> None:
+    def report(self, txn: Txn, participant: int, part: PartReport, commit_args: CommitArgs | None) -> None:
         """Hand in one part (participant 0 also hands the commit arguments)."""
 
     @abstractmethod

@@ -17,46 +17,20 @@ import socket
 import time
 import uuid
 
-import msgpack
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ..errors import SaveAbortedError
-from ..format import ItemRecord, parse_array_spec
-from ..shard_io import ChunkRecord, ShardReport
-from ..store import Store
-from .base import DEFAULT_SAVE_TIMEOUT, Coordinator, Txn
+from shardckpt.coord.base import Commit, Coordinator, Txn, committed_by
+from shardckpt.errors import SaveAbortedError
+from shardckpt.format.parts import CommitArgs, PartReport, part_from_bytes, part_to_bytes
+from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT, Store
 
 POLL_SECONDS = 0.05
 MAX_PART_BYTES = 1 << 30
 
 
-def part_to_bytes(part) -> bytes:
-    return msgpack.packb({
-        "participant": part.participant,
-        "items": {n: r.to_json() for n, r in part.items.items()},
-        "item_of_file": part.item_of_file,
-        "digests": {n: part.digest(n) for n in part.items},
-        "reports": [{"file": r.file, "size": r.size, "xxh3_64": r.xxh3_64, "writer": r.writer,
-                     "chunks": [[c.key, c.member, list(c.offset), list(c.shape),
-                                 -1 if c.data_offset is None else c.data_offset, c.nbytes, c.crc32]
-                                for c in r.chunks]} for r in part.reports],
-    }, use_bin_type=True)
-
-
-def part_from_bytes(raw: bytes, where: str):
-    from ..transaction import PartReport
-    d = msgpack.unpackb(raw, raw=False)
-    items = {n: ItemRecord({k: parse_array_spec(k, v, where) for k, v in r["arrays"].items()}, r["scalars"])
-             for n, r in d["items"].items()}
-    reports = [ShardReport(r["file"], r["size"], r["xxh3_64"],
-                           [ChunkRecord(k, m, tuple(o), tuple(s), None if off < 0 else off, n, crc)
-                            for k, m, o, s, off, n, crc in r["chunks"]], r["writer"]) for r in d["reports"]]
-    return PartReport(d["participant"], items, reports, d["item_of_file"], d.get("digests"))
-
-
 def agree_on_transaction() -> tuple[str, str, int]:
     """(transaction id, host, pid) of process 0, known to every process."""
-    from jax.experimental import multihost_utils
     host = socket.gethostname().encode()[:48].ljust(48, b"\0")
     mine = np.frombuffer(uuid.uuid4().bytes + host, np.uint8).copy()
     mine = np.concatenate([mine, np.frombuffer(np.int64(os.getpid()).tobytes(), np.uint8)])
@@ -72,8 +46,9 @@ def _part_name(p: int) -> str:
 
 
 class SharedStorageCoordinator(Coordinator):
-    def __init__(self, store: Store, final: str, participants: int, save_timeout: float | None = None):
-        self.store, self.final, self.participants = store, final, participants
+    def __init__(self, store: Store, final: str, commit: Commit, participants: int,
+                 save_timeout: float | None = None):
+        self.store, self.final, self.participants, self.commit = store, final, participants, commit
         self.timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
         self.commit_args = None
 
@@ -82,9 +57,7 @@ class SharedStorageCoordinator(Coordinator):
         staging = self.store.stage(self.final, tid, owner=(host0, pid0))
         return Txn(tid, staging, time.time() + self.timeout)
 
-    def report(self, txn: Txn, participant: int, part, commit_args) -> None:
-        from .. import storage
-        storage.inject("report", _part_name(participant))
+    def report(self, txn: Txn, participant: int, part: PartReport, commit_args: CommitArgs | None) -> None:
         txn.staging.write_bytes(_part_name(participant), part_to_bytes(part))
         if participant == 0:
             self.commit_args = commit_args
@@ -97,7 +70,6 @@ class SharedStorageCoordinator(Coordinator):
             self._await_commit(txn)
 
     def _commit(self, txn: Txn) -> None:
-        from ..transaction import commit
         where = self.store.where(self.final)
         raws: dict[int, bytes] = {}
         while len(raws) < self.participants:
@@ -120,10 +92,9 @@ class SharedStorageCoordinator(Coordinator):
         parts = [part_from_bytes(raws[p], where) for p in range(self.participants)]
         for p in range(self.participants):
             txn.staging.remove_staged(_part_name(p))
-        commit(txn.staging, parts, self.commit_args, transaction=txn.id)
+        self.commit(txn.staging, parts, self.commit_args or CommitArgs(), transaction=txn.id)
 
     def _await_commit(self, txn: Txn) -> None:
-        from ..reader import committed_by
         where = self.store.where(self.final)
         while True:
             if committed_by(self.store, self.final, txn.id):

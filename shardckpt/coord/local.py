@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 
-from ..errors import SaveAbortedError
-from ..store import Store
-from .base import DEFAULT_SAVE_TIMEOUT, Coordinator, Txn
+from shardckpt.coord.base import Commit, Coordinator, Txn
+from shardckpt.errors import SaveAbortedError
+from shardckpt.format.parts import CommitArgs, PartReport
+from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT, Store
 
 
 class LocalCoordinator(Coordinator):
-    def __init__(self, store: Store, final: str, save_timeout: float | None = None):
-        self.store, self.final = store, final
+    def __init__(self, store: Store, final: str, commit: Commit, save_timeout: float | None = None):
+        self.store, self.final, self.commit = store, final, commit
         self.timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
 
     def begin(self, participant: int) -> Txn:
@@ -23,9 +24,8 @@ class LocalCoordinator(Coordinator):
             raise SaveAbortedError(f"saving {self.store.where(self.final)}: cannot start the save: {e}") from e
         return Txn(tid, staging, time.time() + self.timeout)
 
-    def report(self, txn: Txn, participant: int, part, commit_args) -> None:
-        from ..transaction import commit
-        commit(txn.staging, [part], commit_args, transaction=txn.id)
+    def report(self, txn: Txn, participant: int, part: PartReport, commit_args: CommitArgs | None) -> None:
+        self.commit(txn.staging, [part], commit_args or CommitArgs(), transaction=txn.id)
 
     def wait(self, txn: Txn) -> None:
         pass

@@ -19,13 +19,18 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError, SaveAbortedError
-from ..store import Store
-from ..store.local import this_host
-from .base import DEFAULT_SAVE_TIMEOUT, Coordinator, Txn
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from shardckpt.coord.base import Commit, Coordinator, Txn, committed_by
+from shardckpt.errors import CheckpointError, SaveAbortedError
+from shardckpt.format.parts import CommitArgs, PartReport
+from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT, Staging, Store
+from shardckpt.store.posix import this_host
 
 NAMESPACE = "shardckpt"
 WATCH_SECONDS = 2.0        # how often an open multi-participant save checks its participants
@@ -36,13 +41,13 @@ LIVENESS_TIMEOUT = 5.0
 class _Txn:
     id: str
     final: str
-    staging: Any
+    staging: Staging
     participants: int
     deadline: float
     claimed: set = field(default_factory=set)
     owners: dict = field(default_factory=dict)     # participant -> actor handle (None: a plain process)
     parts: dict = field(default_factory=dict)
-    commit_args: Any = None
+    commit_args: CommitArgs | None = None
     finishing: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
@@ -51,15 +56,15 @@ class _Txn:
 class SaveCoordinator:
     """Ray actor body (wrapped with ``ray.remote`` in ``get_coordinator``)."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, commit: Commit, cleanup: Callable[[], Any] | None = None):
+        self.store, self.commit = store, commit
         self.txns: dict[str, _Txn] = {}
         self.open_by_final: dict[str, str] = {}
         self.active: str | None = None          # the one transaction running in this directory
         self.changed = asyncio.Event()
         try:
-            from ..catalog import Catalog
-            Catalog(store).cleanup_leftovers()
+            if cleanup is not None:
+                cleanup()               # leftovers of dead saves (the Catalog's plan)
         except Exception:  # noqa: BLE001 - cleanup is best effort, never required
             pass
 
@@ -106,7 +111,6 @@ class SaveCoordinator:
         """Abort ``txn`` if a participant that joined it has died (a crashed worker whose
         group was restarted must not leave the save open until its deadline, nor have the
         restarted workers join it). Only participants running in Ray actors can be checked."""
-        import ray
         for p, handle in list(txn.owners.items()):
             if handle is None:
                 continue
@@ -181,9 +185,8 @@ class SaveCoordinator:
         for tid in [t for t, x in self.txns.items() if x.done.is_set() and x.deadline < time.time() - 600]:
             del self.txns[tid]
 
-    async def report(self, tid: str, participant: int, part: Any, commit_args: Any) -> None:
+    async def report(self, tid: str, participant: int, part: PartReport, commit_args: CommitArgs | None) -> None:
         """Hand in one participant's part; the last one triggers the commit."""
-        from ..transaction import CommitArgs, commit
         txn = self.txns.get(tid)
         if txn is None or txn.done.is_set():
             raise CheckpointError(f"save transaction {tid} is no longer open"
@@ -194,7 +197,7 @@ class SaveCoordinator:
         if len(txn.parts) < txn.participants:
             return
         try:
-            await asyncio.to_thread(commit, txn.staging, list(txn.parts.values()),
+            await asyncio.to_thread(self.commit, txn.staging, list(txn.parts.values()),
                                     txn.commit_args or CommitArgs(), transaction=txn.id)
         except BaseException as e:  # noqa: BLE001 - every failure aborts the transaction
             await self._finish(txn, error=f"commit failed: {type(e).__name__}: {e}")
@@ -226,22 +229,20 @@ def coordinator_name(store: Store) -> str:
     return "shardckpt-coordinator-" + hashlib.sha1(store.uri.encode()).hexdigest()[:16]
 
 
-def get_coordinator(store: Store):
+def get_coordinator(store: Store, commit: Commit, cleanup: Callable[[], Any] | None = None):
     """The directory's coordinator actor, created on first use (named, detached, 0 CPUs,
-    on the head node, which lives as long as the cluster)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    on the head node, which lives as long as the cluster) with the committer it runs and the
+    cleanup it does when it starts."""
     actor_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=0)(SaveCoordinator)
     options = dict(name=coordinator_name(store), namespace=NAMESPACE, lifetime="detached",
                    get_if_exists=True)
     head = _head_node_id()
     if head:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
-    return actor_cls.options(**options).remote(store)
+    return actor_cls.options(**options).remote(store, commit, cleanup)
 
 
 def _head_node_id() -> str | None:
-    import ray
     for node in ray.nodes():
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
             return node["NodeID"]
@@ -250,7 +251,6 @@ def _head_node_id() -> str | None:
 
 def current_actor():
     """This process's actor handle when it runs in a Ray actor (a Ray Train worker), else None."""
-    import ray
     try:
         ctx = ray.get_runtime_context()
         return ctx.current_actor if ctx.get_actor_id() else None
@@ -266,15 +266,15 @@ def first_line(e: BaseException) -> str:
 class RayCoordinator(Coordinator):
     """The client side: one participant talking to the directory's coordinator actor."""
 
-    def __init__(self, store: Store, final: str, participants: int = 1, save_timeout: float | None = None,
-                 join_timeout: float | None = None):
+    def __init__(self, store: Store, final: str, commit: Commit, participants: int = 1,
+                 save_timeout: float | None = None, join_timeout: float | None = None,
+                 cleanup: Callable[[], Any] | None = None):
         self.store, self.final, self.participants = store, final, participants
         self.timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
         self.join_timeout = join_timeout
-        self.actor = get_coordinator(store)
+        self.actor = get_coordinator(store, commit, cleanup)
 
     def begin(self, participant: int) -> Txn:
-        import ray
         owner = current_actor() if self.participants > 1 else None   # the coordinator notices if we die
         try:
             info = ray.get(self.actor.begin.remote(self.final, self.participants, participant, self.timeout, owner,
@@ -289,14 +289,13 @@ class RayCoordinator(Coordinator):
                                    f"save: {first_line(e)}") from e
         return Txn(info["txn"], info["staging"], info["deadline"])
 
-    def report(self, txn: Txn, participant: int, part, commit_args) -> None:
+    def report(self, txn: Txn, participant: int, part: PartReport, commit_args: CommitArgs | None) -> None:
         self._get(self.actor.report.remote(txn.id, participant, part, commit_args), txn, max(0.1, txn.deadline - time.time()))
 
     def wait(self, txn: Txn) -> None:
         self._get(self.actor.wait.remote(txn.id), txn, max(0.1, txn.deadline - time.time()) + 30)
 
     def _get(self, ref, txn: Txn, timeout: float) -> None:
-        import ray
         where = self.store.where(self.final)
         try:
             ray.get(ref, timeout=timeout)
@@ -305,7 +304,6 @@ class RayCoordinator(Coordinator):
                 raise SaveAbortedError(f"saving {where}: {e.cause}") from None
             raise SaveAbortedError(f"saving {where} failed, nothing was committed: {first_line(e)}") from e
         except ray.exceptions.RayActorError as e:
-            from ..reader import committed_by
             if committed_by(self.store, self.final, txn.id):   # it died after publishing: committed
                 return
             raise SaveAbortedError(f"saving {where}: the coordinator died; nothing was committed") from e
@@ -314,7 +312,6 @@ class RayCoordinator(Coordinator):
                                    f"(save_timeout={self.timeout}s)") from e
 
     def abort(self, txn: Txn, reason: str) -> None:
-        import ray
         try:  # synchronous, so the staging area is gone when the error reaches the caller
             ray.get(self.actor.abort.remote(txn.id, reason), timeout=30)
         except Exception:  # noqa: BLE001 - the coordinator is gone: nobody can commit it now

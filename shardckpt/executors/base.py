@@ -1,33 +1,26 @@
-"""The Executor seam: who moves the bytes. An executor writes planned shards into a save's
-staging area and fills read targets from stored files, in parallel; it knows nothing of
-stores, coordinators or the format beyond that, so any executor runs with any store.
+"""The Executor seam: who moves the bytes.
 
-The thread executor (local.py) works in this process; the Ray executor (ray.py) runs the
-same two calls in writer/reader actors on every node.
+Two protocols, because not every executor does both: a ``Writer`` writes planned shards into
+a save's staging area, a ``Reader`` fills read targets from stored files; an ``Executor``
+is both. Each runs in parallel and knows nothing of coordinators, the API or the format
+beyond the shard file, so any executor runs with any store.
+
+The thread executor (``threads.py``) works in this process; the Ray executor (``ray.py``)
+runs the same calls in writer/reader actors on every node; the per-node chunk cache
+(``node_share.py``) is a Reader only.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
-import numpy as np
+from shardckpt.errors import CorruptCheckpointError
+from shardckpt.format.shard import ReadTarget, ShardPlan, ShardReport, read_chunks, write_shard
+from shardckpt.store.base import Staging, Store
 
-from ..errors import CorruptCheckpointError
-from ..plan import ShardPlan
-from ..shard_io import (ChunkRecord, ShardReport, open_zip, read_chunk_into, read_chunk_part,
-                        read_compressed_chunk, write_shard)
-
-
-@dataclass
-class ReadTarget:
-    """Copy ``chunk`` into ``dest``. With ``sub`` None the chunk fills ``dest`` exactly
-    (C-contiguous, read in place); else ``dest[...] = chunk_array[sub]``."""
-
-    chunk: ChunkRecord
-    dest: np.ndarray
-    sub: tuple[slice, ...] | None = None
+Progress = Callable[[int], None] | None
 
 
 @dataclass
@@ -35,7 +28,7 @@ class ReadJob:
     """Everything to read from one stored file: ``store`` and ``name`` (root-relative)
     locate it, ``file_name`` is its name in the manifest (for messages)."""
 
-    store: Any
+    store: Store
     name: str
     file_name: str
     expected_size: int
@@ -47,39 +40,47 @@ class ReadJob:
         return sum(t.dest.nbytes for t in self.targets)
 
 
-class Executor(ABC):
-    """Moves bytes; ``num_workers`` is how many files it writes at once (plans use it)."""
+class Reader(ABC):
+    """Fills read targets; ``num_workers`` files at once."""
 
     num_workers: int = 1
 
     @abstractmethod
-    def write_shards(self, staging, plans: list[ShardPlan], *, compress: bool,
-                     progress: Callable[[int], None] | None, deadline: float | None = None,
+    def read(self, jobs: list[ReadJob], *, verify: bool, progress: Progress) -> None:
+        """Fill every target of every job, in parallel."""
+
+
+class Writer(ABC):
+    """Writes planned shards; ``num_workers`` is how many files at once (plans use it)."""
+
+    num_workers: int = 1
+
+    @abstractmethod
+    def write_shards(self, staging: Staging, plans: list[ShardPlan], *, compress: bool,
+                     progress: Progress, deadline: float | None = None,
                      writer: dict | None = None) -> list[ShardReport]:
         """Write every planned shard into ``staging`` (durable), in parallel."""
 
-    @abstractmethod
-    def read(self, jobs: list[ReadJob], *, verify: bool,
-             progress: Callable[[int], None] | None) -> None:
-        """Fill every target of every job, in parallel."""
-
     def shard_bytes_cap(self, total_bytes: int) -> int | None:
-        """The largest shard this executor wants for a part of ``total_bytes`` (None: no
+        """The largest shard this writer wants for a part of ``total_bytes`` (None: no
         limit; the Ray executor streams shards through a bounded memory budget)."""
         return None
+
+
+class Executor(Reader, Writer):
+    """Both: what a save session and a load are given."""
 
     def close(self) -> None:
         pass
 
 
-def write_one(staging, plan: ShardPlan, compress: bool, progress, writer: dict) -> ShardReport:
+def write_one(staging: Staging, plan: ShardPlan, compress: bool, progress: Progress, writer: dict) -> ShardReport:
     return write_shard(staging, plan.file, plan.members, compress=compress, progress=progress, writer=writer)
 
 
-def run_read_job(job: ReadJob, verify: bool, progress=None) -> None:
-    """Read one file's chunks: whole chunks straight into their destination, partial ones
-    through ``Source.buffer`` (a map on local disks), compressed ones through the zip
-    directory parsed once for the whole file."""
+def run_read_job(job: ReadJob, verify: bool, progress: Progress = None) -> None:
+    """Read one file's chunks (``format.shard.read_chunks``), after checking that the file
+    is there and has the size the manifest records."""
     try:
         source = job.store.open(job.name)
     except FileNotFoundError as e:
@@ -88,23 +89,4 @@ def run_read_job(job: ReadJob, verify: bool, progress=None) -> None:
         if source.size != job.expected_size:
             raise CorruptCheckpointError(f"{job.store.where(job.name)}: {job.file_name} is {source.size} bytes, "
                                          f"the manifest says {job.expected_size}")
-        zf = None
-        try:
-            for t in job.targets:
-                c = t.chunk
-                if c.data_offset is None:
-                    if zf is None:
-                        zf = open_zip(source, job.file_name)
-                    tmp = np.empty(c.shape, t.dest.dtype) if t.sub is not None else t.dest
-                    read_compressed_chunk(zf, job.file_name, c, tmp, verify=verify)
-                    if t.sub is not None:
-                        t.dest[...] = tmp[t.sub]
-                elif t.sub is None:
-                    read_chunk_into(source, c, t.dest, verify=verify)
-                else:
-                    read_chunk_part(source, c, t.dest.dtype, t.sub, t.dest, verify=verify)
-                if progress is not None:
-                    progress(t.dest.nbytes)
-        finally:
-            if zf is not None:
-                zf.close()
+        read_chunks(source, job.file_name, job.targets, verify=verify, progress=progress)

@@ -18,11 +18,14 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import CheckpointError, CorruptCheckpointError
-from ..shard_io import ChunkRecord, crc32, open_zip, read_compressed_chunk
-from .base import Executor, ReadJob
-from .local import map_threads
+from shardckpt.errors import CheckpointError
+from shardckpt.executors.base import Reader, ReadJob, run_read_job
+from shardckpt.executors.threads import map_threads
+from shardckpt.format.shard import ChunkRecord, ReadTarget
+from shardckpt.store.base import read_stats
 
 NAMESPACE = "shardckpt"
 CACHE_SECONDS = 120.0
@@ -47,7 +50,6 @@ class NodeChunkCache:
             self._expire(None)
 
     def stats(self) -> dict:
-        from ..store.base import read_stats
         return {**read_stats(), "entries": len(self.entries)}
 
     def chunks(self, version: str, store, name: str, file_name: str, expected_size: int,
@@ -82,37 +84,14 @@ class NodeChunkCache:
         return [refs]          # a list around the refs: Ray hands them over, not their values
 
     def _read(self, store, name, file_name, expected_size, mine, verify) -> None:
-        import ray
         results: dict[tuple, Any] = {}
         try:
-            source = store.open(name)
-        except FileNotFoundError as e:
-            err = CorruptCheckpointError(f"{store.where(name)}: shard file {file_name} is missing")
-            err.__cause__ = e
-            results = {key: err for key, _, _ in mine}
-        else:
-            with source:
-                try:
-                    if source.size != expected_size:
-                        raise CorruptCheckpointError(f"{store.where(name)}: {file_name} is {source.size} bytes, "
-                                                     f"the manifest says {expected_size}")
-                    zf = None
-                    for key, chunk, dtype in mine:
-                        arr = np.empty(chunk.shape, np.dtype(dtype))
-                        if chunk.data_offset is None:
-                            zf = zf or open_zip(source, file_name)
-                            read_compressed_chunk(zf, file_name, chunk, arr, verify=verify)
-                        else:
-                            if chunk.data_offset < 0 or chunk.data_offset + chunk.nbytes > source.size:
-                                raise CorruptCheckpointError(f"{file_name}: chunk of {chunk.key!r} lies outside the file")
-                            view = memoryview(arr).cast("B") if arr.nbytes else memoryview(bytearray())
-                            if chunk.nbytes:
-                                source.readinto(chunk.data_offset, view)
-                            if verify and crc32(view) != chunk.crc32:
-                                raise CorruptCheckpointError(f"{file_name}: checksum mismatch in chunk of {chunk.key!r}")
-                        results[key] = ray.put(arr)
-                except BaseException as e:  # noqa: BLE001 - handed to every waiter
-                    results.update({key: e for key, _, _ in mine if key not in results})
+            targets = [ReadTarget(chunk, np.empty(chunk.shape, np.dtype(dtype))) for _, chunk, dtype in mine]
+            run_read_job(ReadJob(store, name, file_name, expected_size, targets), verify)
+            for (key, _, _), t in zip(mine, targets):
+                results[key] = ray.put(t.dest)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter
+            results.update({key: e for key, _, _ in mine if key not in results})
         with self.lock:
             for key, _, _ in mine:
                 self.entries[key] = results[key]
@@ -134,8 +113,6 @@ class NodeChunkCache:
 
 def _cache_on_this_node():
     """The node's NodeChunkCache actor, created on first use."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     node = ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(NodeChunkCache)
     return actor_cls.options(name=f"shardckpt-chunk-cache-{node[:16]}", namespace=NAMESPACE, lifetime="detached",
@@ -143,17 +120,13 @@ def _cache_on_this_node():
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
 
-class NodeSharedReader(Executor):
-    """Reads through this node's chunk cache (see module doc); writes are not its job."""
+class NodeSharedReader(Reader):
+    """Reads through this node's chunk cache (see module doc); a Reader only."""
 
     def __init__(self, num_workers: int = 4):
         self.num_workers = num_workers
 
-    def write_shards(self, staging, plans, *, compress, progress=None, deadline=None, writer=None):
-        raise CheckpointError("NodeSharedReader only reads; save with backend='ray' or 'threads'")
-
     def read(self, jobs: list[ReadJob], *, verify: bool, progress=None) -> None:
-        import ray
         if not jobs:
             return
         cache = _cache_on_this_node()

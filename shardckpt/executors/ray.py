@@ -18,12 +18,14 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import CheckpointError, SaveAbortedError
-from ..plan import ShardPlan
-from ..shard_io import MemberToWrite, ShardReport, write_shard, writer_identity
-from .base import Executor, ReadJob, ReadTarget, run_read_job
-from .local import map_threads
+from shardckpt.errors import CheckpointError, SaveAbortedError
+from shardckpt.executors.base import Executor, ReadJob, run_read_job
+from shardckpt.executors.threads import map_threads
+from shardckpt.format.shard import MemberToWrite, ReadTarget, ShardPlan, ShardReport, write_shard, writer_identity
+from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT
 
 _ACTOR_THREADS = 4
 
@@ -34,7 +36,6 @@ class ShardWriter:
 
     def __init__(self, name: str):
         self.name = name
-        import ray
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def identity(self) -> dict:
@@ -66,18 +67,7 @@ class ShardWriter:
         return [[t.dest for t in job.targets] for job in built]
 
 
-def _free(ref) -> None:
-    """Delete a written shard's host copy from the object store now, so its memory is reused
-    by the next shard instead of new pages being touched (best effort)."""
-    try:
-        from ray._private.internal_api import free
-        free([ref], local_only=False)
-    except Exception:  # noqa: BLE001 - older/newer Ray: reference counting frees it later
-        pass
-
-
 def _alive_nodes() -> list[str]:
-    import ray
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
 
 
@@ -86,7 +76,6 @@ class RayExecutor(Executor):
     _lock = threading.Lock()
 
     def __init__(self, num_writers: int | None = None, save_timeout: float | None = None):
-        from ..coord.base import DEFAULT_SAVE_TIMEOUT
         self.requested = num_writers
         self.save_timeout = save_timeout or DEFAULT_SAVE_TIMEOUT
         self._actors: list[tuple[Any, str, str]] = []   # (handle, name, node id)
@@ -117,8 +106,6 @@ class RayExecutor(Executor):
 
     # --- actors ---------------------------------------------------------------------------
     def actors(self) -> list[tuple[Any, str, str]]:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         nodes = tuple(sorted(_alive_nodes()))
         if nodes != self._nodes or not self._actors:
             self.reset()
@@ -135,7 +122,6 @@ class RayExecutor(Executor):
 
     def reset(self) -> None:
         """Drop the writers (after a failure the next save builds fresh ones)."""
-        import ray
         for handle, _, _ in self._actors:
             try:
                 ray.kill(handle)
@@ -144,7 +130,6 @@ class RayExecutor(Executor):
         self._actors, self._nodes = [], ()
 
     def _gather(self, refs: list, owners: list[tuple[str, str]], deadline: float, what: str) -> list:
-        import ray
         try:
             return ray.get(refs, timeout=max(0.1, deadline - time.time()))
         except ray.exceptions.GetTimeoutError as e:
@@ -186,7 +171,6 @@ class RayExecutor(Executor):
         """Stream the shards to the writers, largest first onto the least busy writer, with at
         most ``inflight_budget`` bytes put into the object store and not yet written (a
         shard's object is dropped as soon as it is written)."""
-        import ray
         if not plans:
             return []
         actors = self.actors()
@@ -220,7 +204,6 @@ class RayExecutor(Executor):
                 raise SaveAbortedError(f"saving {staging.final}: not finished within the deadline: {', '.join(late)}")
             for ref in ready:
                 i, plan, data = inflight.pop(ref)
-                _free(data)
                 busy[i] -= 1
                 used -= plan.nbytes
                 try:
@@ -238,7 +221,6 @@ class RayExecutor(Executor):
         return reports
 
     def read(self, jobs: list[ReadJob], *, verify: bool, progress=None) -> None:
-        import ray
         if not jobs:
             return
         actors = self.actors()
@@ -275,7 +257,6 @@ class RayExecutor(Executor):
 
 def ensure_ray() -> None:
     """Start a local Ray (the embedded default) when none is running."""
-    import ray
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  namespace=None, ignore_reinit_error=True)

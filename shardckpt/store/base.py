@@ -19,7 +19,6 @@ multi-process save rebuild them on their own node and write straight into the st
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
-# What a crashed or aborted save of step directory NAME leaves: a hidden local directory
-# (".NAME.tmp-host-pid-txn") or an unreferenced version prefix ("NAME/v<txn>/").
-VERSION_DIR = re.compile(r"^v[0-9a-f]{8,32}$")
-
+#: Seconds a save may take by default (``save_timeout=``): the deadline of its transaction,
+#: of its writers and of the store's retries of transient errors.
+DEFAULT_SAVE_TIMEOUT = 600.0
 
 # What this process read from stores (bytes of shard data and calls), for tests and
 # benchmarks: replica-aware restores are judged by these counters.
@@ -47,6 +45,21 @@ def count_read(nbytes: int) -> None:
 def read_stats() -> dict:
     with _READ_LOCK:
         return dict(READ_STATS)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a save or delete left behind, and what cleanup does with it."""
+
+    name: str                 # root-relative
+    kind: str                 # tmp | del | old (local directories) | version (object-store prefixes)
+    checkpoint: str           # the step directory it belongs to
+    action: str               # remove | restore | keep
+    reason: str
+    host: str = ""
+    pid: int = 0
+    owner_alive: bool = False
+    age_s: float = 0.0
 
 
 class VersionChanged(Exception):
@@ -115,6 +128,9 @@ class Store(ABC):
     """A directory of checkpoints. Names are relative to its root, '/'-separated."""
 
     uri: str                      # how users name the root (a path or "s3://bucket/prefix")
+    #: Whether a directory exists apart from what it holds (a local disk); on object stores a
+    #: prefix exists exactly when objects lie under it, so an empty one is no error.
+    has_directories: bool = False
     deadline: float | None = None  # time.time() until which transient errors are retried (a save's)
 
     # --- naming ----------------------------------------------------------------------------
@@ -162,15 +178,29 @@ class Store(ABC):
     def remove_leftover(self, name: str) -> None:
         """Remove something a dead save left (a staging area), best effort."""
 
-    def local_path(self, name: str):
-        """``name`` as a local filesystem path where the store is one (the guide's original
-        layout and Orbax directories are recognised there), else None."""
-        return None
-
     def restore_leftover(self, name: str, final: str) -> None:
         """Put back a checkpoint that an interrupted replacement moved aside (local stores
         only: object stores never move a committed checkpoint)."""
         raise OSError(f"{self.where(name)}: nothing to restore on this store")
+
+    def leftovers(self, owns: Callable[[str], bool], now: float) -> list[Leftover]:
+        """What dead saves and deletes left among the checkpoints ``owns(name)`` accepts,
+        and what cleanup would do with each (each store knows its own: hidden directories
+        on a local disk, unreferenced version prefixes on object stores). Changes nothing."""
+        return []
+
+    def finish_pending_deletes(self) -> None:
+        """Finish removals this process began and could not complete (best effort)."""
+
+    def is_dir(self, name: str = "") -> bool:
+        """Whether ``name`` (the root: "") is a directory: on object stores, a prefix that
+        holds objects."""
+        return bool(self.list(name))
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        """Whether this kind of store serves ``uri`` (see ``registry.open_store``)."""
+        return False
 
     def lock(self, name: str):
         """A context manager serialising the commits of checkpoint ``name`` across processes

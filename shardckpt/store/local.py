@@ -2,7 +2,7 @@
 
 A save writes into a hidden tmp directory beside its final name, fsyncs every file, writes
 the manifest last, fsyncs the directory, renames it into place (an atomic exchange when it
-replaces a checkpoint) and fsyncs the parent; see ``storage.py`` for those primitives.
+replaces a checkpoint) and fsyncs the parent; see ``posix.py`` for those primitives.
 Shard files are written with ``O_DIRECT`` through reused page-aligned buffers where the
 filesystem allows (3x faster than buffered writes + fsync on the machines measured, and a
 save does not evict the training job's page cache), buffered elsewhere.
@@ -16,7 +16,6 @@ import fcntl
 import mmap
 import os
 import re
-import socket
 import stat
 import threading
 from pathlib import Path
@@ -24,17 +23,15 @@ from typing import Callable
 
 import xxhash
 
-from .. import storage
-from ..errors import CheckpointError, CorruptCheckpointError
-from .base import Entry, Sink, Source, Staging, Store, T, Written, count_read
+from shardckpt.errors import CheckpointError, CorruptCheckpointError
+from shardckpt.format.manifest import MANIFEST
+from shardckpt.store.base import Entry, Leftover, Sink, Source, Staging, Store, T, Written, count_read
+from shardckpt.store.posix import POSIX, Posix, open_data_file, owner_alive, parse_hidden, raise_named, read_small_file, this_host
 
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
 BOUNCE_BYTES = 8 << 20          # staging buffer per writing thread
-
-
-def this_host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+STALE_FOREIGN_SECONDS = 24 * 3600   # a hidden directory of another host untouched this long is dead
 
 
 class _BouncePool:
@@ -71,8 +68,9 @@ class FileSink(Sink):
     writer's time, spent with no write in flight). At most one write per file is in flight,
     so the file is written in order."""
 
-    def __init__(self, path: str, direct: bool = True):
+    def __init__(self, path: str, direct: bool = True, posix: Posix = POSIX):
         self.path = path
+        self.posix = posix
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self.direct = False
         self.fd = -1
@@ -113,10 +111,7 @@ class FileSink(Sink):
                 self._flush(BOUNCE_BYTES)
 
     def _write_all(self, block) -> None:
-        while len(block):
-            storage.inject("write", self.path)
-            n = os.write(self.fd, block)
-            block = block[n:]
+        self.posix.write_all(self.fd, block, self.path)
 
     def _flush(self, length: int) -> None:
         """Hand the filled buffer (``length`` bytes, zero-padded) to the I/O thread and
@@ -151,8 +146,7 @@ class FileSink(Sink):
             self._wait()
             if self.flushed != self.pos:
                 os.ftruncate(self.fd, self.pos)
-        storage.inject("fsync", self.path)
-        os.fsync(self.fd)
+        self.posix.fsync_fd(self.fd, self.path)
         self._close()
 
     def abort(self) -> None:
@@ -189,11 +183,12 @@ def _io_pool():
         return _IO_POOL
 
 
-def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True) -> tuple[T, int, str]:
+def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True,
+               posix: Posix = POSIX) -> tuple[T, int, str]:
     """Create ``path`` (must not exist), let ``fill`` write it, fsync; returns (fill's
     result, size, xxh3-64). On any error the partial file is removed and the error raised."""
     for attempt_direct in ((direct, False) if direct else (False,)):
-        sink = FileSink(path, direct=attempt_direct)
+        sink = FileSink(path, direct=attempt_direct, posix=posix)
         try:
             result = fill(sink)
             sink.finish()
@@ -207,7 +202,7 @@ def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True) -> 
             if isinstance(e, RetryBuffered):
                 continue
             if isinstance(e, OSError):
-                storage.raise_named(e, path)   # "No space left on device" alone names no file
+                raise_named(e, path)   # "No space left on device" alone names no file
             raise
     raise AssertionError("unreachable")
 
@@ -217,7 +212,7 @@ class FileSource(Source):
 
     def __init__(self, path: Path, name: str):
         self.name = name
-        self.fd, self.size = storage.open_data_file(path, str(path.parent))
+        self.fd, self.size = open_data_file(path, str(path.parent))
         self._map = None
 
     def readinto(self, offset: int, view: memoryview) -> None:
@@ -256,11 +251,25 @@ class FileSource(Source):
 
 
 class LocalStore(Store):
-    """A directory of checkpoints on a POSIX filesystem."""
+    """A directory of checkpoints on a POSIX filesystem (a path, or a ``file://`` URI)."""
 
-    def __init__(self, root: os.PathLike | str):
+    #: What stores commit through unless given their own (``shardckpt.testing.FaultPlan``
+    #: swaps in one that fails on purpose).
+    default_posix: Posix = POSIX
+    has_directories = True
+
+    def __init__(self, root: os.PathLike | str, posix: Posix | None = None):
         self.root = Path(root).absolute()
         self.uri = str(self.root)
+        self._posix = posix
+
+    @property
+    def posix(self) -> Posix:
+        return self._posix if self._posix is not None else LocalStore.default_posix
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        return "://" not in uri or uri.startswith("file://")
 
     def __repr__(self) -> str:
         return f"LocalStore({self.uri!r})"
@@ -268,12 +277,9 @@ class LocalStore(Store):
     def path(self, name: str) -> Path:
         return self.root / name if name else self.root
 
-    def local_path(self, name: str) -> Path:
-        return self.path(name)
-
     def restore_leftover(self, name: str, final: str) -> None:
         os.rename(self.path(name), self.path(final))
-        storage.fsync_path(self.root)
+        self.posix.fsync_path(self.root)
 
     def location(self, name: str) -> Path:
         return self.path(name)
@@ -282,7 +288,7 @@ class LocalStore(Store):
         return str(self.path(name))
 
     def read_bytes(self, name: str, limit: int) -> bytes:
-        return storage.read_small_file(self.path(name), limit, str(self.path(name).parent))
+        return read_small_file(self.path(name), limit, str(self.path(name).parent))
 
     def open(self, name: str) -> FileSource:
         p = self.path(name)
@@ -358,13 +364,54 @@ class LocalStore(Store):
         return LocalStaging(self, final, txn, tmp)
 
     def retire(self, name: str) -> None:
-        storage.retire_dir(self.path(name))
+        self.posix.retire_dir(self.path(name))
 
     def remove_leftover(self, name: str) -> None:
         try:
-            storage.remove_tree(self.path(name))
+            self.posix.remove_tree(self.path(name))
         except FileNotFoundError:
             pass
+
+    def is_dir(self, name: str = "") -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(self.path(name)).st_mode)
+        except OSError:
+            return False
+
+    def finish_pending_deletes(self) -> None:
+        try:
+            self.posix.finish_deletes(self.root)
+        except OSError:
+            pass
+
+    def leftovers(self, owns, now: float) -> list[Leftover]:
+        """Hidden ``.{name}.{tmp,del,old}-host-pid-rand`` directories of checkpoints
+        ``owns`` accepts: removed once their process is gone (another host's: after
+        ``STALE_FOREIGN_SECONDS`` untouched); an ``old`` copy whose checkpoint is missing (a
+        replacement interrupted between its two renames) is restored instead."""
+        out = []
+        host = this_host()
+        for entry in sorted(self.list(""), key=lambda e: e.name):
+            info = parse_hidden(entry.name)
+            if not info or not owns(info["name"]):
+                continue
+            if entry.is_link or not entry.is_dir:
+                out.append(Leftover(entry.name, info["kind"], info["name"], "keep",
+                                    "not a directory (not written by shardckpt): left alone"))
+                continue
+            alive = owner_alive(info)
+            age = now - entry.mtime
+            if alive and info["host"] != host:
+                alive = age < STALE_FOREIGN_SECONDS
+            if info["kind"] == "old":
+                action = "keep" if alive else ("restore" if self.size(info["name"]) is None
+                                               and not self.list(info["name"]) else "remove")
+            else:
+                action = "keep" if alive else "remove"
+            reason = "its save is still running" if alive else "its process is gone"
+            out.append(Leftover(entry.name, info["kind"], info["name"], action, reason, info["host"],
+                                int(info["pid"]), alive, round(age, 1)))
+        return out
 
 
 class LocalStaging(Staging):
@@ -377,22 +424,22 @@ class LocalStaging(Staging):
         return name
 
     def write_stream(self, name: str, fill: Callable[[Sink], T]) -> tuple[T, Written]:
-        result, size, digest = write_file(str(self.tmp / name), fill)
+        result, size, digest = write_file(str(self.tmp / name), fill, posix=self.store.posix)
         return result, Written(name, size, digest)
 
     def write_bytes(self, name: str, data: bytes) -> Written:
-        storage.write_file_durable(self.tmp / name, data)
+        self.store.posix.write_file_durable(self.tmp / name, data)
         return Written(name, len(data), xxhash.xxh3_64(data).hexdigest())
 
     def read_staged(self, name: str, limit: int) -> bytes | None:
         try:
-            return storage.read_small_file(self.tmp / name, limit, str(self.tmp))
+            return read_small_file(self.tmp / name, limit, str(self.tmp))
         except FileNotFoundError:
             return None
 
     def remove_staged(self, name: str) -> None:
         os.unlink(self.tmp / name)
-        storage.fsync_path(self.tmp)
+        self.store.posix.fsync_path(self.tmp)
 
     def adopt(self, checkpoint_name: str, stored: str) -> str:
         """Hard-link the file; where links fail (FUSE mounts of object stores), copy it, but
@@ -419,22 +466,21 @@ class LocalStaging(Staging):
                 def fill(sink: Sink) -> None:
                     while block := f.read(WRITE_BLOCK):
                         sink.write(block)
-                write_file(str(dst), fill, direct=False)
+                write_file(str(dst), fill, direct=False, posix=self.store.posix)
         finally:
             os.close(fd)
         return stored
 
     def publish(self, manifest: bytes, expect=None) -> list[str]:
         """(``expect`` is not checked here: the committer holds ``LocalStore.lock``.)"""
-        from ..format import MANIFEST
-        storage.write_file_durable(self.tmp / MANIFEST, manifest)
-        storage.publish_dir(self.tmp, self.store.path(self.final))
+        self.store.posix.write_file_durable(self.tmp / MANIFEST, manifest)
+        self.store.posix.publish_dir(self.tmp, self.store.path(self.final))
         return []
 
     def discard(self) -> None:
         for _ in range(5):   # again if a writer being stopped still created a file meanwhile
             try:
-                storage.remove_tree(self.tmp)
+                self.store.posix.remove_tree(self.tmp)
             except FileNotFoundError:
                 return
             except OSError:

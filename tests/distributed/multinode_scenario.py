@@ -18,29 +18,29 @@ def main(workdir: str) -> dict:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     from shardckpt import Checkpoint
-    from shardckpt.checkpoint import save_checkpoint
     from shardckpt.executors.ray import RayExecutor
+    from shardckpt.testing import save_items
 
     out = {}
     rng = np.random.default_rng(0)
     tree = {f"layer{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)}
     ex = RayExecutor(save_timeout=60)
-    path = save_checkpoint(os.path.join(workdir, "step_1"), {"model": tree}, num_shards=6, executor=ex)
+    path = save_items(os.path.join(workdir, "step_1"), {"model": tree}, num_shards=6, executor=ex)
     ck = Checkpoint(path)
-    out["nodes_alive"] = len(ex._nodes)
+    out["nodes_alive"] = len({node for _, _, node in ex.actors()})
     out["writer_nodes"] = sorted({f.writer["node_id"] for f in ck.manifest.files.values()})
     out["writer_pids"] = sorted({f.writer["pid"] for f in ck.manifest.files.values()})
 
     victim = workers[1]
     victim_id = victim.node_id
-    victim_writer = [name for _, name, node in ex._actors if node == victim_id]
+    victim_writer = [name for _, name, node in ex.actors() if node == victim_id]
     out["victim_node"], out["victim_writer"] = victim_id, victim_writer
     ex.test_write_delay = 4.0
     errors = []
 
     def run():
         try:
-            save_checkpoint(os.path.join(workdir, "step_2"), {"model": tree}, num_shards=6, executor=ex)
+            save_items(os.path.join(workdir, "step_2"), {"model": tree}, num_shards=6, executor=ex)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -54,7 +54,7 @@ def main(workdir: str) -> dict:
     out["error_after_s"] = time.time() - t0
     out["visible_after_failure"] = sorted(p for p in os.listdir(workdir))
     ex.test_write_delay = 0.0
-    path = save_checkpoint(os.path.join(workdir, "step_2"), {"model": tree}, num_shards=6, executor=ex)
+    path = save_items(os.path.join(workdir, "step_2"), {"model": tree}, num_shards=6, executor=ex)
     ck2 = Checkpoint(path)
     out["retry_writer_nodes"] = sorted({f.writer["node_id"] for f in ck2.manifest.files.values()})
     restored, report = ck2.restore("model", tree, executor=ex)

@@ -45,8 +45,9 @@ def main(workdir: str) -> dict:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from shardckpt.checkpoint import save_checkpoint
-    from shardckpt.executors.node_share import NodeChunkCache, NAMESPACE
+
+    from shardckpt.executors.node_share import NAMESPACE, NodeChunkCache
+    from shardckpt.testing import save_items
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     state_bytes = STATE_ARRAYS * ROWS * COLS * 4
@@ -55,7 +56,7 @@ def main(workdir: str) -> dict:
         rng = np.random.default_rng(seed)
         tree = {f"w{i}": rng.standard_normal((ROWS, COLS)).astype(np.float32) for i in range(STATE_ARRAYS)}
         path = os.path.join(workdir, f"step_{seed}")
-        save_checkpoint(path, {"state": tree}, backend="threads", num_shards=4)
+        save_items(path, {"state": tree}, backend="threads", num_shards=4)
         del tree
         workers = [Worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
                    for n in nodes for _ in range(per_node)]

@@ -66,10 +66,10 @@ def main(endpoint: str, ray_tmp: str) -> dict:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     from shardckpt import Checkpoint, CheckpointError, CheckpointManager
     from shardckpt.catalog import Catalog
-    from shardckpt.checkpoint import save_checkpoint
     from shardckpt.executors.ray import RayExecutor
-    from shardckpt.store import open_store
-    from shardckpt.store.object import PART_BYTES, PARTS_IN_FLIGHT
+    from shardckpt.store.registry import open_store
+    from shardckpt.store.s3 import PART_BYTES, PARTS_IN_FLIGHT
+    from shardckpt.testing import save_items
 
     out = {}
     root = f"s3://ckpts/multinode?endpoint_url={endpoint}"
@@ -85,7 +85,7 @@ def main(endpoint: str, ray_tmp: str) -> dict:
     sampler = RssSampler()
     t0 = time.time()
     mgr = CheckpointManager(root, max_to_keep=2, backend="ray", save_timeout=120)
-    save_checkpoint(mgr.step_path(1), {"model": tree}, step=1, backend="ray", save_timeout=120)
+    save_items(mgr.step_path(1), {"model": tree}, step=1, backend="ray", save_timeout=120)
     out["save_s"] = time.time() - t0
     out["peak_extra_rss"] = peak_rss_bytes() - base
     out["peak_extra_rss_parts"] = sampler.extra()
@@ -113,7 +113,7 @@ def main(endpoint: str, ray_tmp: str) -> dict:
 
     def run():
         try:
-            save_checkpoint(mgr.step_path(2), {"model": tree}, executor=ex, save_timeout=60)
+            save_items(mgr.step_path(2), {"model": tree}, executor=ex, save_timeout=60)
         except CheckpointError as e:
             errors.append(f"{type(e).__name__}: {e}")
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import ray
 
-from shardckpt import CheckpointManager, Checkpoint, SaveAbortedError, CheckpointError
-from shardckpt.checkpoint import save_checkpoint
+from shardckpt import Checkpoint, CheckpointError, CheckpointManager, SaveAbortedError
 from shardckpt.coord.ray_actor import get_coordinator
-from shardckpt.store import open_store
-from shardckpt.executors.local import ThreadExecutor
 from shardckpt.executors.ray import RayExecutor
-from shardckpt.training import new_run, state_digest, train_step, batch_for_step
+from shardckpt.executors.threads import ThreadExecutor
+from shardckpt.lm.training import batch_for_step, make_tx, new_run, state_digest, train_step
+from shardckpt.saving.commit import commit
+from shardckpt.store.registry import open_store
+from shardckpt.testing import save_items
 
 
 def _tree():
@@ -29,8 +30,8 @@ def _tree():
 
 def test_threads_and_ray_write_identical_shards(tmp_path):
     tree = _tree()
-    a = save_checkpoint(tmp_path / "threads", {"state": tree}, num_shards=3, executor=ThreadExecutor(2))
-    b = save_checkpoint(tmp_path / "ray", {"state": tree}, num_shards=3, executor=RayExecutor(2))
+    a = save_items(tmp_path / "threads", {"state": tree}, num_shards=3, executor=ThreadExecutor(2))
+    b = save_items(tmp_path / "ray", {"state": tree}, num_shards=3, executor=RayExecutor(2))
     ma, mb = Checkpoint(a).manifest, Checkpoint(b).manifest
     assert sorted(ma.files) == sorted(mb.files)
     for name in ma.files:
@@ -50,7 +51,7 @@ def test_manager_on_ray_roundtrip_and_auto_backend(tmp_path):
     manager.save(1, model, opt, metrics={"loss": 1.0})
     ck = Checkpoint(manager.step_path(1))
     assert {f.writer["backend"] for f in ck.manifest.files.values()} == {"ray"}
-    state = CheckpointManager(tmp_path, backend="threads").load_latest(tx=__import__("shardckpt.training").training.make_tx())
+    state = CheckpointManager(tmp_path, backend="threads").load_latest(tx=make_tx())
     assert state_digest(state.model, state.optimizer) == state_digest(model, opt)
 
 
@@ -69,7 +70,7 @@ class Participant:
             return f"ERROR {type(e).__name__}: {e}"
 
     def load_digest(self, directory, step):
-        from shardckpt.training import make_tx
+        from shardckpt.lm.training import make_tx
         st = CheckpointManager(directory, backend="threads").load_step(step, tx=make_tx())
         return state_digest(st.model, st.optimizer), os.getpid()
 
@@ -107,17 +108,17 @@ def test_participant_that_never_reports_is_aborted_at_deadline(tmp_path):
 
 def test_writer_killed_mid_save_aborts_cleanly_and_next_save_succeeds(tmp_path):
     tree = _tree()
-    first = save_checkpoint(tmp_path / "ck", {"state": tree}, num_shards=2, executor=RayExecutor(2))
+    first = save_items(tmp_path / "ck", {"state": tree}, num_shards=2, executor=RayExecutor(2))
     before = {n: (first / n).read_bytes() for n in os.listdir(first)}
     ex = RayExecutor(2, save_timeout=60)
     ex.actors()
     ex.test_write_delay = 3.0
-    victim = ex._actors[0]
+    victim = ex.actors()[0]
     errors = []
 
     def run():
         try:
-            save_checkpoint(tmp_path / "ck", {"state": {**tree, "w": tree["w"] + 1}}, num_shards=2, executor=ex)
+            save_items(tmp_path / "ck", {"state": {**tree, "w": tree["w"] + 1}}, num_shards=2, executor=ex)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -132,7 +133,7 @@ def test_writer_killed_mid_save_aborts_cleanly_and_next_save_succeeds(tmp_path):
     assert {n: (first / n).read_bytes() for n in os.listdir(first)} == before
     assert sorted(os.listdir(tmp_path)) == ["ck"]
     ex.test_write_delay = 0.0
-    save_checkpoint(tmp_path / "ck", {"state": {**tree, "w": tree["w"] + 1}}, num_shards=2, executor=ex)
+    save_items(tmp_path / "ck", {"state": {**tree, "w": tree["w"] + 1}}, num_shards=2, executor=ex)
     out, _ = Checkpoint(tmp_path / "ck").restore("state", tree)
     assert np.array_equal(out["w"], tree["w"] + 1)
 
@@ -146,19 +147,19 @@ def test_coordinator_death_fails_the_save_and_a_new_one_takes_over(tmp_path):
 
     def run():
         try:
-            save_checkpoint(tmp_path / "step_1", {"state": tree}, executor=ex)
+            save_items(tmp_path / "step_1", {"state": tree}, executor=ex)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
     t = threading.Thread(target=run)
     t.start()
     time.sleep(1.0)
-    ray.kill(get_coordinator(open_store(tmp_path)))
+    ray.kill(get_coordinator(open_store(tmp_path), commit))
     t.join(60)
     assert errors and isinstance(errors[0], SaveAbortedError), errors
     assert not (tmp_path / "step_1").exists()
     ex.test_write_delay = 0.0
-    save_checkpoint(tmp_path / "step_1", {"state": tree}, executor=ex)   # a fresh coordinator
+    save_items(tmp_path / "step_1", {"state": tree}, executor=ex)   # a fresh coordinator
     assert Checkpoint(tmp_path / "step_1").step is None
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 

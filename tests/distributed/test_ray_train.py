@@ -17,8 +17,9 @@ STEPS, EVERY, CRASH_AFTER = 8, 2, 6
 
 def train_loop(config):
     import ray.train
-    from shardckpt.ray_train import RayTrainCheckpointer
-    from shardckpt.training import batch_for_step, make_tx, new_run, state_digest, train_step
+
+    from shardckpt.api.ray_train import RayTrainCheckpointer
+    from shardckpt.lm.training import batch_for_step, make_tx, new_run, state_digest, train_step
 
     ckpt = RayTrainCheckpointer(async_save=config["async_save"], num_shards=1, save_timeout=60)
     state = ckpt.restore(tx=make_tx())
@@ -44,13 +45,12 @@ def train_loop(config):
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_path, async_save):
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
 
     from shardckpt import Checkpoint
-    from shardckpt.training import batch_for_step, new_run, state_digest, train_step
-
-    import ray
+    from shardckpt.lm.training import batch_for_step, new_run, state_digest, train_step
     # the loop lives in this test module, which Ray workers cannot import by name
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     model, optimizer = new_run()

@@ -34,7 +34,7 @@ def train_loop(config):
     from ray.train import Checkpoint
 
     from shardckpt import CheckpointManager, SaveAbortedError, save_model
-    from shardckpt.ray_train import RayTrainCheckpointer
+    from shardckpt.api.ray_train import RayTrainCheckpointer
 
     rank = ray.train.get_context().get_world_rank()
     out: dict = {}

@@ -4,7 +4,7 @@ The matrix {local directory, S3 on moto's standalone server on 127.0.0.1} x {one
 the Ray coordinator with 2 writer actors; 2 Ray-actor participants}: bit-exact restore, one
 manifest, and every shard written by the process that held it (the pid and node each
 writer reports are kept in the manifest). ``jax.distributed`` participants are in
-tests/test_multihost.py (local store) and below for S3 (the same shared-storage protocol).
+tests/distributed/test_multihost.py (local store) and below for S3 (the same shared-storage protocol).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from shardckpt import Checkpoint
-from shardckpt.checkpoint import save_checkpoint
+from shardckpt.testing import save_items
 
 STORES = ["local", "s3"]
 
@@ -49,7 +49,7 @@ def _check(uri: str, tree: dict) -> Checkpoint:
 def test_one_process(store, tmp_path, s3_server):
     uri = _uri(store, tmp_path, s3_server)
     tree = _tree()
-    save_checkpoint(uri, {"state": tree}, backend="threads", num_shards=3)
+    save_items(uri, {"state": tree}, backend="threads", num_shards=3)
     ck = _check(uri, tree)
     assert {f.writer["pid"] for f in ck.manifest.files.values()} == {os.getpid()}
     assert len(ck.manifest.files) == 3
@@ -60,7 +60,7 @@ def test_ray_coordinator_with_two_writer_actors(store, tmp_path, s3_server):
     from shardckpt.executors.ray import RayExecutor
     uri = _uri(store, tmp_path, s3_server)
     tree = _tree(1)
-    save_checkpoint(uri, {"state": tree}, backend="ray", num_writers=2, num_shards=4)
+    save_items(uri, {"state": tree}, backend="ray", num_writers=2, num_shards=4)
     ck = _check(uri, tree)
     writers = {f.writer["writer"] for f in ck.manifest.files.values()}
     pids = {f.writer["pid"] for f in ck.manifest.files.values()}
@@ -78,7 +78,7 @@ class Holder:
     """A participant (as a Ray Train rank is): holds the state and saves its share."""
 
     def save(self, uri: str, rank: int, count: int, tree: dict) -> tuple[str, int]:
-        from shardckpt.checkpoint import save_checkpoint as save
+        from shardckpt.testing import save_items as save
         return str(save(uri, {"state": tree}, backend="ray", process_index=rank, process_count=count,
                         save_timeout=120)), os.getpid()
 

@@ -31,7 +31,8 @@ if __package__ in (None, ""):
 import ray  # noqa: E402,F401 - imported by every manager save; preloaded by the forkserver
 
 from shardckpt import CheckpointError, CheckpointManager  # noqa: E402
-from shardckpt.checkpoint import save_checkpoint  # noqa: E402
+from shardckpt.api.session import resolve_executor  # noqa: E402
+from shardckpt.testing import save_items  # noqa: E402
 from tests.scenarios.reliability import MAX_TO_KEEP, Tiny, digest, tree_for  # noqa: E402
 
 
@@ -50,7 +51,8 @@ def save_loop(directory: str, log_path: str, seed: int, start_step: int, backend
     (old copy renamed aside, repaired by the Catalog's leftovers plan after a crash)."""
     if no_exchange:
         import errno
-        from shardckpt.storage import Fault, FaultPlan
+
+        from shardckpt.testing import Fault, FaultPlan
         FaultPlan(Fault("exchange", "*", errno.EINVAL, times=1 << 62)).__enter__()
     log = Log(log_path)
     rng = random.Random(seed)
@@ -59,7 +61,7 @@ def save_loop(directory: str, log_path: str, seed: int, start_step: int, backend
         "async": CheckpointManager(directory, max_to_keep=MAX_TO_KEEP, backend=backend, num_writers=2,
                                    async_save=True),
     }
-    executor = managers["sync"]._executor()
+    executor = resolve_executor(backend, 2)
     step = start_step
     saves = 0
     log("STARTED", os.getpid())
@@ -81,7 +83,7 @@ def save_loop(directory: str, log_path: str, seed: int, start_step: int, backend
         log("BEGIN", target, version)
         try:
             if kind == "direct":
-                save_checkpoint(mgr.step_path(target), {"model": tree}, step=target, executor=executor,
+                save_items(mgr.step_path(target), {"model": tree}, step=target, executor=executor,
                                 num_shards=mgr.num_shards, compress=mgr.compress)
                 mgr.apply_retention()
             else:
@@ -119,14 +121,15 @@ class RayControl:
 
     def between_saves(self, log, mgr) -> None:
         from shardckpt.coord.ray_actor import get_coordinator
-        from shardckpt.store import open_store
+        from shardckpt.saving.commit import commit
+        from shardckpt.store.registry import open_store
         if self.pause.is_set():
             log("PAUSED")
             self.resume.wait()
             log("RESUMED")
         try:
-            coord = ray.get(get_coordinator(open_store(self.directory)).ping.remote(), timeout=60)["pid"]
-            ex = mgr._executor()
+            coord = ray.get(get_coordinator(open_store(self.directory), commit).ping.remote(), timeout=60)["pid"]
+            ex = resolve_executor(mgr.backend, mgr.num_writers, mgr.save_timeout)
             writers = ray.get([h.identity.remote() for h, _, _ in ex.actors()], timeout=60)
             pids = (coord, ",".join(str(w["pid"]) for w in writers))
         except Exception as e:  # noqa: BLE001 - an actor just killed: the next save rebuilds it

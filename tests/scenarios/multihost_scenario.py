@@ -22,21 +22,23 @@ from multihost_data import expected  # noqa: E402
 def main(work, port, pid):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                initialization_timeout=120)
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from shardckpt import Checkpoint
-    from shardckpt.backends import save_session
-    from shardckpt.checkpoint import save_checkpoint
-    from shardckpt.store import resolve
+    from shardckpt.api.session import SaveOptions, save_session
+    from shardckpt.store.registry import resolve
+    from shardckpt.testing import save_items
 
     full = expected()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     specs = {"w": P("data", "model"), "v": P("data"), "b": P()}
     tree = {k: jax.make_array_from_callback(full[k].shape, NamedSharding(mesh, specs[k]), lambda idx, k=k: full[k][idx])
             for k in full}
-    path = save_checkpoint(os.path.join(work, "step_1"), {"state": tree}, step=1, backend="threads",
+    path = save_items(os.path.join(work, "step_1"), {"state": tree}, step=1, backend="threads",
                            save_timeout=120)
     ck = Checkpoint(path)
-    res = {"process": jax.process_index(), "count": jax.process_count(), "coordinator": type(save_session(*resolve(path), backend="threads").coordinator).__name__,  # noqa: E501
+    res = {"process": jax.process_index(), "count": jax.process_count(), "coordinator": type(save_session(*resolve(path), SaveOptions(backend="threads")).coordinator).__name__,  # noqa: E501
            "files": {n: f.writer["pid"] for n, f in ck.manifest.files.items()}, "pid": os.getpid()}
     # restore onto another layout: 8 devices in one axis, other specs
     mesh2 = Mesh(np.array(jax.devices()), ("x",))

@@ -28,7 +28,7 @@ def _vm_size() -> int:
 def bounded_load(path: str, how: str, out: str, headroom: int = 1 << 30) -> None:
     """Load ``path`` the way ``how`` says, with at most ``headroom`` bytes of address space
     more than the process has now; write {result, seconds, rss_growth} to ``out``."""
-    from shardckpt.checkpoint import open_checkpoint
+    from shardckpt.loading.open import open_checkpoint
     limit = _vm_size() + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     peak_rss_reset()

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 fake CPU devices (see tests/test_sharding.py): save sharded
+"""Run in a subprocess with 8 fake CPU devices (see tests/loading/test_sharding.py): save sharded
 nnx state and restore it onto other layouts. Prints one JSON line of findings."""
 
 import os
@@ -12,7 +12,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from shardckpt import Checkpoint, load_model, save_model  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(work):
         mesh = Mesh(arr, axes)
         with jax.sharding.set_mesh(mesh):
             abstract_ctor = lambda: Net(nnx.Rngs(0, dropout=1))  # noqa: E731
-            from shardckpt.api import restore_module_state
+            from shardckpt.api.nnx_state import restore_module_state
             restored = restore_module_state(Checkpoint(path), "model", abstract_ctor)
         ok = state_bits(restored) == ref
         res["layouts"][name] = {"bit_exact": ok, "specs": specs(restored), "devices": int(arr.size)}

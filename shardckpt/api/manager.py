@@ -1,0 +1,342 @@
+"""CheckpointManager: a directory of step checkpoints with retention and resume.
+
+The directory holds ``{prefix}_{step}`` checkpoints, each committed atomically. The manager
+keeps no state of its own on disk: every query rescans the directory (manifests are cached
+by their file identity), so several managers and processes see the same truth, and a crash
+at any moment leaves only hidden ``.tmp``/``.del`` leftovers that the next start removes.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import optax
+from flax import nnx
+
+from shardckpt.api.core import check_item_name, restore_item, save_checkpoint
+from shardckpt.api.nnx import load_model_from, model_item
+from shardckpt.api.nnx_state import model_config_of, restore_optimizer, state_of
+from shardckpt.api.session import SaveOptions, participants, resolve_load_executor
+from shardckpt.catalog import Catalog, CheckpointInfo
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
+from shardckpt.format.names import check_name
+from shardckpt.loading.checkpoint import read_consistently
+from shardckpt.loading.open import open_checkpoint
+from shardckpt.saving.metrics import check_metrics
+from shardckpt.saving.pipeline import prepare_items
+from shardckpt.store.registry import open_store
+
+LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
+DEFAULT_JOIN_TIMEOUT = 20.0   # seconds for every participant of a multi-process save to begin it
+RESERVED_ITEMS = ("model", "optimizer")
+
+
+@dataclass
+class CheckpointState:
+    """What a load returns: the guide's fields, and ``items`` (the extra pytrees saved with
+    ``manager.save(..., items={...})``, by name)."""
+
+    step: int
+    model: nnx.Module
+    optimizer: nnx.Optimizer | None
+    config: dict
+    train_config: dict
+    metrics: dict[str, float]
+    extra: dict
+    items: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """Save, list, retain and load step checkpoints in one directory.
+
+    Retention keeps a checkpoint if it is among the ``max_to_keep`` most recent **or** among
+    the ``best_to_keep`` best by ``best_metric`` (``best_mode`` "min" or "max"); the newest
+    is never deleted. ``max_to_keep=None`` keeps everything.
+    """
+
+    def __init__(self, directory: os.PathLike | str, max_to_keep: int | None = 5,
+                 best_metric: str | None = None, best_mode: str = "min", best_to_keep: int = 3,
+                 prefix: str = "step", *, backend: str = "auto", num_writers: int | None = None,
+                 save_timeout: float | None = None, num_shards: int | None = None,
+                 compress: bool = False, verify: bool = True, progress: bool | None = None,
+                 async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
+        if best_mode not in ("min", "max"):
+            raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (or None for all)")
+        check_name(prefix, "prefix")
+        self.options = SaveOptions(backend, num_writers, save_timeout, join_timeout, num_shards, compress, progress,
+                                   world=True)
+        self.store = open_store(directory)
+        self.directory = self.store.location("")
+        self.max_to_keep = max_to_keep
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.best_to_keep = best_to_keep
+        self.prefix = prefix
+        self.backend = backend
+        self.num_writers = num_writers
+        self.save_timeout = save_timeout
+        self.join_timeout = join_timeout
+        self.num_shards = num_shards
+        self.compress = compress
+        self.verify = verify
+        self.progress = progress
+        self.catalog = Catalog(self.store, prefix)
+        self.async_save = async_save
+        self._pending: Future | None = None
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async")
+        try:
+            self.store.prepare_parent()   # best effort: a read-only mount still loads
+        except OSError:
+            pass
+        self.cleanup_leftovers()
+
+    # --- discovery -------------------------------------------------------------------------
+    def step_path(self, step: int) -> Any:
+        """Where ``step`` lives: a path, or a URI for an object store."""
+        return self.store.location(self.catalog.name_of(step))
+
+    def cleanup_leftovers(self) -> list:
+        """Remove saves and deletes that a dead process left half done; put back a
+        checkpoint whose replacement was interrupted. Best effort: never raises, never
+        needed for loading (a read-only or foreign directory loads all the same); several
+        processes may run it at once. Returns what was done."""
+        self.store.finish_pending_deletes()
+        return self.catalog.cleanup_leftovers()
+
+    def _scan(self) -> list[CheckpointInfo]:
+        return self.catalog.checkpoints()
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return self._scan()
+
+    def all_steps(self) -> list[int]:
+        return [i.step for i in self._scan()]
+
+    def __len__(self) -> int:
+        return len(self._scan())
+
+    @property
+    def latest_step(self) -> int | None:
+        infos = self._scan()
+        return infos[-1].step if infos else None
+
+    def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        return Catalog.ranked_best(infos, self.best_metric, self.best_mode)
+
+    @property
+    def best_step(self) -> int | None:
+        """Step of the best checkpoint by ``best_metric``; the latest without a metric."""
+        infos = self._scan()
+        if not self.best_metric:
+            return infos[-1].step if infos else None
+        ranked = self._ranked_best(infos)
+        return ranked[0].step if ranked else (infos[-1].step if infos else None)
+
+    # --- save ------------------------------------------------------------------------------
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
+             config: Any = None, train_config: dict | None = None, metrics: dict | None = None,
+             extra: dict | None = None, *, items: dict[str, Any] | None = None,
+             process_index: int | None = None, process_count: int | None = None,
+             blocking: bool | None = None) -> Any:
+        """Commit a checkpoint of ``step`` atomically, then apply retention.
+
+        With several participants (``process_count`` > 1, or taken from the Ray Train context
+        or ``jax.process_count()``), every participant calls ``save`` for the same step; each
+        writes only its part and the coordinator commits once all have reported. Processes
+        holding the same replicated state split the arrays between them. A participant that
+        has not begun the save within ``join_timeout`` seconds aborts it, naming the missing
+        ones (with Ray).
+
+        ``items`` (name -> pytree) saves more state in the same atomic checkpoint, e.g.
+        ``items={"ema": ema_params, "data": loader_state}``; it comes back as
+        ``state.items[name]``. ``model`` may also be a plain pytree (no config then).
+
+        Async (``blocking=False``, or ``async_save=True`` on the manager): returns once a
+        consistent host snapshot is taken; shards are written and committed in the
+        background, then retention runs. The next save waits for the previous one; a
+        background failure is raised by the next ``save``, ``load_*`` or
+        ``wait_until_finished``. Returns the path the checkpoint will have.
+        """
+        self.wait_until_finished()
+        step = _check_step(step)
+        check_metrics(metrics)          # raised here, not by a background save
+        saved = {"model": state_of(model, "model")}
+        if optimizer is not None:
+            if not isinstance(optimizer, nnx.Optimizer):
+                raise CheckpointError(f"optimizer= is a {type(optimizer).__name__}, not an nnx.Optimizer; save "
+                                      "other optimizer state with items={'name': state}")
+            saved["optimizer"] = nnx.state(optimizer)
+        for name, tree in (items or {}).items():
+            check_item_name(name)
+            if name in RESERVED_ITEMS:
+                raise CheckpointError(f"items={{{name!r}: ...}}: {name!r} is where model=/optimizer= go; "
+                                      "choose another name")
+            saved[name] = state_of(tree, f"items[{name!r}]")
+        json_files = {"config.json": {"model_config": model_config_of(model, config), "step": step,
+                                      "train_config": train_config}}
+        if metrics is not None:
+            json_files["metrics.json"] = metrics
+        if extra is not None:
+            json_files["extra.json"] = extra
+        index, _ = participants(process_index, process_count, ray_train_world=True)
+        final = self.step_path(step)
+        blocking = not self.async_save if blocking is None else blocking
+        prepared = prepare_items(saved, snapshot=not blocking)
+        if not blocking:
+            json_files = copy.deepcopy(json_files)
+            metrics = copy.deepcopy(metrics)
+        run = functools.partial(self._save_prepared, final, prepared, step, json_files, metrics,
+                                index == 0, process_index, process_count)
+        if blocking:
+            return run()
+        self._pending = self._background.submit(run)
+        return final
+
+    def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
+                       process_count) -> Any:
+        path = save_checkpoint(final, {}, self.options.with_participant(process_index, process_count), step=step,
+                               json_files=json_files, metrics=metrics, prepared=prepared)
+        if retain:
+            self.apply_retention()
+        return path
+
+    def wait_until_finished(self) -> None:
+        """Wait for a background save; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait_until_finished()
+        self._background.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
+        """(kept, deleted) under the retention rules, without deleting anything."""
+        return Catalog.retention_plan(self._scan(), self.max_to_keep, self.best_metric, self.best_mode,
+                                      self.best_to_keep)
+
+    def apply_retention(self) -> list[int]:
+        _, doomed = self.retention_plan()
+        for info in doomed:
+            self.catalog.delete(info)   # False: another manager retired it first
+        return [i.step for i in doomed]
+
+    # --- load ------------------------------------------------------------------------------
+    def load(self, path: Any, model: Any = None,
+             model_cls: type | None = None, config_cls: type | None = None,
+             tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
+             *, strict: bool = False, allow_pickle: bool = False, shardings: Any = None,
+             optimizer_shardings: Any = None, wrt: Any = nnx.Param,
+             items: dict[str, Any] | None = None) -> CheckpointState:
+        """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout).
+
+        ``model``: a module to fill in place, or a pytree target (``state.model`` is then the
+        restored pytree); without it ``model_cls`` (default ``LMModel``) is built from the
+        saved config. The optimizer is rebuilt as ``nnx.Optimizer(model, tx, wrt=wrt)``.
+        ``items`` gives targets (or None: host arrays) for extra items; the ones not named
+        come back as host arrays in ``state.items``. ``shardings`` / ``optimizer_shardings``
+        restore onto another device layout (see ``load_model``); by default arrays follow
+        the target's own shardings. A checkpoint that another process replaces (or deletes)
+        meanwhile is read again (or not found): the state returned is always one whole
+        saved version.
+        """
+        self.wait_until_finished()
+        if items is not None and not isinstance(items, dict):
+            raise CheckpointError(f"items={items!r:.60}: give a dict of item name -> target (or None)")
+        return read_consistently(lambda: self._load_once(
+            path, model, model_cls, config_cls, tx, should_load_optimizer, strict=strict,
+            allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings,
+            wrt=wrt, items=items or {}))
+
+    def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
+                   allow_pickle, shardings, optimizer_shardings, wrt, items) -> CheckpointState:
+        ck = open_checkpoint(path, allow_pickle=allow_pickle)
+        executor = resolve_load_executor(self.backend, self.num_writers)   # a Ray worker reads via its node's cache
+        cfg_file = ck.read_config()
+        cfg = cfg_file.get("model_config")
+        loaded = load_model_from(ck, model, model_cls, config_cls, verify=self.verify, executor=executor,
+                                 progress=self.progress, shardings=shardings)
+        optimizer = None
+        if should_load_optimizer and "optimizer" in ck.items:
+            if not isinstance(loaded, nnx.Module):
+                raise CheckpointError(f"{ck.where}: the optimizer is rebuilt over a module, and model= is a "
+                                      f"{type(loaded).__name__}: pass the module, or should_load_optimizer=False")
+            optimizer, _ = restore_optimizer(ck, loaded, tx if tx is not None else optax.adamw(1e-4),
+                                             wrt=wrt, strict=strict, verify=self.verify, executor=executor,
+                                             progress=self.progress, shardings=optimizer_shardings)
+        extra_names = [n for n in ck.items if n not in RESERVED_ITEMS and n != model_item(ck)]
+        unknown = [n for n in items if n not in extra_names]
+        if unknown:
+            raise StructureMismatchError(f"{ck.where}: items= names {unknown}, which the checkpoint does not hold "
+                                         f"as extra items (it has {extra_names or 'none'})")
+        extra_items = {name: restore_item(ck, name, items.get(name), strict=True, verify=self.verify,
+                                          executor=executor, progress=self.progress) for name in extra_names}
+        step = ck.step if ck.step is not None else cfg_file.get("step")
+        return CheckpointState(step=step if isinstance(step, int) else -1, model=loaded,
+                               optimizer=optimizer, config=cfg or {},
+                               train_config=cfg_file.get("train_config") or {},
+                               metrics=ck.read_json("metrics.json", {}) or {},
+                               extra=ck.read_json("extra.json", {}) or {}, items=extra_items)
+
+    def load_step(self, step: int, **kw) -> CheckpointState:
+        self.wait_until_finished()
+        step = _check_step(step)
+        if step not in self.all_steps():
+            raise CheckpointNotFoundError(f"{self.store.where()}: no committed checkpoint for step {step} "
+                                          f"(have {self.all_steps()})")
+        return self.load(self.step_path(step), **kw)
+
+    def _load_picked(self, pick, **kw) -> CheckpointState | None:
+        """Load the step ``pick()`` chooses; if another process's retention deletes it
+        meanwhile, choose again (a concurrent saver made a newer one)."""
+        self.wait_until_finished()
+        for attempt in range(LATEST_ATTEMPTS):
+            step = pick()
+            if step is None:
+                return None
+            try:
+                return self.load_step(step, **kw)
+            except CheckpointNotFoundError:
+                if attempt + 1 == LATEST_ATTEMPTS:
+                    raise
+        return None
+
+    def load_latest(self, **kw) -> CheckpointState | None:
+        """The newest committed checkpoint, or None in an empty directory."""
+        return self._load_picked(lambda: self.latest_step, **kw)
+
+    def load_best(self, **kw) -> CheckpointState | None:
+        """The best checkpoint by ``best_metric`` (the latest without one)."""
+        return self._load_picked(lambda: self.best_step, **kw)
+
+
+def _check_step(step: Any) -> int:
+    """Steps are non-negative integers (numpy/jax integer scalars accepted; bools and
+    floats refused rather than silently rounded)."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        value = operator.index(step)
+    except TypeError:
+        raise CheckpointError(f"step={step!r:.50} is not an integer") from None
+    if value < 0:
+        raise CheckpointError(f"step={value} is negative")
+    return value
+
+

@@ -1,0 +1,78 @@
+"""What participants hand the committer: their part of a save, as values and as bytes.
+
+A ``PartReport`` holds what one participant's items hold (specs and scalar leaves, the same
+on every participant) and the reports of the shard files it wrote; ``CommitArgs`` what
+participant 0 adds (step, metadata files, metrics). The Ray coordinator receives them as
+objects, the ``jax.distributed`` protocol as staged files (``part_to_bytes``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import xxhash
+
+from shardckpt.format.manifest import ItemRecord, parse_array_spec
+from shardckpt.format.shard import ChunkRecord, ShardReport
+
+
+@dataclass
+class PartReport:
+    """One participant's contribution to a save: what its items hold (specs and scalar
+    leaves, the same on every participant) and the reports of the shards it wrote."""
+
+    participant: int
+    items: dict[str, ItemRecord]
+    reports: list[ShardReport]
+    item_of_file: dict[str, str]
+    digests: dict[str, str] | None = None    # item -> digest of its record, made by the participant
+
+    def digest(self, item: str) -> str:
+        """A checksum of what ``item`` holds (its record's canonical JSON): computed once, by
+        the participant that wrote the part, so a committer of 1,024 parts compares short
+        strings instead of 1,024 structures of thousands of arrays."""
+        if self.digests is None:
+            self.digests = {}
+        if item not in self.digests:
+            self.digests[item] = record_digest(self.items[item])
+        return self.digests[item]
+
+
+def record_digest(rec: ItemRecord) -> str:
+    return xxhash.xxh3_128(json.dumps(rec.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class CommitArgs:
+    """What participant 0 hands the committer besides the parts."""
+
+    step: int | None = None
+    json_files: dict[str, Any] | None = None
+    metrics: dict | None = None
+    keep_other_items: bool = False
+
+
+def part_to_bytes(part: PartReport) -> bytes:
+    return msgpack.packb({
+        "participant": part.participant,
+        "items": {n: r.to_json() for n, r in part.items.items()},
+        "item_of_file": part.item_of_file,
+        "digests": {n: part.digest(n) for n in part.items},
+        "reports": [{"file": r.file, "size": r.size, "xxh3_64": r.xxh3_64, "writer": r.writer,
+                     "chunks": [[c.key, c.member, list(c.offset), list(c.shape),
+                                 -1 if c.data_offset is None else c.data_offset, c.nbytes, c.crc32]
+                                for c in r.chunks]} for r in part.reports],
+    }, use_bin_type=True)
+
+
+def part_from_bytes(raw: bytes, where: str) -> PartReport:
+    d = msgpack.unpackb(raw, raw=False)
+    items = {n: ItemRecord({k: parse_array_spec(k, v, where) for k, v in r["arrays"].items()}, r["scalars"])
+             for n, r in d["items"].items()}
+    reports = [ShardReport(r["file"], r["size"], r["xxh3_64"],
+                           [ChunkRecord(k, m, tuple(o), tuple(s), None if off < 0 else off, n, crc)
+                            for k, m, o, s, off, n, crc in r["chunks"]], r["writer"]) for r in d["reports"]]
+    return PartReport(d["participant"], items, reports, d["item_of_file"], d.get("digests"))
