@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shardckpt"
 
 #: Bottom first. A module matches the first pattern that names it (fnmatch on the dotted name).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("leaves", ["shardckpt.errors", "shardckpt.progress", "shardckpt.release", "shardckpt.lm", "shardckpt.lm.*"]),
+    ("leaves", ["shardckpt.errors", "shardckpt.progress", "shardckpt.release", "shardckpt.workers", "shardckpt.lm", "shardckpt.lm.*"]),
     ("tree", ["shardckpt.tree"]),
     ("format", ["shardckpt.format", "shardckpt.format.*"]),
     ("store", ["shardckpt.store", "shardckpt.store.*"]),

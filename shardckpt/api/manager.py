@@ -8,11 +8,13 @@ at any moment leaves only hidden ``.tmp``/``.del`` leftovers that the next start
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import operator
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -31,6 +33,22 @@ from shardckpt.loading.open import open_checkpoint
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import prepare_items
 from shardckpt.store.registry import open_store
+from shardckpt.workers import Background
+
+#: Managers whose last async save nobody has waited for: at exit, after the interpreter has
+#: waited for their threads, a failure among them is printed (it would be lost otherwise).
+UNCOLLECTED: weakref.WeakSet = weakref.WeakSet()
+
+
+def report_uncollected_failures() -> None:
+    """The exit hook: name every async save that failed and that nobody collected."""
+    for mgr in list(UNCOLLECTED):
+        failure = mgr.uncollected_failure()
+        if failure:
+            print(f"shardckpt: {failure}", file=sys.stderr, flush=True)
+
+
+atexit.register(report_uncollected_failures)
 
 LATEST_ATTEMPTS = 10     # load_latest/load_best re-pick when retention deletes the pick meanwhile
 DEFAULT_JOIN_TIMEOUT = 20.0   # seconds for every participant of a multi-process save to begin it
@@ -90,8 +108,8 @@ class CheckpointManager:
         self.progress = progress
         self.catalog = Catalog(self.store, prefix)
         self.async_save = async_save
-        self._pending: Future | None = None
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async")
+        self._pending: Background | None = None
+        self._pending_step: int | None = None
         try:
             self.store.prepare_parent()   # best effort: a read-only mount still loads
         except OSError:
@@ -199,7 +217,8 @@ class CheckpointManager:
                                 index == 0, process_index, process_count)
         if blocking:
             return run()
-        self._pending = self._background.submit(run)
+        self._pending, self._pending_step = Background(run, f"shardckpt-async-save-{step}"), step
+        UNCOLLECTED.add(self)
         return final
 
     def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
@@ -213,12 +232,24 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Wait for a background save; raise its error if it failed."""
         pending, self._pending = self._pending, None
+        UNCOLLECTED.discard(self)
         if pending is not None:
             pending.result()
 
+    def uncollected_failure(self) -> str | None:
+        """What went wrong with the finished background save nobody has waited for yet."""
+        pending = self._pending
+        if pending is None or not pending.done() or pending.exception() is None:
+            return None
+        error = pending.exception()
+        return (f"the background save of step {self._pending_step} to {self.directory} failed and was not "
+                f"committed: {type(error).__name__}: {error}")
+
     def close(self) -> None:
+        """Wait for a background save (raising its error); nothing else to release. A
+        program that ends without calling it still commits its last async save: the
+        interpreter waits for the save's thread at exit, and a failure is printed then."""
         self.wait_until_finished()
-        self._background.shutdown(wait=True)
 
     def __enter__(self) -> Self:
         return self

@@ -23,9 +23,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardckpt.errors import CheckpointError
 from shardckpt.executors.base import Reader, ReadJob, run_read_job
-from shardckpt.executors.threads import map_threads
 from shardckpt.format.shard import ChunkRecord, ReadTarget
 from shardckpt.store.base import read_stats
+from shardckpt.workers import run_all
 
 NAMESPACE = "shardckpt"
 CACHE_SECONDS = 120.0
@@ -153,7 +153,7 @@ class NodeSharedReader(Reader):
                 if progress is not None:
                     progress(t.dest.nbytes)
 
-        map_threads(one, jobs, self.num_workers)
+        run_all(one, jobs, self.num_workers)
 
 
 def _version_of(jobs: list[ReadJob]) -> str:

@@ -23,9 +23,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardckpt.errors import CheckpointError, SaveAbortedError
 from shardckpt.executors.base import Executor, ReadJob, run_read_job
-from shardckpt.executors.threads import map_threads
 from shardckpt.format.shard import MemberToWrite, ReadTarget, ShardPlan, ShardReport, write_shard, writer_identity
 from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT
+from shardckpt.workers import run_all
 
 _ACTOR_THREADS = 4
 
@@ -52,7 +52,7 @@ class ShardWriter:
                        for (key, member, offset), arr in zip(metas[i], datas[i])]
             return write_shard(staging, files[i], members, compress=compress, writer=ident)
 
-        reports = map_threads(one, list(range(len(files))), _ACTOR_THREADS)
+        reports = run_all(one, list(range(len(files))), _ACTOR_THREADS)
         return [r.__dict__ for r in reports]
 
     def read(self, jobs: list[dict], verify: bool) -> list[list[np.ndarray]]:
@@ -63,7 +63,7 @@ class ShardWriter:
             targets = [ReadTarget(chunk, np.empty(shape, np.dtype(dtype)), sub)
                        for chunk, shape, dtype, sub in j["targets"]]
             built.append(ReadJob(j["store"], j["name"], j["file_name"], j["expected_size"], targets))
-        map_threads(lambda job: run_read_job(job, verify), built, _ACTOR_THREADS)
+        run_all(lambda job: run_read_job(job, verify), built, _ACTOR_THREADS)
         return [[t.dest for t in job.targets] for job in built]
 
 

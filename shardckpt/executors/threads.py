@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from shardckpt.errors import SaveAbortedError
 from shardckpt.executors.base import Executor, ReadJob, run_read_job, write_one
 from shardckpt.format.shard import ShardPlan, ShardReport, writer_identity
+from shardckpt.workers import run_all
 
 
 def default_thread_count() -> int:
@@ -30,23 +30,10 @@ class ThreadExecutor(Executor):
             ident = writer_identity(writer=f"thread-{i % self.num_workers}", backend="threads", **(writer or {}))
             return write_one(staging, plan, compress, progress, ident)
 
-        reports = map_threads(write, list(enumerate(plans)), self.num_workers)
+        reports = run_all(write, list(enumerate(plans)), self.num_workers)
         if deadline is not None and time.time() > deadline:
             raise SaveAbortedError(f"saving {staging.final}: shards written after the deadline")
         return reports
 
     def read(self, jobs: list[ReadJob], *, verify: bool, progress=None) -> None:
-        map_threads(lambda job: run_read_job(job, verify, progress), jobs, self.num_workers)
-
-
-def map_threads(fn, items, workers: int):
-    """``[fn(x) for x in items]`` on ``workers`` threads; the first failure is raised after
-    all have finished (no stray writers left running)."""
-    if len(items) <= 1 or workers == 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="shardckpt") as pool:
-        futures = [pool.submit(fn, x) for x in items]
-        for e in [f.exception() for f in futures]:
-            if e is not None:
-                raise e
-        return [f.result() for f in futures]
+        run_all(lambda job: run_read_job(job, verify, progress), jobs, self.num_workers)

@@ -21,7 +21,7 @@ import numpy as np
 
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, ReplacedWhileReadingError, StructureMismatchError
 from shardckpt.executors.base import Reader, ReadJob
-from shardckpt.executors.threads import ThreadExecutor, map_threads
+from shardckpt.executors.threads import ThreadExecutor
 from shardckpt.format import limits
 from shardckpt.format.index import ChunkTable
 from shardckpt.format.manifest import ItemRecord
@@ -31,6 +31,7 @@ from shardckpt.progress import byte_progress
 from shardckpt.store.base import Store
 from shardckpt.store.registry import resolve
 from shardckpt.tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key
+from shardckpt.workers import run_all
 
 READ_ATTEMPTS = 10
 
@@ -330,7 +331,7 @@ class Checkpoint:
             expected = self.manifest.files[fname].size
             if size != expected:
                 raise CorruptCheckpointError(f"{self.where}: {fname} is {size} bytes, the manifest says {expected}")
-        map_threads(check, sorted(names), 16 if len(names) > 4 else 1)
+        run_all(check, sorted(names), 16 if len(names) > 4 else 1)
 
 
 def _mismatch(spec: ArraySpec, target: Any) -> str | None:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from shardckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, ReplacedWhileReadingError, SaveAbortedError
+from shardckpt.format import limits
 from shardckpt.format.fragments import dump_directory, dump_fragment, plan_fragments
 from shardckpt.format.index import check_index, dump_index, index_columns, no_cyclic_gc
 from shardckpt.format.manifest import INDEX, FileRecord, ItemRecord, Manifest
@@ -130,7 +131,11 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     where it can (a conditional PUT on object stores)."""
     where = staging.store.where(staging.final)
     for fname, obj in json_files.items():
-        _add_meta(staging, meta_files, fname, json_bytes(obj, fname))
+        data = json_bytes(obj, fname)
+        if len(data) > limits.MAX_JSON_BYTES:
+            raise SaveAbortedError(f"saving {where}: {fname} would be {len(data)} bytes, over the "
+                                   f"{limits.MAX_JSON_BYTES} every load reads; nothing was committed")
+        _add_meta(staging, meta_files, fname, data)
     structure = {item: {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in rec.arrays.items()}
                  for item, rec in records.items()}
     _add_meta(staging, meta_files, "structure.json", json_bytes(structure, "structure.json"))
@@ -138,11 +143,12 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     plan = plan_fragments(index_cols, writer_order=[r.file for p in sorted(parts, key=lambda p: p.participant)
                                                     for r in p.reports])
     if plan is None:
-        index_rec = _add_meta(staging, meta_files, INDEX, dump_index(index_cols))
+        index_rec = _add_meta(staging, meta_files, INDEX, _bounded(dump_index(index_cols), INDEX, where))
     else:   # too big for every reader to read whole: fragments by writer, and their directory
-        names = [_add_meta(staging, meta_files, fragment_name(k), dump_fragment(index_cols, plan, k))
+        names = [_add_meta(staging, meta_files, fragment_name(k),
+                           _bounded(dump_fragment(index_cols, plan, k), fragment_name(k), where))
                  for k in range(plan.count)]
-        index_rec = _add_meta(staging, meta_files, INDEX, dump_directory(index_cols, plan, names))
+        index_rec = _add_meta(staging, meta_files, INDEX, _bounded(dump_directory(index_cols, plan, names), INDEX, where))
     writers = {(r.writer.get("node_id") or r.writer.get("host")) for p in parts for r in p.reports}
     manifest = Manifest(step=step, items=records, files=files, meta_files=meta_files,
                         metrics=plain_metrics(metrics or {}), writers=writer_versions(),
@@ -150,13 +156,29 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     # The index validator is the loader's (the same checks on the columns just serialised):
     # a commit never publishes what a load would refuse.
     check_index(index_cols, manifest, where)
+    # ... nor a manifest it would refuse: parsed here by the reader's own parser (its size,
+    # depth, schema, every shape and name), before anything becomes visible.
+    raw = manifest.dumps()
+    try:
+        Manifest.loads(raw, where)
+    except CorruptCheckpointError as e:
+        raise SaveAbortedError(f"saving {where}: every load would refuse this checkpoint ({e}); nothing was "
+                               "committed (keep metrics and key names small)") from None
     if expect is not None and _version_of(committed_version(staging.store, staging.final)) != expect:
         return False
     try:
-        staging.publish(manifest.dumps(), expect=token)
+        staging.publish(raw, expect=token)
     except VersionChanged:
         return False
     return True
+
+
+def _bounded(data: bytes, name: str, where: str) -> bytes:
+    """An index file no larger than every load reads (``limits.MAX_INDEX_BYTES``)."""
+    if len(data) > limits.MAX_INDEX_BYTES:
+        raise SaveAbortedError(f"saving {where}: {name} would be {len(data)} bytes, over the "
+                               f"{limits.MAX_INDEX_BYTES} every load reads; nothing was committed")
+    return data
 
 
 def _add_meta(staging: Staging, meta_files: dict, name: str, data: bytes) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from shardckpt.errors import CheckpointError, SaveAbortedError
 from shardckpt.executors.base import Writer
+from shardckpt.format import limits
 from shardckpt.format.manifest import MANIFEST, ItemRecord
 from shardckpt.format.names import is_version_dir
 from shardckpt.format.parts import CommitArgs, PartReport
@@ -42,9 +43,34 @@ def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dic
     entries, records = {}, {}
     for name, tree in items.items():
         arrays, scalars = split_values(FlatTree.of(tree).values(), copy_numpy=snapshot)
+        for e in arrays:
+            check_storable(name, e.key, e.spec)
         entries[name] = arrays
         records[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
+    check_manifest_size(records)
     return entries, records
+
+
+def check_storable(item: str, key: str, spec) -> None:
+    """Refuse, before anything is written, an array every load would refuse (the reader's
+    caps, ``format.limits``): more than ``MAX_NDIM`` dimensions, more than
+    ``MAX_ELEMENTS`` elements, a key longer than the manifest allows."""
+    if len(spec.stored_shape) > limits.MAX_NDIM:
+        raise CheckpointError(f"item {item!r}: array {key[:200]!r} has {len(spec.stored_shape)} dimensions; a "
+                              f"checkpoint holds at most {limits.MAX_NDIM} (every load refuses more)")
+    if math.prod(spec.stored_shape) > limits.MAX_ELEMENTS:
+        raise CheckpointError(f"item {item!r}: array {key[:200]!r} of shape {spec.shape} has more than "
+                              f"{limits.MAX_ELEMENTS} elements")
+
+
+def check_manifest_size(records: dict[str, ItemRecord]) -> None:
+    """Refuse, before anything is written, items whose description alone would make the
+    manifest larger than every load reads (the committer checks the exact manifest again)."""
+    estimate = sum(len(key) + 200 for rec in records.values() for key in [*rec.arrays, *rec.scalars])
+    if estimate > limits.MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"items {sorted(records)}: {sum(len(r.arrays) + len(r.scalars) for r in records.values())} "
+                              f"leaves need a manifest of about {estimate} bytes, over the {limits.MAX_MANIFEST_BYTES} "
+                              "every load reads: use shorter key names or fewer leaves")
 
 
 def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *, participant: int = 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -27,6 +28,7 @@ from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.store.base import Entry, Leftover, Sink, Source, Staging, Store, T, Written, count_read
 from shardckpt.store.posix import POSIX, Posix, open_data_file, owner_alive, parse_hidden, raise_named, read_small_file, this_host
+from shardckpt.workers import WorkerPool
 
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
@@ -118,7 +120,7 @@ class FileSink(Sink):
         switch to the other one, once its earlier write has finished."""
         self.hasher.update(self.view[:self.fill])
         self._wait()
-        self.pending = (_io_pool().submit(self._write_all, self.view[:length]), self.flushed)
+        self.pending = (IO_POOL.submit(functools.partial(self._write_all, self.view[:length])), self.flushed)
         self.flushed += length
         self.view = self.views[1] if self.view is self.views[0] else self.views[0]
         self.fill = 0
@@ -169,18 +171,8 @@ class FileSink(Sink):
             self.fd = -1
 
 
-_IO_POOL = None
-_IO_POOL_LOCK = threading.Lock()
-
-
-def _io_pool():
-    """The threads that run O_DIRECT writes in flight (one per file at most)."""
-    global _IO_POOL
-    with _IO_POOL_LOCK:
-        if _IO_POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _IO_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="shardckpt-io")
-        return _IO_POOL
+#: The threads that run O_DIRECT writes in flight (one per file at most).
+IO_POOL = WorkerPool(16, "shardckpt-io")
 
 
 def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True,

@@ -15,7 +15,6 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -25,6 +24,7 @@ from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.store.base import Entry, Sink, Source, T, VersionChanged, Written, count_read
 from shardckpt.store.versioned import VersionedStaging, VersionedStore
+from shardckpt.workers import WorkerPool
 
 PART_BYTES = int(os.environ.get("SHARDCKPT_S3_PART_BYTES", 8 << 20))   # >= 5 MiB (S3's minimum)
 PARTS_IN_FLIGHT = 2             # uploads running per file while the next part fills
@@ -339,16 +339,8 @@ class S3Source(Source):
         self.store.read_range(self.path, offset, view)
 
 
-_PART_POOL: ThreadPoolExecutor | None = None
-_PART_POOL_LOCK = threading.Lock()
-
-
-def _part_pool() -> ThreadPoolExecutor:
-    global _PART_POOL
-    with _PART_POOL_LOCK:
-        if _PART_POOL is None:
-            _PART_POOL = ThreadPoolExecutor(16, thread_name_prefix="shardckpt-s3-part")
-        return _PART_POOL
+#: The threads that upload parts (PARTS_IN_FLIGHT per file at most).
+PART_POOL = WorkerPool(16, "shardckpt-s3-part")
 
 
 class MultipartSink(Sink):
@@ -397,7 +389,7 @@ class MultipartSink(Sink):
                 Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body))
             _count(puts=1, put_bytes=len(body))
             return {"PartNumber": number, "ETag": resp["ETag"]}, body
-        self.in_flight.append(_part_pool().submit(upload))
+        self.in_flight.append(PART_POOL.submit(upload))
         self.buf = self.spare.pop() if self.spare else bytearray(self.part_bytes)
         self.fill = 0
 
@@ -424,8 +416,6 @@ class MultipartSink(Sink):
         self.spare.clear()
 
     def abort(self) -> None:
-        for f in self.in_flight:
-            f.cancel()
         for f in self.in_flight:
             try:
                 f.result()

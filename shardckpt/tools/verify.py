@@ -19,7 +19,6 @@ import io
 import json
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ from shardckpt.loading.open import layout_of, orbax_hint
 from shardckpt.progress import byte_progress
 from shardckpt.store.base import Entry, Store
 from shardckpt.store.registry import resolve
+from shardckpt.workers import run_all
 
 READ_BLOCK = 8 << 20      # bytes read, hashed and CRC'd per step (hot in cache)
 
@@ -152,11 +152,9 @@ def _verify(store: Store, name: str, report: VerifyReport, checksums: bool, prog
 
     with byte_progress(f"verifying {name}", total, progress) as advance:
         names = sorted(sound)
-        with ThreadPoolExecutor(min(default_thread_count(), max(1, len(names))),
-                                thread_name_prefix="shardckpt-verify") as pool:
-            for fname, problems in zip(names, pool.map(lambda n: check(n, advance), names)):
-                for p in problems:
-                    report.problem(p)
+        for problems in run_all(lambda n: check(n, advance), names, default_thread_count()):
+            for p in problems:
+                report.problem(p)
     report.files_checked += len(sound)
     report.bytes_checked += sum(sound.values())
 

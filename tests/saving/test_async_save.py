@@ -78,3 +78,50 @@ def test_blocking_override_and_load_waits_for_pending_save(tmp_path):
     manager.save(8, model)
     state = manager.load_step(8, model=Tiny())       # waits for the background save
     assert state.step == 8
+
+
+# --- the last async save of a program (#17.3) ---------------------------------------------------
+
+EXIT_SCRIPT = """
+import sys
+import numpy as np
+from shardckpt import CheckpointManager
+from shardckpt.testing import Fault, FaultPlan
+directory, how, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+if backend == "ray":
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+mgr = CheckpointManager(directory, backend=backend, num_shards=4)
+state = {"w": np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024), "b": np.ones(7)}
+mgr.save(1, state)
+if how == "fail":
+    FaultPlan(Fault("fsync", "manifest.json", times=1 << 30)).__enter__()   # the disk fails from here
+mgr.save(2, state, blocking=False)
+if how == "context":
+    with CheckpointManager(directory, backend=backend) as other:
+        other.save(3, state, blocking=False)
+"""
+
+
+@pytest.mark.parametrize("how", ["last-line", "context"])
+def test_the_last_async_save_of_a_program_commits(tmp_path, how):
+    """``mgr.save(2, state, blocking=False)`` as the last line of a script: it commits before
+    the interpreter exits (the save's threads are plain threads the interpreter waits for)."""
+    from tests.scenarios.run import run_python
+    r = run_python(EXIT_SCRIPT, [str(tmp_path / "run"), how, "threads"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cannot schedule" not in r.stderr, r.stderr[-3000:]
+    steps = CheckpointManager(tmp_path / "run", backend="threads").all_steps()
+    assert steps == ([1, 2, 3] if how == "context" else [1, 2])
+    from shardckpt import restore
+    assert restore(tmp_path / "run" / "step_2", item="model")["w"][1023, 1023] == (1 << 20) - 1
+
+
+def test_a_failed_last_async_save_is_reported_at_exit(tmp_path):
+    """The disk fails under the last async save of a program: nothing is committed, and the
+    program says so on stderr at exit instead of ending silently."""
+    from tests.scenarios.run import run_python
+    r = run_python(EXIT_SCRIPT, [str(tmp_path / "run"), "fail", "threads"], timeout=300)
+    assert "the background save of step 2" in r.stderr and "was not committed" in r.stderr, r.stderr[-3000:]
+    assert "injected at fsync" in r.stderr
+    assert CheckpointManager(tmp_path / "run", backend="threads").all_steps() == [1]

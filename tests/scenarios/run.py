@@ -23,3 +23,11 @@ def run_scenario(name: str | Path, *args: str, timeout: float = 400, env: dict |
     if not lines:
         raise AssertionError(f"{name} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_python(code: str, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in a fresh interpreter with this repo on the path."""
+    env = dict(os.environ, RAY_ADDRESS="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
