@@ -13,4 +13,6 @@ MAX_ELEMENTS = 1 << 50
 MAX_NDIM = 32                    # numpy's historical limit; validation is linear in it
 MAX_JSON_DEPTH = 64              # nesting of the manifest's JSON (metrics are user data)
 MAX_DEFLATE_RATIO = 1032        # deflate cannot inflate more than this per input byte
+MAX_JSON_COST_FACTOR = 20        # a manifest may take ~this x its size to parse (manifest.parse_cost)
+JSON_COST_SLACK = 16 << 20
 MAX_JSON_BYTES = 64 << 20        # a JSON metadata file of a checkpoint (config.json, metrics.json, ...)

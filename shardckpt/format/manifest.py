@@ -150,6 +150,10 @@ class Manifest:
         any damage: not JSON, nested too deep, wrong checksum, wrong schema."""
         if len(raw) > limits.MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the limit of {limits.MAX_MANIFEST_BYTES}")
+        cost = parse_cost(raw)
+        if cost > limits.MAX_JSON_COST_FACTOR * len(raw) + limits.JSON_COST_SLACK:
+            raise CorruptCheckpointError(f"{where}: manifest is implausibly dense JSON ({len(raw)} bytes would take "
+                                         f"~{cost >> 20} MiB to parse); refusing it")
         try:
             d = json.loads(raw)
         except (ValueError, RecursionError) as e:
@@ -196,6 +200,15 @@ class Manifest:
         return cls(step=step, items=items, files=files, meta_files=meta, metrics=metrics,
                    created=created, writers=writers, host_count=host_count, index_file=index_file,
                    transaction=transaction[:64])
+
+
+def parse_cost(raw: bytes) -> int:
+    """About the memory ``json.loads(raw)`` takes, counted without parsing (a few byte scans):
+    Python objects cost far more than their text (a 1-key dict ~240 bytes for ``{"a":1}``),
+    so a small hostile file can ask for gigabytes. What shardckpt writes costs ~5x its size (~12x for
+    a tree of nothing but scalar leaves)."""
+    return (raw.count(b"{") * 240 + raw.count(b"[") * 72 + (raw.count(b'"') // 2) * 60
+            + raw.count(b",") * 40)
 
 
 def canonical_json(doc: Any) -> bytes:

@@ -33,7 +33,6 @@ import json
 import math
 import re
 import struct
-import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -45,21 +44,19 @@ import numpy as np
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
 from shardckpt.format import limits
 from shardckpt.format.manifest import ItemRecord
-from shardckpt.format.shard import SourceFile
+from shardckpt.format.shard import MAX_NPY_HEADER, SourceFile, read_npy_header
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.geometry import aligned_empty
 from shardckpt.tree import ArraySpec, FlatTree, is_prng_key
 
 LEGACY_FILES = {"model": "model.npz", "optimizer": "optimizer.npz"}
 PICKLE_META = "optimizer_meta.pkl"
-MAX_NPY_HEADER = 65536
 _READ_CHUNK = 16 << 20
 _POSITIONAL = re.compile(r"opt_(0|[1-9][0-9]{0,8})")
-# what zipfile and numpy's .npy header parser raise on damaged bytes (numpy runs the header
-# dict through the tokenizer and ast.literal_eval)
+# what zipfile raises on damaged bytes (the .npy headers are parsed by our own reader)
 _PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, zlib.error, EOFError,
                  NotImplementedError, RuntimeError, struct.error, OverflowError, KeyError, IndexError,
-                 TypeError, SyntaxError, tokenize.TokenError, RecursionError)
+                 TypeError, RecursionError)
 
 
 def is_legacy_listing(names: set[str]) -> bool:
@@ -99,8 +96,9 @@ class _Member:
 
 
 def _read_header(m: BinaryIO, f: str, name: str) -> tuple[tuple[int, ...], bool, np.dtype, bytes]:
-    """Parse a member's .npy header from its first bytes (read once, bounded); returns the
-    shape, order, dtype and the header's bytes."""
+    """Parse a member's .npy header from its first bytes (read once, bounded, without
+    ``ast``: ``format.shard.read_npy_header``); returns the shape, order, dtype and the
+    header's bytes."""
     raw = m.read(8)                     # magic and version
     if len(raw) == 8 and raw[7] == 0 and raw[6] in (1, 2):
         width = 2 if raw[6] == 1 else 4
@@ -111,27 +109,12 @@ def _read_header(m: BinaryIO, f: str, name: str) -> tuple[tuple[int, ...], bool,
                 raise CorruptCheckpointError(f"{f}: member {name} has a {n}-byte .npy header "
                                              f"(at most {MAX_NPY_HEADER})")
             raw += m.read(n)
-    head = io.BytesIO(raw)
-    shape, fortran, dtype, header_len = _parse_header(head, f, name)
+    shape, fortran, dtype, header_len = read_npy_header(io.BytesIO(raw), f"{f}: member {name}")
     if header_len != len(raw):
         raise CorruptCheckpointError(f"{f}: member {name} has a malformed .npy header")
-    return shape, fortran, dtype, raw
-
-
-def _parse_header(m: BinaryIO, f: str, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    version = np.lib.format.read_magic(m)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(m, max_header_size=MAX_NPY_HEADER)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(m, max_header_size=MAX_NPY_HEADER)
-    else:
-        raise CorruptCheckpointError(f"{f}: member {name} has .npy format version {version}; "
-                                     "expected 1.0 or 2.0")
-    if dtype.hasobject:
-        raise CorruptCheckpointError(f"{f}: member {name} holds Python objects (a pickle); refusing it")
-    if dtype.names is not None or dtype.subdtype is not None or dtype.itemsize == 0:
+    if dtype.names is not None or dtype.subdtype is not None:
         raise CorruptCheckpointError(f"{f}: member {name} has dtype {dtype!r}; expected a plain numeric dtype")
-    return tuple(int(n) for n in shape), bool(fortran), dtype, m.tell()
+    return shape, fortran, dtype, raw
 
 
 def _scan_zip(zf: zipfile.ZipFile, f: str) -> dict[str, _Member]:

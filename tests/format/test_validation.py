@@ -510,6 +510,37 @@ def test_parse_memory_is_a_small_multiple_of_the_input():
     assert limits.MAX_INDEX_BYTES <= 256 << 20 and limits.MAX_MANIFEST_BYTES <= 64 << 20
 
 
+DENSE = {
+    "1-key dicts in metrics": lambda n: {"metrics": {f"m{i}": {"a": {}} for i in range(n)}},
+    "empty lists": lambda n: {"metrics": {"x": [[] for _ in range(4 * n)]}},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(DENSE))
+def test_dense_hostile_manifests_are_refused_before_parsing(shape):
+    """A sealed manifest of tiny JSON containers (~24 MiB) asked for >1 GiB to parse: its
+    parse cost is estimated from byte counts first and refused at a few x the input, before
+    ``json.loads`` runs."""
+    doc = {"format": "shardckpt", "version": 1, "step": 1, "created": "", "writers": {}, "host_count": 1,
+           "metrics": {}, "items": {}, "files": {}, "meta_files": {}, "index": "index.msgpack"}
+    doc.update(DENSE[shape](400_000))
+    raw = json.dumps(seal_manifest(doc), separators=(",", ":")).encode()
+    assert len(raw) > limits.JSON_COST_SLACK // 4
+    peak = _peak(lambda: pytest.raises(CorruptCheckpointError, Manifest.loads, raw, "ck"))
+    assert peak < 4 * len(raw), f"{peak / len(raw):.1f}x the input before refusing"
+    with pytest.raises(CorruptCheckpointError, match="implausibly dense"):
+        Manifest.loads(raw, "ck")
+
+
+def test_a_legit_manifest_of_many_scalar_leaves_still_parses():
+    """The bound leaves room for what a save can legitimately write: 150,000 int leaves (a
+    data-loader state) cost ~12x their text to parse, under the cap."""
+    scalars = {f"loader.{i}": {"type": "int", "value": i} for i in range(150_000)}
+    raw = Manifest(step=1, items={"data": ItemRecord({}, scalars)}, files={}, meta_files={}).dumps()
+    peak = _peak(lambda: Manifest.loads(raw, "ck"))
+    assert peak < limits.MAX_JSON_COST_FACTOR * len(raw) + limits.JSON_COST_SLACK
+
+
 def test_size_caps(tmp_path):
     m, raw = synth({"w": ((4,), [((0,), (4,))])})
     with pytest.raises(CorruptCheckpointError, match="over the limit"):
