@@ -111,7 +111,7 @@ class Catalog:
             step = self.step_of(entry.name)
             if step is None or not entry.is_dir or entry.is_link:
                 continue
-            info, problem = self._info(entry.name, step)
+            info, problem = self.info(entry.name, step)
             if info is not None:
                 infos.append(info)
             elif problem:
@@ -123,7 +123,9 @@ class Catalog:
     def checkpoints(self) -> list[CheckpointInfo]:
         return self.scan()[0]
 
-    def _info(self, name: str, step: int) -> tuple[CheckpointInfo | None, str]:
+    def info(self, name: str, step: int) -> tuple[CheckpointInfo | None, str]:
+        """(what the listing shows of checkpoint ``name`` as step ``step``, or None and why
+        it is not one; "" when it vanished meanwhile)."""
         try:
             children = self.store.list(name)
         except (OSError, CheckpointError):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
 import functools
+import math
 import operator
 import os
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -25,15 +28,36 @@ from shardckpt.api.core import check_item_name, restore_item, save_checkpoint
 from shardckpt.api.nnx import load_model_from, model_item
 from shardckpt.api.nnx_state import model_config_of, restore_optimizer, state_of
 from shardckpt.api.session import SaveOptions, participants, resolve_load_executor
-from shardckpt.catalog import Catalog, CheckpointInfo
-from shardckpt.errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
+from shardckpt.catalog import Catalog, CheckpointInfo, metric_number
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, OrbaxCheckpointError, StructureMismatchError
 from shardckpt.format.names import check_name
 from shardckpt.loading.checkpoint import read_consistently
-from shardckpt.loading.open import open_checkpoint
+from shardckpt.loading.open import layout_of, open_checkpoint, orbax_hint
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import prepare_items
-from shardckpt.store.registry import open_store
+from shardckpt.store.registry import open_store, resolve
 from shardckpt.workers import Background
+
+SAVE_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(SaveOptions))
+
+
+def check_manager_directory(directory: Any, store) -> None:
+    """Refuse, at construction, a directory a manager cannot keep checkpoints in: a file, or
+    an Orbax checkpoint or run (its steps would be invisible and a resume would start from
+    scratch beside them)."""
+    if isinstance(directory, (str, os.PathLike)):
+        parent, name = resolve(directory)
+        if name and parent.size(name) is not None:
+            raise CheckpointError(f"{store.where()} is a file; a CheckpointManager keeps its checkpoints in a "
+                                  "directory (pass the run directory, e.g. the parent of step_10)")
+    layout = layout_of(store, "")
+    if layout.kind == "orbax":
+        raise OrbaxCheckpointError(orbax_hint(store.where(), layout.orbax) + "; a CheckpointManager of this "
+                                   "directory would not see its steps")
+    if layout.kind == "checkpoint":
+        raise CheckpointError(f"{store.where()} is one checkpoint, not a directory of them: pass its parent "
+                              "directory to CheckpointManager, or load it with load_model / restore")
+
 
 #: Managers whose last async save nobody has waited for: at exit, after the interpreter has
 #: waited for their threads, a failure among them is printed (it would be lost otherwise).
@@ -86,35 +110,45 @@ class CheckpointManager:
                  async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
-        if max_to_keep is not None and max_to_keep < 1:
-            raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (or None for all)")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool)
+                                        or max_to_keep < 1):
+            raise CheckpointError(f"max_to_keep={max_to_keep!r}: keep at least 1 (an integer, or None for all)")
+        if not isinstance(best_to_keep, int) or isinstance(best_to_keep, bool) or best_to_keep < 0:
+            raise CheckpointError(f"best_to_keep={best_to_keep!r}: expected an integer >= 0")
+        if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
+            raise CheckpointError(f"best_metric={best_metric!r:.60}: give the name of a metric you save, or None")
+        for name, value in (("verify", verify), ("async_save", async_save)):
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{name}={value!r:.40}: expected True or False")
         check_name(prefix, "prefix")
         self.options = SaveOptions(backend, num_writers, save_timeout, join_timeout, num_shards, compress, progress,
                                    world=True)
         self.store = open_store(directory)
         self.directory = self.store.location("")
+        check_manager_directory(directory, self.store)
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.best_to_keep = best_to_keep
         self.prefix = prefix
-        self.backend = backend
-        self.num_writers = num_writers
-        self.save_timeout = save_timeout
-        self.join_timeout = join_timeout
-        self.num_shards = num_shards
-        self.compress = compress
         self.verify = verify
-        self.progress = progress
         self.catalog = Catalog(self.store, prefix)
         self.async_save = async_save
         self._pending: Background | None = None
         self._pending_step: int | None = None
+        self._best_metric_missing_said = False
         try:
             self.store.prepare_parent()   # best effort: a read-only mount still loads
         except OSError:
             pass
         self.cleanup_leftovers()
+
+    def __getattr__(self, name: str) -> Any:
+        """The save options (``backend``, ``num_writers``, ``save_timeout``...) read as
+        attributes; they live in ``self.options``, checked when the manager was made."""
+        if name in SAVE_OPTION_NAMES and "options" in self.__dict__:
+            return getattr(self.__dict__["options"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # --- discovery -------------------------------------------------------------------------
     def step_path(self, step: int) -> Any:
@@ -188,6 +222,7 @@ class CheckpointManager:
         self.wait_until_finished()
         step = _check_step(step)
         check_metrics(metrics)          # raised here, not by a background save
+        self._check_best_metric(metrics)
         saved = {"model": state_of(model, "model")}
         if optimizer is not None:
             if not isinstance(optimizer, nnx.Optimizer):
@@ -220,6 +255,29 @@ class CheckpointManager:
         self._pending, self._pending_step = Background(run, f"shardckpt-async-save-{step}"), step
         UNCOLLECTED.add(self)
         return final
+
+    def _check_best_metric(self, metrics: dict | None) -> None:
+        """With ``best_metric``, each save's value of it must be a number (a string cannot
+        rank checkpoints); a save without it is said once, since best_step and best-K
+        retention then ignore that checkpoint."""
+        if not self.best_metric:
+            return
+        if metrics is None or self.best_metric not in metrics:
+            if not self._best_metric_missing_said:
+                self._best_metric_missing_said = True
+                have = ", ".join(sorted(map(str, metrics or {}))) or "none"
+                warnings.warn(f"{self.directory}: best_metric={self.best_metric!r} is not among this save's "
+                              f"metrics ({have}): best_step and best-{self.best_to_keep} retention ignore "
+                              "checkpoints without it", UserWarning, stacklevel=3)
+            return
+        value = metrics[self.best_metric]
+        if hasattr(value, "dtype") and getattr(value, "ndim", None) == 0 and value.dtype.kind in "biuf":
+            value = value.item()           # a NumPy or JAX scalar: stored as its number
+        if metric_number(value) is None:
+            if isinstance(value, float) and not math.isfinite(value):
+                return          # a diverged loss is saved; it just never ranks as best
+            raise CheckpointError(f"metrics[{self.best_metric!r}]={value!r:.60}: best_metric ranks checkpoints by "
+                                  "this value, so it must be a number")
 
     def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
                        process_count) -> Any:
@@ -318,12 +376,25 @@ class CheckpointManager:
                                          f"as extra items (it has {extra_names or 'none'})")
         extra_items = {name: restore_item(ck, name, items.get(name), strict=True, verify=self.verify,
                                           executor=executor, progress=self.progress) for name in extra_names}
-        step = ck.step if ck.step is not None else cfg_file.get("step")
+        step = self.step_of(ck, cfg_file)
         return CheckpointState(step=step if isinstance(step, int) else -1, model=loaded,
                                optimizer=optimizer, config=cfg or {},
                                train_config=cfg_file.get("train_config") or {},
                                metrics=ck.read_json("metrics.json", {}) or {},
                                extra=ck.read_json("extra.json", {}) or {}, items=extra_items)
+
+    def step_of(self, ck, cfg_file: dict) -> int | None:
+        """The step a loaded checkpoint reports, by one rule: a directory named
+        ``{prefix}_{N}`` is step N (what the listing, ``load_step`` and retention go by,
+        whatever its manifest says); any other directory the step its manifest records, else
+        its config's, else -1."""
+        named = self.catalog.step_of(ck.name)
+        if named is not None:
+            return named
+        for step in (ck.step, cfg_file.get("step")):
+            if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+                return step
+        return -1
 
     def load_step(self, step: int, **kw) -> CheckpointState:
         self.wait_until_finished()

@@ -151,6 +151,8 @@ def orbax_kind(store: Store, name: str, entries: dict[str, Entry] | None = None)
             grand = {e.name: e for e in store.list(path(child.name))}
         except (OSError, CheckpointError):
             continue
+        if MANIFEST in grand:
+            return None            # it holds shardckpt checkpoints: not an Orbax directory
         if ORBAX_STEP_DIR.fullmatch(child.name) and (_is_file(grand, ORBAX_METADATA)
                                                     or _is_file(grand, "commit_success.txt")):
             return "manager"

@@ -216,7 +216,10 @@ def cmd_ls(args) -> int:
         return EXIT_OK
     con = _console()
     infos = data["checkpoints"]
-    if not infos:
+    if not infos and data["layout"] == "orbax":
+        from shardckpt.loading.open import orbax_hint
+        con.print(_e(orbax_hint(str(directory), data["orbax"])))
+    elif not infos:
         con.print(f"{_e(directory)}: no committed checkpoints named {_e(args.prefix)}_<step>")
     else:
         best = f"best {args.best_metric} ({args.best_mode})" if args.best_metric else None

@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -21,8 +22,8 @@ import numpy as np
 from shardckpt.catalog import Catalog
 from shardckpt.errors import CheckpointError
 from shardckpt.loading.legacy import LEGACY_FILES, PICKLE_META
-from shardckpt.loading.open import open_checkpoint
-from shardckpt.store.registry import open_store
+from shardckpt.loading.open import STEP_CHECKPOINT, layout_of, open_checkpoint
+from shardckpt.store.registry import open_store, resolve
 from shardckpt.tree import decode_scalar
 
 
@@ -192,8 +193,15 @@ def list_dir(directory: Any, prefix: str = "step", best_metric: str | None = Non
              best_mode: str = "min") -> dict[str, Any]:
     """What ``ls`` shows: checkpoints (with latest/best marks), unreadable step
     directories and leftovers."""
-    catalog = Catalog(open_store(directory), prefix)
-    found, bad = catalog.scan()
+    store = open_store(directory)
+    catalog = Catalog(store, prefix)
+    layout = layout_of(store, "")
+    if layout.kind == "checkpoint":          # one checkpoint: show it, as the listing of its parent would
+        parent, name = resolve(directory)
+        one, problem = Catalog(parent, prefix).info(name, -1)
+        found, bad = ([replace(one, step=one_step(parent, name, one))] if one else []), []
+    else:
+        found, bad = catalog.scan()
     infos = [_info_dict(i) for i in found]
     if infos:
         infos[-1]["latest"] = True
@@ -201,10 +209,22 @@ def list_dir(directory: Any, prefix: str = "step", best_metric: str | None = Non
     if ranked:
         next(i for i in infos if i["step"] == ranked[0].step)["best"] = True
     return {"directory": str(directory), "prefix": prefix, "best_metric": best_metric,
-            "best_mode": best_mode, "checkpoints": infos,
+            "best_mode": best_mode, "checkpoints": infos, "layout": layout.kind, "orbax": layout.orbax,
             "invalid": [{"name": b.name, "path": str(b.path), "problem": b.problem} for b in bad],
             "leftovers": [_leftover_dict(lo, catalog) for lo in catalog.leftovers()],
             "total_bytes": sum(i["bytes"] for i in infos)}
+
+
+def one_step(store, name: str, info) -> int:
+    """The step a lone checkpoint is shown as: its directory's number, else its manifest's."""
+    m = STEP_CHECKPOINT.fullmatch(name)
+    if m:
+        return int(m.group(2))
+    try:
+        step = open_checkpoint(store.where(name)).step
+    except CheckpointError:
+        step = None
+    return step if isinstance(step, int) else -1
 
 
 def gc_plan(directory: Any, prefix: str, max_to_keep: int | None, best_metric: str | None,

@@ -359,3 +359,31 @@ def test_concurrent_savers_agree(tmp_path, model):
     assert errors == []
     assert CheckpointManager(tmp_path).all_steps() == [10, 11]
     assert hidden_entries(tmp_path) == []
+
+
+# --- one step rule for what a load reports (#17.12) ----------------------------------------------
+
+def test_a_load_reports_the_directory_s_step(tmp_path, model):
+    """``save_model(dir / "step_5", model)`` without step= is listed as step 5 and now also
+    loads as step 5 (it reported -1, and the guide's resume recipe restarted at 0); a step
+    directory whose manifest records another step reports the directory's number, which is
+    what the listing, load_step and retention go by."""
+    from shardckpt import save_model
+    from shardckpt.testing import save_items
+    save_model(tmp_path / "run" / "step_5", model)
+    mgr = CheckpointManager(tmp_path / "run", backend="threads")
+    assert mgr.latest_step == 5
+    assert mgr.load_latest(should_load_optimizer=False).step == 5
+    save_items(tmp_path / "run" / "step_7", {"model": nnx.state(model)}, step=3,
+               json_files={"config.json": {"model_config": model.config.to_dict(), "step": 2}})
+    assert mgr.load_step(7, should_load_optimizer=False).step == 7
+    assert mgr.load_latest(should_load_optimizer=False).step == 7
+    # a directory that is no step directory: the manifest's step, else the config's, else -1
+    save_items(tmp_path / "other", {"model": nnx.state(model)}, step=9,
+               json_files={"config.json": {"model_config": model.config.to_dict()}})
+    assert mgr.load(tmp_path / "other", should_load_optimizer=False).step == 9
+    save_items(tmp_path / "bare", {"model": nnx.state(model)},
+               json_files={"config.json": {"model_config": model.config.to_dict(), "step": 4}})
+    assert mgr.load(tmp_path / "bare", should_load_optimizer=False).step == 4
+    save_model(tmp_path / "nothing", model)
+    assert mgr.load(tmp_path / "nothing", should_load_optimizer=False).step == -1

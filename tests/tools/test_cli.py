@@ -24,13 +24,14 @@ from flax import nnx
 
 import shardckpt
 from shardckpt import CheckpointManager, LMModel, ModelConfig, VerifyReport
-from shardckpt.executors.threads import ThreadExecutor, map_threads
+from shardckpt.executors.threads import ThreadExecutor
 from shardckpt.format.manifest import seal_manifest
 from shardckpt.format.shard import write_shard, writer_identity
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.testing import save_items
 from shardckpt.tools import cli
 from shardckpt.tools.inspect import describe, diff, gc_plan, leftovers, list_dir
+from shardckpt.workers import run_all
 
 LOSSES = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0}      # best (min) is step 2, latest step 4
 
@@ -75,7 +76,7 @@ class RayLikeExecutor(ThreadExecutor):
             ident = writer_identity(writer=f"writer-{i}@0123abcd", node_id="0123abcd" * 7, backend="ray")
             return write_shard(staging, plan.file, plan.members, compress=compress,
                                progress=progress, writer=ident)
-        return map_threads(write, list(enumerate(plans)), self.num_workers)
+        return run_all(write, list(enumerate(plans)), self.num_workers)
 
 
 @pytest.fixture(scope="module")
