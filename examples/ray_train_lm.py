@@ -64,7 +64,8 @@ def main() -> None:
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+        # keep the dashboard: Ray Train's placement-group cleaner asks its State API (docs/ray_train.md)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     storage = str(Path(args.storage_path).absolute())
     trainer = JaxTrainer(
         train_loop,

@@ -220,10 +220,11 @@ class Catalog:
             return []
         return self.carry_out(plan)
 
-    def carry_out(self, plan: list[Leftover]) -> list[Leftover]:
+    def carry_out(self, plan: list[Leftover], failed: list[tuple[Leftover, str]] | None = None) -> list[Leftover]:
         """Remove or restore the planned leftovers (``keep`` ones stay); one that another
-        process handled meanwhile, or that cannot be touched, is skipped. Returns what was
-        done."""
+        process handled meanwhile is fine, one that cannot be touched (a read-only mount,
+        another user's files) is skipped and, with ``failed``, listed there with why.
+        Returns what was done."""
         done = []
         for lo in plan:
             if lo.action == "keep":
@@ -234,6 +235,9 @@ class Catalog:
                 else:
                     self.store.remove_leftover(lo.name)
                 done.append(lo)
-            except (OSError, CheckpointError):
-                continue
+            except FileNotFoundError:
+                continue            # handled by another process meanwhile
+            except (OSError, CheckpointError) as e:
+                if failed is not None:
+                    failed.append((lo, f"{type(e).__name__}: {e}"))
         return done

@@ -258,5 +258,5 @@ class RayExecutor(Executor):
 def ensure_ray() -> None:
     """Start a local Ray (the embedded default) when none is running."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        ray.init(logging_level="ERROR", log_to_driver=False,
                  namespace=None, ignore_reinit_error=True)

@@ -315,7 +315,7 @@ class Checkpoint:
                         job = jobs[fname] = ReadJob(self.store, f"{self.name}/{fname}", fname,
                                                     self.manifest.files[fname].size, version=self.version)
                     job.targets.append(target)
-        with byte_progress(f"loading {self.name}", total, progress) as advance:
+        with byte_progress(f"loading {self.name}", total, progress, done=f"loaded {self.name}") as advance:
             executor.read(list(jobs.values()), verify=verify, progress=advance)
         self.last_read = (sum(len(j.targets) for j in jobs.values()), sum(j.nbytes for j in jobs.values()))
         return out

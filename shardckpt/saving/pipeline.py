@@ -109,7 +109,7 @@ def write_part(staging: Staging, entries: dict[str, list], records: dict[str, It
                         participants=participants, replicated=replicated,
                         shard_cap=executor.shard_bytes_cap(total))
     total = sum(plan.nbytes for _, plan in planned)
-    with byte_progress(f"saving {staging.final}", total, progress) as advance:
+    with byte_progress(f"saving {staging.final}", total, progress, done=f"saved {staging.final}") as advance:
         reports = executor.write_shards(staging, [plan for _, plan in planned], compress=compress,
                                         progress=advance, deadline=deadline)
     expected = {staging.stored_name(plan.file) for _, plan in planned}

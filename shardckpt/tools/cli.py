@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shardckpt.release import __version__
+
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
@@ -38,8 +40,8 @@ def _console(stderr: bool = False):
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
     kw: dict[str, Any] = {}
-    if not stream.isatty() and "COLUMNS" not in os.environ:
-        kw["width"] = 200   # pipes and logs: do not wrap tables at 80 columns
+    if not stream.isatty():
+        kw["width"] = 10_000   # pipes and logs (COLUMNS=80 or not): no table cell is wrapped
     # emoji=False: a key named ":warning:" is printed as written
     return Console(file=stream, highlight=False, soft_wrap=False, emoji=False, **kw)
 
@@ -119,13 +121,8 @@ def _table(columns: list[tuple[str, str]], rows: list[list[str]]):
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from shardckpt.progress import size_text  # no jax behind it
+    return size_text(n)
 
 
 MAX_VALUE_CHARS = 120
@@ -247,20 +244,31 @@ def cmd_ls(args) -> int:
 
 # --- inspect ---------------------------------------------------------------------------------
 
-def _damage(path: str, checksums: bool = True) -> list[str]:
+def _refuse_directory_of_steps(p: str, command: str) -> None:
+    """``inspect``/``diff`` of a manager directory: say which command fits, not "damaged"."""
+    from shardckpt.loading.open import layout_of
+    store, name = _location(p)
+    if layout_of(store, name).kind == "steps":
+        raise UsageError(f"{p} is a directory of checkpoints, not one checkpoint: `shardckpt ls {p}` lists them, "
+                         f"`shardckpt verify {p}` checks them all, `shardckpt {command} {p}/<step dir>` "
+                         "looks at one")
+
+
+def _damage(path: str, checksums: bool = True, progress: bool | None = False, label: str | None = None) -> list[str]:
     """Every problem ``verify`` finds in the checkpoint at ``path`` (checksums of every file
     and chunk included), so that ``inspect`` and ``diff`` never present damaged data as
     sound."""
     from shardckpt.tools.verify import verify
-    return verify(path, checksums=checksums, progress=False).problems
+    return verify(path, checksums=checksums, progress=progress, label=label).problems
 
 
 def cmd_inspect(args) -> int:
     from shardckpt.tools.inspect import describe, format_time
 
     path = _existing_path(args.path)
+    _refuse_directory_of_steps(path, "inspect")
     data = describe(path)
-    data["damage"] = [] if args.no_verify else _damage(path)
+    data["damage"] = [] if args.no_verify else _damage(path, progress=None if not args.json else False)
     data["verified"] = not args.no_verify
     rc = EXIT_PROBLEM if data["damage"] else EXIT_OK
     if args.json:
@@ -385,9 +393,12 @@ def cmd_diff(args) -> int:
 
     for p in (args.a, args.b):
         _existing_path(p)
+        _refuse_directory_of_steps(p, "diff")
     if args.atol < 0 or not math.isfinite(args.atol):
         raise UsageError(f"--atol {args.atol}: expected a finite number >= 0")
-    damage = {} if args.no_verify else {side: _damage(p) for side, p in (("a", args.a), ("b", args.b))}
+    bars = False if args.json else None
+    damage = {} if args.no_verify else {side: _damage(p, progress=bars, label=f"{side.upper()} ({p})")
+                                        for side, p in (("a", args.a), ("b", args.b))}
     damaged = any(damage.values())
     if damaged:
         # Comparing damaged data would report differences (or sameness) that are not there.
@@ -465,9 +476,10 @@ def cmd_gc(args) -> int:
         result.update(run_gc(plan))
     infos = [{"step": s, "name": n} for s, n in sorted(plan["names"].items())]
     result["kept_steps"] = [i["step"] for i in infos if i["step"] not in result["deleted_steps"]]
+    rc = EXIT_PROBLEM if result.get("failed") else EXIT_OK
     if args.json:
         _print_json(result)
-        return EXIT_OK
+        return rc
     con = _console()
     verb = "would remove" if args.dry_run else "removed"
     for lo in result["leftovers"]:
@@ -490,9 +502,11 @@ def cmd_gc(args) -> int:
     if args.max_to_keep is None and args.best_metric:
         con.print("note: without --max-to-keep every checkpoint is kept; --best-metric only protects "
                   "checkpoints that --max-to-keep would delete")
+    for f in result.get("failed", []):
+        con.print(f"[red]could not remove[/red] {_e(f['name'])}: {_e(f['error'])}")
     con.print(f"kept steps: {result['kept_steps'] or 'none'}"
               + (" (dry run: nothing was changed)" if args.dry_run else ""))
-    return EXIT_OK
+    return rc
 
 
 # --- convert / export ------------------------------------------------------------------------
@@ -597,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardckpt", description="Sharded checkpoints for JAX / Flax NNX",
                                      epilog="exit codes: 0 ok, 1 problem found, 2 usage error",
                                      formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"shardckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from shardckpt.catalog import Catalog
 from shardckpt.errors import CheckpointError
 from shardckpt.loading.legacy import LEGACY_FILES, PICKLE_META
 from shardckpt.loading.open import STEP_CHECKPOINT, layout_of, open_checkpoint
+from shardckpt.progress import count_progress
 from shardckpt.store.registry import open_store, resolve
 from shardckpt.tree import decode_scalar
 
@@ -248,12 +249,23 @@ def run_gc(plan: dict[str, Any]) -> dict[str, Any]:
     """Carry out ``gc_plan``'s plan; returns what was done (leftovers someone else removed
     meanwhile, or steps another process deleted first, are reported as not done)."""
     catalog = plan["catalog"]
-    done_leftovers = [_leftover_dict(lo, catalog) for lo in catalog.carry_out(plan["leftover_objs"])]
-    deleted = []
-    for info in plan["doomed"]:
-        if catalog.delete(info):
-            deleted.append(info.step)
-    return {"leftovers": done_leftovers, "deleted_steps": deleted}
+    failed: list = []
+    todo = [lo for lo in plan["leftover_objs"] if lo.action != "keep"]
+    done, deleted = [], []
+    with count_progress(f"gc {catalog.store.where()}", len(todo) + len(plan["doomed"])) as step:
+        for lo in todo:
+            done += catalog.carry_out([lo], failed)
+            step()
+        for info in plan["doomed"]:
+            try:
+                if catalog.delete(info):
+                    deleted.append(info.step)
+            except CheckpointError as e:
+                failed.append((info, str(e)))
+            step()
+    done_leftovers = [_leftover_dict(lo, catalog) for lo in done]
+    return {"leftovers": done_leftovers, "deleted_steps": deleted,
+            "failed": [{"name": getattr(x, "name", ""), "error": why} for x, why in failed]}
 
 
 def format_time(created: str) -> str:

@@ -71,25 +71,27 @@ class VerifyReport:
 
 
 def verify(path: Any, *, checksums: bool = True, progress: bool | None = None,
-           filesystem: Any = None) -> VerifyReport:
+           filesystem: Any = None, label: str | None = None) -> VerifyReport:
     """Check the checkpoint at ``path`` (a path or a URI) completely and return a
     :class:`VerifyReport`.
 
     ``checksums=False`` checks structure, presence and sizes only (no file is read beyond
     the manifest and index). ``progress``: a progress bar on stderr (None: only on a
-    terminal and for large checkpoints). Never raises for a damaged checkpoint.
+    terminal and for large checkpoints), named ``label`` (default: the checkpoint's name).
+    Never raises for a damaged checkpoint.
     """
     report = VerifyReport(str(path), checksums=checksums)
     try:
         store, name = resolve(path, filesystem)
         report.path = store.where(name)
-        _verify(store, name, report, checksums, progress)
+        _verify(store, name, report, checksums, progress, label)
     except Exception as e:  # noqa: BLE001 - a verifier reports, it does not crash
         report.problem(f"{report.path}: verification stopped by an unexpected error: {type(e).__name__}: {e}")
     return report
 
 
-def _verify(store: Store, name: str, report: VerifyReport, checksums: bool, progress: bool | None) -> None:
+def _verify(store: Store, name: str, report: VerifyReport, checksums: bool, progress: bool | None,
+            label: str | None = None) -> None:
     where = store.where(name)
     layout = layout_of(store, name)
     if layout.kind in ("missing", "file", "orbax", "steps", "empty", "other"):
@@ -150,7 +152,7 @@ def _verify(store: Store, name: str, report: VerifyReport, checksums: bool, prog
         except (OSError, CheckpointError) as e:
             return [f"{where}: {fname} cannot be read: {e}"]
 
-    with byte_progress(f"verifying {name}", total, progress) as advance:
+    with byte_progress(f"verifying {label or name}", total, progress, done=f"verified {label or name}") as advance:
         names = sorted(sound)
         for problems in run_all(lambda n: check(n, advance), names, default_thread_count()):
             for p in problems:

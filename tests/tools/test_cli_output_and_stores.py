@@ -49,7 +49,9 @@ def run_dir(tmp_path) -> Path:
 # --- tables at 80 columns --------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["ls", "inspect", "diff"])
-def test_tables_do_not_cut_numbers_at_80_columns(run_dir, capsys, monkeypatch, command):
+def test_piped_tables_at_80_columns_keep_names_and_numbers_whole(run_dir, capsys, monkeypatch, command):
+    """Piped (not a terminal) with COLUMNS=80, as in CI logs: no cell is wrapped or cut, so
+    every file name, key and number stands whole on its line (greppable)."""
     monkeypatch.setenv("COLUMNS", "80")
     step = run_dir / "step_1000003"
     argv = {"ls": ["ls", str(run_dir)], "inspect": ["inspect", str(step)],
@@ -57,7 +59,10 @@ def test_tables_do_not_cut_numbers_at_80_columns(run_dir, capsys, monkeypatch, c
     rc, out, err = run_main(capsys, argv)
     assert rc in (0, 1), err
     assert "…" not in out                                    # nothing cut with an ellipsis
-    assert max(len(line) for line in out.splitlines()) <= 80
+    lines = out.splitlines()
+    if command == "inspect":
+        for name in Checkpoint(step).manifest.files:
+            assert any(name in line for line in lines), f"{name} is wrapped"
     flat = out.replace("│", " ")
     if command == "ls":
         for s in ("1000001", "1000002", "1000003"):
@@ -267,3 +272,84 @@ def test_item_save_carries_over_again_when_the_checkpoint_changed_on_s3(s3_serve
     ck = Checkpoint(uri)
     np.testing.assert_array_equal(ck.read_arrays("model")["w"], tree(5)["w"])
     np.testing.assert_array_equal(ck.read_arrays("optimizer")["w"], tree(7)["w"])   # not reverted
+
+
+# --- #18.8 polish ----------------------------------------------------------------------------------
+
+def test_version_and_a_help_that_imports_no_jax():
+    import subprocess
+    import sys
+    import time
+
+    from shardckpt import __version__
+    r = subprocess.run([sys.executable, "-m", "shardckpt.tools.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"shardckpt {__version__}"
+    code = ("import sys, time; t = time.perf_counter(); from shardckpt.tools.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('JAX', 'jax' in sys.modules, 'RAY', 'ray' in sys.modules, file=sys.stderr)")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    took = time.perf_counter() - t
+    assert "JAX False RAY False" in r.stderr, r.stderr
+    assert "usage: shardckpt" in r.stdout
+    print(f"\n--help in a fresh interpreter: {took:.2f} s")
+
+
+def test_verify_lists_steps_in_numeric_order(tmp_path, capsys):
+    for step in (11, 5, 8, 100):
+        save_items(tmp_path / "run" / f"step_{step}", {"model": tree(step)}, step=step)
+    rc, out, _ = run_main(capsys, ["verify", str(tmp_path / "run")])
+    assert rc == 0
+    shown = [int(line.split("step_")[1].split()[0]) for line in out.splitlines() if "step_" in line]
+    assert shown == [5, 8, 11, 100]
+
+
+def test_inspect_and_diff_of_a_manager_directory_name_the_right_command(run_dir, capsys):
+    rc, _, err = run_main(capsys, ["inspect", str(run_dir)])
+    assert rc == 2 and f"shardckpt ls {run_dir}" in err and "damaged" not in err.lower()
+    rc, _, err = run_main(capsys, ["diff", str(run_dir), str(run_dir / "step_1000001")])
+    assert rc == 2 and "directory of checkpoints" in err and "shardckpt diff" in err
+
+
+def test_ls_of_one_checkpoint_directory_shows_it(run_dir, capsys):
+    rc, out, _ = run_main(capsys, ["ls", str(run_dir / "step_1000002")])
+    assert rc == 0 and "1000002" in out and "1 checkpoints" in out
+    rc, out, _ = run_main(capsys, ["ls", str(run_dir / "step_1000002"), "--json"])
+    assert [c["step"] for c in json.loads(out)["checkpoints"]] == [1000002]
+
+
+def test_gc_says_what_it_could_not_remove(run_dir, capsys):
+    """A leftover gc cannot remove (a read-only mount, another user's files): gc names it and
+    exits 1 instead of reporting success (it exited 0 and never mentioned it)."""
+    import errno
+    import os
+
+    from shardckpt.testing import Fault, FaultPlan
+    from tests.conftest import dead_pid, this_host
+    leftover = run_dir / f".step_1000004.tmp-{this_host()}-{dead_pid()}-0000deadbeef"
+    leftover.mkdir()
+    (leftover / "x.npz").write_bytes(b"x")
+    with FaultPlan(Fault("remove", ".step_1000004.tmp-*", errno.EROFS, times=1 << 30)):
+        rc, out, _ = run_main(capsys, ["gc", str(run_dir)])
+    assert rc == 1 and "could not remove" in out and leftover.name in out and "Read-only" in out
+    assert leftover.exists()
+    with FaultPlan(Fault("remove", ".step_1000004.tmp-*", errno.EROFS, times=1 << 30)):
+        rc, out, _ = run_main(capsys, ["gc", str(run_dir), "--json"])
+    assert rc == 1 and json.loads(out)["failed"][0]["name"] == leftover.name
+    rc, out, _ = run_main(capsys, ["gc", str(run_dir)])
+    assert rc == 0 and not os.path.exists(leftover)
+
+
+def test_a_save_and_a_load_leave_one_summary_line(tmp_path, caplog):
+    """After its (transient) progress bar, a save or load leaves one line with the bytes, the
+    seconds and the rate, in binary units: on stderr where the bar was drawn, and in the
+    ``shardckpt`` logger."""
+    import logging
+
+    from shardckpt import restore, save
+    caplog.set_level(logging.INFO, logger="shardckpt")
+    save(tmp_path / "c", {"w": np.zeros((256, 256), np.float32)}, progress=True)
+    restore(tmp_path / "c", progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "shardckpt"]
+    assert any(line.startswith("saved c: 256.") and "KiB in" in line and "/s" in line for line in lines), lines
+    assert any(line.startswith("loaded c: 256.") for line in lines), lines
