@@ -261,7 +261,7 @@ def small_fs(request, tmp_path):
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def _fill(ballast: Path) -> int:
+def fill_until_full(ballast: Path) -> int:
     """Grow ``ballast`` until the filesystem is full; returns its size."""
     size = 0
     with open(ballast, "wb") as f:
@@ -287,7 +287,7 @@ def test_disk_full_at_every_point_of_a_save(small_fs):
     mgr.save(1, Tiny(tree_for(1)))
     before = _files(directory)
     ballast = small_fs / "ballast"
-    filled = _fill(ballast)
+    filled = fill_until_full(ballast)
     step_bytes = 1024 if os.environ.get("SHARDCKPT_STRESS") else 4096
     failures, where_failed, successes = 0, {}, 0
     reserve = 0
