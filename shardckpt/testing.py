@@ -219,6 +219,13 @@ class MemoryStore(VersionedStore):
         with MemoryStore.lock:
             self.objects[self.key(name)] = bytes(data)
 
+    def copy(self, src: str, dst: str) -> None:
+        with MemoryStore.lock:
+            data = self.objects.get(self.key(src))
+            if data is None:
+                raise FileNotFoundError(self.where(src))
+            self.objects[self.key(dst)] = data
+
     def delete(self, names: list[str]) -> None:
         with MemoryStore.lock:
             for n in names:

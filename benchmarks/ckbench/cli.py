@@ -30,7 +30,8 @@ benchmarks/README.md (how to add a system) and docs/benchmarks.md (results).
 Other modes: --scaling (the Ray backend on ray.cluster_utils.Cluster with 1, 2, 4 simulated
 nodes), --index-bench (the committer's and loader's cost for a synthetic index), --s3 (saves
 and restores to a loopback moto S3 server), --regression OLD_TREE (local save/restore of this
-tree against an older one) and --replica (replica-aware restore on a 2-node Cluster).
+tree against an older one), --replica (replica-aware restore on a 2-node Cluster) and
+--incremental (LoRA fine-tune saves: incremental vs full vs Orbax best vs the limit).
 """
 
 
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--replica-arrays", type=int, default=64, help="1024x1024 float32 arrays of the replicated state")
     p.add_argument("--replica-workers", default="1,2,4", help="workers per node (--replica)")
     p.add_argument("--replica-modes", default="shared,threads", help="shared (NodeSharedReader), threads (--replica)")
+    p.add_argument("--incremental", action="store_true",
+                   help="incremental saves: a LoRA fine-tune of --preset, incremental vs full vs Orbax best vs the limit")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (--incremental)")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="result file name stem (default: bench, bench_quick, bench_smoke, scaling, index_bench)")
     p.add_argument("--workdir", default=None, help="scratch directory for checkpoints (default: a new dir in $TMPDIR)")
@@ -193,6 +197,16 @@ def main(argv=None) -> int:
         res = index_bench(args, console)
         meta["load_avg_end"] = load_avg()
         path = out_dir / f"{args.tag or 'index_bench'}.json"
+        path.write_text(json.dumps({**meta, **res}, indent=1))
+        console.print(f"wrote {path}")
+        return 0
+
+    if args.incremental:
+        from .incremental_bench import run_incremental
+        console.print(f"incremental benchmark (load {load_avg()})")
+        res = run_incremental(args, console)
+        meta["load_avg_end"] = load_avg()
+        path = out_dir / f"{args.tag or 'incremental'}.json"
         path.write_text(json.dumps({**meta, **res}, indent=1))
         console.print(f"wrote {path}")
         return 0

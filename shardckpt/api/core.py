@@ -21,13 +21,14 @@ from flax import nnx
 
 from shardckpt.api.nnx_state import restore_module_state, state_of
 from shardckpt.api.session import SaveOptions, resolve_load_executor, save_session
-from shardckpt.errors import CheckpointError, StructureMismatchError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
 from shardckpt.format.names import check_name
 from shardckpt.format.parts import CommitArgs
 from shardckpt.loading.checkpoint import Checkpoint, read_consistently
 from shardckpt.loading.open import open_checkpoint
+from shardckpt.saving.commit import committed_version
 from shardckpt.saving.metrics import check_metrics
-from shardckpt.saving.pipeline import prepare_items, run_save
+from shardckpt.saving.pipeline import SaveReport, prepare_items, run_save
 from shardckpt.store.registry import resolve
 from shardckpt.tree import FlatTree, decode_scalar
 
@@ -43,7 +44,8 @@ def check_item_name(name: Any, where: str = "items") -> str:
 def save_checkpoint(path: Any, items: dict[str, Any], options: SaveOptions | None = None, *,
                     step: int | None = None, json_files: dict[str, Any] | None = None,
                     metrics: dict | None = None, keep_other_items: bool = False,
-                    prepared: tuple | None = None, filesystem: Any = None) -> Any:
+                    prepared: tuple | None = None, filesystem: Any = None, base: Any = None,
+                    missing_base_ok: bool = False, on_report: Callable[[SaveReport], None] | None = None) -> Any:
     """Write ``items`` (name -> pytree) as a committed checkpoint at ``path`` (a local
     path or a URI such as ``s3://bucket/run/step_7``); returns its location.
 
@@ -52,17 +54,40 @@ def save_checkpoint(path: Any, items: dict[str, Any], options: SaveOptions | Non
     metadata files that this save does not rewrite are carried over (hard links or the same
     objects, no data copied), which is how ``save_model`` + ``save_optimizer`` build one
     checkpoint. ``prepared`` is ``prepare_items(items)`` taken earlier (async saves).
+    With ``base`` (a checkpoint in the same directory) the arrays it holds unchanged are
+    carried instead of written (``saving/incremental.py``); a base that is not there is an
+    error unless ``missing_base_ok`` (the manager's latest step may be retired meanwhile). ``on_report`` receives the ``SaveReport``.
     """
     options = options or SaveOptions()
     check_metrics(metrics)          # before anything is written: a bad metric fails no commit
     store, name = resolve(path, filesystem)
+    base_name = base_in(store, base, filesystem) if base is not None else None
+    if base_name is not None and not missing_base_ok and committed_version(store, base_name) is None:
+        raise CheckpointNotFoundError(f"base={base!s}: no committed checkpoint at {store.where(base_name)} to save "
+                                      "incrementally against")
     session = save_session(store, name, options)
     prepared = prepared if prepared is not None else prepare_items(items)
-    return run_save(store, name, prepared, coordinator=session.coordinator, executor=session.executor,
-                    participant=session.participant, participants=session.count,
-                    replicated=session.replicated, num_shards=options.num_shards, compress=options.compress,
-                    progress=options.progress,
-                    commit_args=CommitArgs(step, json_files, metrics, keep_other_items))
+    report = run_save(store, name, prepared, coordinator=session.coordinator, executor=session.executor,
+                      participant=session.participant, participants=session.count,
+                      replicated=session.replicated, num_shards=options.num_shards, compress=options.compress,
+                      progress=options.progress,
+                      commit_args=CommitArgs(step, json_files, metrics, keep_other_items),
+                      base=base_name)
+    if on_report is not None:
+        on_report(report)
+    return report.location
+
+
+def base_in(store, base: Any, filesystem: Any = None) -> str:
+    """The name of checkpoint ``base`` in ``store``: an incremental save carries files from a
+    checkpoint beside the one it writes (the same directory, the same store)."""
+    if isinstance(base, str) and "/" not in base and "://" not in base and not base.startswith("."):
+        return base                           # a bare name: a checkpoint of the same directory
+    base_store, base_name = resolve(base, filesystem)
+    if base_store.uri != store.uri:
+        raise CheckpointError(f"base={base!s}: an incremental save carries files from a checkpoint in the same "
+                              f"directory ({store.where()}), not {base_store.where()}")
+    return base_name
 
 
 def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | None = None,
@@ -70,7 +95,7 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
          num_shards: int | None = None, backend: str = "auto", num_writers: int | None = None,
          save_timeout: float | None = None, join_timeout: float | None = None,
          process_index: int | None = None, process_count: int | None = None,
-         progress: bool | None = None) -> Any:
+         progress: bool | None = None, base: Any = None) -> Any:
     """Save a pytree as one atomic checkpoint at ``path`` (a directory, or a URI such as
     ``s3://bucket/run/ckpt``); returns the path.
 
@@ -80,6 +105,11 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
     their type); real dtypes (bfloat16, PRNG keys...) come back bit for bit. An ``nnx.Module``
     or ``nnx.Optimizer`` is saved as its ``nnx.state``. A checkpoint already at ``path`` is
     replaced as a whole, atomically. ``metrics`` (JSON) are recorded in the manifest.
+
+    ``base``: a checkpoint in the same directory (its path, or just its name) to save
+    incrementally against: arrays it holds unchanged are carried (hard links, server-side
+    copies) instead of written; the new checkpoint is whole on its own (deleting ``base``
+    later breaks nothing).
 
     One process saves, by default, whatever else runs (Ray Train workers included). In a
     multi-process job where every process holds part of the state, pass ``process_index`` /
@@ -101,7 +131,7 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
     if not all_items:
         raise CheckpointError(f"{path}: nothing to save: pass a tree (save(path, tree)) or items={{...}}")
     json_files = {"metrics.json": metrics} if metrics is not None else None
-    return save_checkpoint(path, all_items, options, step=step, json_files=json_files, metrics=metrics)
+    return save_checkpoint(path, all_items, options, step=step, json_files=json_files, metrics=metrics, base=base)
 
 
 def pick_item(ck: Checkpoint, item: str | None) -> str:

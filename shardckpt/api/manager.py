@@ -34,7 +34,7 @@ from shardckpt.format.names import check_name
 from shardckpt.loading.checkpoint import read_consistently
 from shardckpt.loading.open import layout_of, open_checkpoint, orbax_hint
 from shardckpt.saving.metrics import check_metrics
-from shardckpt.saving.pipeline import prepare_items
+from shardckpt.saving.pipeline import SaveReport, prepare_items
 from shardckpt.store.registry import open_store, resolve
 from shardckpt.workers import Background
 
@@ -107,7 +107,8 @@ class CheckpointManager:
                  prefix: str = "step", *, backend: str = "auto", num_writers: int | None = None,
                  save_timeout: float | None = None, num_shards: int | None = None,
                  compress: bool = False, verify: bool = True, progress: bool | None = None,
-                 async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT):
+                 async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT,
+                 incremental: bool = True):
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool)
@@ -117,7 +118,7 @@ class CheckpointManager:
             raise CheckpointError(f"best_to_keep={best_to_keep!r}: expected an integer >= 0")
         if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
             raise CheckpointError(f"best_metric={best_metric!r:.60}: give the name of a metric you save, or None")
-        for name, value in (("verify", verify), ("async_save", async_save)):
+        for name, value in (("verify", verify), ("async_save", async_save), ("incremental", incremental)):
             if not isinstance(value, bool):
                 raise CheckpointError(f"{name}={value!r:.40}: expected True or False")
         check_name(prefix, "prefix")
@@ -134,6 +135,8 @@ class CheckpointManager:
         self.verify = verify
         self.catalog = Catalog(self.store, prefix)
         self.async_save = async_save
+        self.incremental = incremental
+        self.last_save: SaveReport | None = None
         self._pending: Background | None = None
         self._pending_step: int | None = None
         self._best_metric_missing_said = False
@@ -256,6 +259,9 @@ class CheckpointManager:
         UNCOLLECTED.add(self)
         return final
 
+    def _keep_report(self, report: SaveReport) -> None:
+        self.last_save = report
+
     def _check_best_metric(self, metrics: dict | None) -> None:
         """With ``best_metric``, each save's value of it must be a number (a string cannot
         rank checkpoints); a save without it is said once, since best_step and best-K
@@ -281,8 +287,12 @@ class CheckpointManager:
 
     def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
                        process_count) -> Any:
+        latest = self.latest_step if self.incremental else None
         path = save_checkpoint(final, {}, self.options.with_participant(process_index, process_count), step=step,
-                               json_files=json_files, metrics=metrics, prepared=prepared)
+                               json_files=json_files, metrics=metrics, prepared=prepared,
+                               base=self.catalog.name_of(latest) if latest is not None else None,
+                               missing_base_ok=True,
+                               on_report=self._keep_report)
         if retain:
             self.apply_retention()
         return path

@@ -36,6 +36,7 @@ CHECKSUM_ALGO = "xxh3-64"
 _LEGACY_FIELDS = frozenset({"format", "version", "step", "created", "writers", "host_count", "metrics",
                             "items", "files", "meta_files", "index", "transaction"})
 _CHECKSUM = re.compile(r"xxh3-64:([0-9a-f]{16})")
+DIGEST = re.compile(r"xxh3-64:[0-9a-f]{16}")       # an array's content digest (ItemRecord.digests)
 
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -84,11 +85,19 @@ def parse_array_spec(key: str, d: Any, where: str) -> ArraySpec:
 
 @dataclass
 class ItemRecord:
+    """What one item holds: its arrays' specs, its scalar leaves, and (optional) a content
+    digest of each array (``"xxh3-64:<hex>"`` over the stored bytes of its pieces in box
+    order, ``digest_pieces``): what an incremental save compares to carry unchanged arrays."""
+
     arrays: dict[str, ArraySpec] = field(default_factory=dict)
     scalars: dict[str, dict] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"arrays": {k: s.to_json() for k, s in self.arrays.items()}, "scalars": self.scalars}
+        d = {"arrays": {k: s.to_json() for k, s in self.arrays.items()}, "scalars": self.scalars}
+        if self.digests:
+            d["digests"] = dict(sorted(self.digests.items()))
+        return d
 
 
 @dataclass
@@ -179,7 +188,11 @@ class Manifest:
                 scalars = _dict(rec["scalars"], where)
                 for k, v in scalars.items():
                     decode_scalar(k, v, f"{where}: item {name!r}")
-                items[str(name)] = ItemRecord(arrays, scalars)
+                digests = _dict(rec.get("digests", {}), f"{where}: item {name!r} digests")
+                for k, v in digests.items():
+                    if k not in arrays or not isinstance(v, str) or not DIGEST.fullmatch(v):
+                        raise CorruptCheckpointError(f"{where}: item {name!r}: malformed digest of {k!r:.200}")
+                items[str(name)] = ItemRecord(arrays, scalars, dict(digests))
             files = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["files"], where).items()}
             meta = {check_file_name(k, where): _file_record(v, f"{where}: file {k!r}") for k, v in _dict(d["meta_files"], where).items()}
             index_file = check_file_name(d.get("index", INDEX), where)

@@ -19,16 +19,17 @@ import flax
 import jax
 import numpy as np
 
-from shardckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, ReplacedWhileReadingError, SaveAbortedError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ReplacedWhileReadingError, SaveAbortedError
 from shardckpt.format import limits
 from shardckpt.format.fragments import dump_directory, dump_fragment, plan_fragments
 from shardckpt.format.index import check_index, dump_index, index_columns, no_cyclic_gc
 from shardckpt.format.manifest import INDEX, FileRecord, ItemRecord, Manifest
 from shardckpt.format.names import fragment_name, is_fragment_name
-from shardckpt.format.parts import CommitArgs, PartReport
+from shardckpt.format.parts import Carry, CommitArgs, PartReport
 from shardckpt.format.shard import ChunkRecord
 from shardckpt.format.version import Version
 from shardckpt.release import __version__
+from shardckpt.saving.incremental import BaseChanged
 from shardckpt.saving.metrics import json_bytes, plain_metrics
 from shardckpt.store.base import Staging, Store, VersionChanged
 
@@ -69,6 +70,8 @@ def _commit(staging: Staging, parts: list[PartReport], args: CommitArgs, transac
             files[r.file] = FileRecord(r.size, r.xxh3_64, item, r.writer)
             for c in r.chunks:
                 chunks_by_item[item][c.key].append((r.file, c))
+    if args.carry:
+        carry_files(staging, args.carry, chunks_by_item, files)
     if not args.keep_other_items:
         _publish(staging, parts, args, records, chunks_by_item, files, {}, args.step, args.metrics,
                  dict(args.json_files or {}), transaction)
@@ -101,6 +104,35 @@ def _commit(staging: Staging, parts: list[PartReport], args: CommitArgs, transac
             staging.forget({*adopted, *meta_files})
     raise SaveAbortedError(f"saving {where}: the checkpoint was replaced {CARRY_OVER_ATTEMPTS} times by "
                            "other saves while this one carried its other items over; nothing was committed")
+
+
+def carry_files(staging: Staging, carry: Carry, chunks_by_item: dict, files: dict[str, FileRecord]) -> None:
+    """Adopt the files an incremental save carries from its base (a hard link, a server-side
+    copy) and add their rows to the index. The base must still be the version whose rows
+    were planned once its files are adopted, else ``BaseChanged`` (nothing is committed and
+    the save is done again without a base): a replaced base's files are another version's."""
+    where = staging.store.where(staging.final)
+    renamed = {}
+    try:
+        for fname, rec in carry.files.items():
+            size = staging.store.size(f"{carry.base}/{fname}")
+            if size != rec.size:
+                raise CorruptCheckpointError(f"{carry.base}/{fname} has {size} bytes, its manifest says {rec.size}")
+            renamed[fname] = staging.adopt(carry.base, fname)
+    except (OSError, CheckpointError) as e:
+        raise BaseChanged(f"saving {where}: the base checkpoint {carry.base} changed while its files were "
+                          f"carried ({type(e).__name__}: {e})") from e
+    now = committed_version(staging.store, carry.base)
+    if now is None or now.id != carry.base_id:
+        raise BaseChanged(f"saving {where}: the base checkpoint {carry.base} was replaced or deleted while its "
+                          "files were carried")
+    for fname, new in renamed.items():
+        if new in files:
+            raise SaveAbortedError(f"saving {where}: carried file {new} clashes with a file this save wrote")
+        files[new] = carry.files[fname]
+    for item, by_key in carry.rows.items():
+        for key, rows in by_key.items():
+            chunks_by_item[item][key] = [(renamed[f], c) for f, c in rows]
 
 
 def committed_version(store: Store, name: str) -> Version | None:

@@ -16,20 +16,27 @@ which store it writes to, which coordinator agrees or which executor writes.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
+from shardckpt.coord.base import Coordinator
 from shardckpt.errors import CheckpointError, SaveAbortedError
 from shardckpt.executors.base import Writer
 from shardckpt.format import limits
 from shardckpt.format.manifest import MANIFEST, ItemRecord
 from shardckpt.format.names import is_version_dir
-from shardckpt.format.parts import CommitArgs, PartReport
-from shardckpt.progress import byte_progress
+from shardckpt.format.parts import Carry, CommitArgs, PartReport
+from shardckpt.progress import byte_progress, size_text
+from shardckpt.saving.commit import committed_version
+from shardckpt.saving.incremental import BaseChanged, digest_pieces, plan_carry, without_carried
 from shardckpt.saving.plan import default_num_shards, plan_save
 from shardckpt.store.base import Staging, Store
 from shardckpt.tree import FlatTree, split_values
+from shardckpt.workers import run_all
 
 REPLICATED_SHARDS_PER_PARTICIPANT = 2
+DIGEST_THREADS = 2             # arrays hashed at once (xxh3 runs at memory speed: ~25 GB/s a thread here)
 
 
 def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dict[str, list], dict[str, ItemRecord]]:
@@ -74,7 +81,8 @@ def check_manifest_size(records: dict[str, ItemRecord]) -> None:
 
 
 def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *, participant: int = 0,
-              participants: int = 1, replicated: bool = False, shard_cap: int | None = None) -> list[tuple[str, Any]]:
+              participants: int = 1, replicated: bool = False, shard_cap: int | None = None,
+              tag: str | None = None) -> list[tuple[str, Any]]:
     """The shards this participant writes, as (item, ShardPlan).
 
     ``replicated``: every participant holds the same full state (data parallel). All of them
@@ -84,6 +92,8 @@ def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *,
     """
     out = []
     for name, arrays in entries.items():
+        if tag and not arrays:
+            continue                    # every array of the item carried: no file to write
         nbytes = sum(p.data.nbytes for e in arrays for p in e.pieces)
         # replicated: every participant must compute the same global plan, so the default
         # may not depend on this machine's thread count
@@ -94,7 +104,7 @@ def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *,
             plans = plan_save(name, arrays, n * participants)
             out.extend((name, plan) for i, plan in enumerate(plans) if i % participants == participant)
         else:
-            plans = plan_save(name, arrays, n, process_index=participant, process_count=participants)
+            plans = plan_save(name, arrays, n, process_index=participant, process_count=participants, tag=tag)
             out.extend((name, plan) for plan in plans)
     return out
 
@@ -102,14 +112,17 @@ def plan_part(entries: dict[str, list], num_shards: int | None, workers: int, *,
 def write_part(staging: Staging, entries: dict[str, list], records: dict[str, ItemRecord], executor: Writer,
                *, num_shards: int | None = None, compress: bool = False, progress: bool | None = None,
                participant: int = 0, participants: int = 1, replicated: bool = False,
-               deadline: float | None = None) -> PartReport:
-    """Plan this participant's shards and have ``executor`` write them into ``staging``."""
+               deadline: float | None = None, carry: Carry | None = None) -> PartReport:
+    """Plan this participant's shards and have ``executor`` write them into ``staging``
+    (with ``carry``: only what is not carried, into files named after this save)."""
     total = sum(p.data.nbytes for arrays in entries.values() for e in arrays for p in e.pieces)
+    tag = staging.txn[:8] if carry else None
     planned = plan_part(entries, num_shards, executor.num_workers or 1, participant=participant,
                         participants=participants, replicated=replicated,
-                        shard_cap=executor.shard_bytes_cap(total))
+                        shard_cap=executor.shard_bytes_cap(total), tag=tag)
     total = sum(plan.nbytes for _, plan in planned)
-    with byte_progress(f"saving {staging.final}", total, progress, done=f"saved {staging.final}") as advance:
+    done = f"saved {staging.final}" + (f" ({size_text(carry.nbytes)} carried from {carry.base})" if carry else "")
+    with byte_progress(f"saving {staging.final}", total, progress, done=done) as advance:
         reports = executor.write_shards(staging, [plan for _, plan in planned], compress=compress,
                                         progress=advance, deadline=deadline)
     expected = {staging.stored_name(plan.file) for _, plan in planned}
@@ -149,28 +162,93 @@ def as_save_error(e: BaseException, where: str) -> BaseException:
     return SaveAbortedError(f"saving {where} failed, nothing was committed: {type(e).__name__}: {e}")
 
 
-def run_save(store: Store, final: str, prepared: tuple, *, coordinator, executor: Writer,
+@dataclass
+class SaveReport:
+    """What a save did: where the checkpoint is, and the bytes and files it wrote and carried
+    (from ``base``, an incremental save's base checkpoint)."""
+
+    location: Any
+    bytes_written: int = 0
+    files_written: int = 0
+    bytes_carried: int = 0
+    files_carried: int = 0
+    base: str | None = None
+    seconds: float = 0.0
+
+
+def run_save(store: Store, final: str, prepared: tuple, *, coordinator: Coordinator, executor: Writer,
              participant: int = 0, participants: int = 1, replicated: bool = False,
              num_shards: int | None = None, compress: bool = False, progress: bool | None = None,
-             commit_args: CommitArgs | None = None) -> Any:
+             commit_args: CommitArgs | None = None, base: str | None = None) -> SaveReport:
     """Save ``prepared`` (``prepare_items`` output) as checkpoint ``final`` of ``store``;
-    returns its location once committed. Every participant of a save calls this."""
+    returns what it did once committed. Every participant of a save calls this.
+
+    A save of one participant records each array's content digest; with ``base`` (a
+    checkpoint of the same store) it carries the arrays that base holds unchanged instead of
+    writing them (``incremental.py``). A base replaced or deleted meanwhile makes the save
+    run again without it. (A save of several participants records no digests and carries
+    nothing: each holds only pieces of the arrays.)"""
     where = store.where(final)
+    start = time.perf_counter()
     if participant == 0:
         check_replaceable(store, final)
     entries, records = prepared
+    commit_args = commit_args or CommitArgs()
+    carry = None
+    if participants == 1:
+        if base is not None and commit_args.keep_other_items:
+            raise CheckpointError(f"saving {where}: an incremental save replaces the whole checkpoint; it cannot "
+                                  "also keep the checkpoint's other items")
+        pairs = [(item, e) for item, arrays in entries.items() for e in arrays]
+        for (item, e), digest in zip(pairs, run_all(lambda ie: digest_pieces(ie[1]), pairs, DIGEST_THREADS)):
+            records[item].digests[e.key] = digest
+        carry = plan_base(store, base, entries, records) if base is not None else None
+    try:
+        part = _attempt(store, final, entries, records, coordinator, executor, participant, participants,
+                        replicated, num_shards, compress, progress, commit_args, carry)
+    except BaseChanged:
+        carry = None            # the base changed under the carry: write everything, from the host copies
+        part = _attempt(store, final, entries, records, coordinator, executor, participant, participants,
+                        replicated, num_shards, compress, progress, commit_args, None)
+    return SaveReport(store.location(final), sum(r.size for r in part.reports), len(part.reports),
+                      carry.nbytes if carry else 0, len(carry.files) if carry else 0, carry.base if carry else None,
+                      time.perf_counter() - start)
+
+
+def plan_base(store: Store, base: str, entries: dict[str, list], records: dict[str, ItemRecord]) -> Carry | None:
+    """What to carry from checkpoint ``base``; None where it is gone, damaged or replaced
+    while its index is read (another process re-saving it): the save then writes it all."""
+    try:
+        version = committed_version(store, base)
+        return (plan_carry(base, version, entries, records) or None) if version is not None else None
+    except (CheckpointError, OSError):
+        return None
+
+
+def _attempt(store, final, entries, records, coordinator, executor, participant, participants, replicated,
+             num_shards, compress, progress, commit_args: CommitArgs, carry: Carry | None) -> PartReport:
+    """One transaction of ``run_save``: begin, write this participant's part, report, wait."""
+    where = store.where(final)
     txn = coordinator.begin(participant)
     txn.staging.store.deadline = txn.deadline      # retries of transient errors stop at the deadline
+    to_write = without_carried(entries, carry) if carry else entries
     try:
-        part = write_part(txn.staging, entries, records, executor, num_shards=num_shards, compress=compress,
+        part = write_part(txn.staging, to_write, records, executor, num_shards=num_shards, compress=compress,
                           progress=progress, participant=participant, participants=participants,
-                          replicated=replicated, deadline=txn.deadline)
-        coordinator.report(txn, participant, part, (commit_args or CommitArgs()) if participant == 0 else None)
+                          replicated=replicated, deadline=txn.deadline, carry=carry)
+        args = replace(commit_args, carry=carry)
+        coordinator.report(txn, participant, part, args if participant == 0 else None)
         coordinator.wait(txn)
+    except BaseChanged as e:
+        coordinator.abort(txn, f"participant {participant}: {_first_line(e)}")
+        raise
     except BaseException as e:
+        if isinstance(e, SaveAbortedError) and "BaseChanged:" in str(e) and carry is not None:
+            coordinator.abort(txn, f"participant {participant}: {_first_line(e)}")
+            raise BaseChanged(str(e)) from e      # a coordinator hands a committer's error back as its own
         coordinator.abort(txn, f"participant {participant}: {type(e).__name__}: {_first_line(e)}")
         raise as_save_error(e, where) from e
-    return store.location(final)
+    return part
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,10 +22,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.@\-]")
 
 
 def shard_file_name(item: str, index: int, count: int, process_index: int = 0,
-                    process_count: int = 1) -> str:
+                    process_count: int = 1, tag: str | None = None) -> str:
+    """``{item}[-{tag}][-p{process}]-{index}-of-{count}.npz``; ``tag`` names the save that
+    wrote the file where files of earlier saves sit beside it (incremental saves)."""
+    head = f"{item}-{tag}" if tag else item
     if process_count > 1:
-        return f"{item}-p{process_index:05d}-{index:05d}-of-{count:05d}.npz"
-    return f"{item}-{index:05d}-of-{count:05d}.npz"
+        return f"{head}-p{process_index:05d}-{index:05d}-of-{count:05d}.npz"
+    return f"{head}-{index:05d}-of-{count:05d}.npz"
 
 
 def default_num_shards(total_bytes: int, num_writers: int) -> int:
@@ -56,7 +59,7 @@ def _member_name(key: str, offset: tuple[int, ...], whole: bool, taken: set[str]
 
 
 def plan_save(item: str, entries: list[ArrayEntry], num_shards: int, *,
-              process_index: int = 0, process_count: int = 1) -> list[ShardPlan]:
+              process_index: int = 0, process_count: int = 1, tag: str | None = None) -> list[ShardPlan]:
     """Assign every piece of ``entries`` (this process's share) to ``num_shards`` files."""
     total = sum(p.data.nbytes for e in entries for p in e.pieces)
     num_shards = max(1, num_shards)
@@ -66,7 +69,7 @@ def plan_save(item: str, entries: list[ArrayEntry], num_shards: int, *,
         for piece in entry.pieces:
             chunks.extend((entry, p) for p in _split_axis0(piece, max_chunk))
     num_shards = max(1, min(num_shards, len(chunks)))
-    names = [shard_file_name(item, i, num_shards, process_index, process_count) for i in range(num_shards)]
+    names = [shard_file_name(item, i, num_shards, process_index, process_count, tag) for i in range(num_shards)]
     shards = [ShardPlan(n) for n in names]
     whole = {e.key for e in entries if len(e.pieces) == 1 and process_count == 1
              and e.pieces[0].data.shape == e.spec.stored_shape}

@@ -100,6 +100,13 @@ class ArrowStore(VersionedStore):
         with self.fs.open_output_stream(path) as out:
             out.write(data)
 
+    def copy(self, src: str, dst: str) -> None:
+        if self.size(src) is None:
+            raise FileNotFoundError(self.where(src))
+        path = self.fs_path(dst)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self.fs.copy_file(self.fs_path(src), path)
+
     def delete(self, names: list[str]) -> None:
         for n in names:
             try:

@@ -44,6 +44,11 @@ class VersionedStore(Store):
     def delete(self, names: list[str]) -> None:
         ...
 
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Copy object ``src`` to ``dst`` (both root-relative) where the data lies, without
+        sending it through this process where the store allows (a server-side copy)."""
+
     def retire(self, name: str) -> None:
         if self.size(f"{name}/{MANIFEST}") is None:
             raise FileNotFoundError(self.where(name))
@@ -135,7 +140,14 @@ class VersionedStaging(Staging):
         self.store.delete([self.staged_path(name)])
 
     def adopt(self, checkpoint_name: str, stored: str) -> str:
-        return stored      # the previous version's object stays; publish keeps what is referenced
+        """A file of the checkpoint being replaced stays where it is (publish keeps what the
+        new manifest references); a file of another checkpoint (an incremental save's base)
+        is copied into this version, server-side, so each checkpoint stays whole on its own."""
+        if checkpoint_name == self.final:
+            return stored
+        name = stored.rsplit("/", 1)[-1]
+        self.store.copy(f"{checkpoint_name}/{stored}", self.staged_path(name))
+        return self.stored_name(name)
 
     def forget(self, names: set[str]) -> None:
         pass         # staged objects are simply written again by the next attempt

@@ -17,7 +17,9 @@ import numpy as np
 
 from shardckpt import CheckpointError, CheckpointManager
 from tests.scenarios.crash_worker import Log
-from tests.scenarios.reliability import DTYPES, Tiny, digest, tree_for
+from tests.scenarios.reliability import Tiny, digest, tree_for
+
+KEYS = list(tree_for(0))          # every array of a saved tree, the frozen one included
 
 
 def saver(directory: str, log_path: str, steps: list[int], seed: int, max_to_keep: int | None,
@@ -42,7 +44,7 @@ def saver(directory: str, log_path: str, steps: list[int], seed: int, max_to_kee
 
 
 def params_of(module) -> dict[str, np.ndarray]:
-    return {k: np.asarray(getattr(module, k).get_value()) for k in DTYPES}
+    return {k: np.asarray(getattr(module, k).get_value()) for k in KEYS}
 
 
 def reader(directory: str, log_path: str, step: int | None, stop_file: str, seed: int, verify: bool) -> None:

@@ -50,14 +50,19 @@ DTYPES = {"w_f32": (np.float32, (96, 64)), "w_bf16": (ml_dtypes.bfloat16, (64, 4
           "w_scalar": (np.float64, ())}
 
 
+FROZEN = np.random.default_rng(12345).standard_normal(16384).astype(np.float32)   # 64 KiB
+
+
 def tree_for(step: int, version: int = 0) -> dict[str, np.ndarray]:
     """The arrays a save of (step, version) holds: a pure function of both, so a checker
-    can tell every version of every step apart bit for bit. ~45 KB in six dtypes."""
+    can tell every version of every step apart bit for bit. ~45 KB in six dtypes, plus
+    64 KiB (``frozen``) that no step changes."""
     rng = np.random.default_rng([int(step), int(version)])
     out = {}
     for key, (dtype, shape) in DTYPES.items():
         bits = rng.integers(0, 256, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
         out[key] = bits.view(dtype).reshape(shape)
+    out["frozen"] = FROZEN          # the same in every step: incremental saves carry it
     return out
 
 
