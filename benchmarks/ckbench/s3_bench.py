@@ -390,7 +390,7 @@ def regression_child(args) -> None:
     assert os.path.realpath(shardckpt.__file__).startswith(os.path.realpath(tree)), (shardckpt.__file__, tree)
     import jax
 
-    from shardckpt import Checkpoint, save      # public names: the same in every tree compared
+    from shardckpt import Checkpoint, save  # public names: the same in every tree compared
 
     from .states import State
     spec = json.loads(args.state_json)
