@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from shardckpt.coord.base import Commit, Coordinator, Txn, committed_by
 from shardckpt.errors import SaveAbortedError
-from shardckpt.format.parts import CommitArgs, PartReport, part_from_bytes, part_to_bytes
+from shardckpt.format.parts import CommitArgs, PartReport, part_body, part_from_bytes, part_to_bytes
 from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT, Store
 
 POLL_SECONDS = 0.05
@@ -76,8 +76,9 @@ class SharedStorageCoordinator(Coordinator):
             for p in range(self.participants):
                 if p not in raws:
                     raw = txn.staging.read_staged(_part_name(p), MAX_PART_BYTES)
-                    if raw is not None:
-                        raws[p] = raw
+                    body = part_body(raw) if raw is not None else None
+                    if body is not None:            # None: not there, or not whole yet
+                        raws[p] = body
             if len(raws) == self.participants:
                 break
             if txn.staging.aborted():

@@ -55,8 +55,14 @@ class CommitArgs:
     keep_other_items: bool = False
 
 
+PART_MAGIC = b"shardckpt-part1\n"
+_PART_HEAD = len(PART_MAGIC) + 16        # magic, body length (8 bytes LE), xxh3-64 of the body
+
+
 def part_to_bytes(part: PartReport) -> bytes:
-    return msgpack.packb({
+    """A participant's report as a staged file: framed with its length and checksum, since
+    a file being written may be read before it is whole (``part_body``)."""
+    body = msgpack.packb({
         "participant": part.participant,
         "items": {n: r.to_json() for n, r in part.items.items()},
         "item_of_file": part.item_of_file,
@@ -66,10 +72,24 @@ def part_to_bytes(part: PartReport) -> bytes:
                                  -1 if c.data_offset is None else c.data_offset, c.nbytes, c.crc32]
                                 for c in r.chunks]} for r in part.reports],
     }, use_bin_type=True)
+    return PART_MAGIC + len(body).to_bytes(8, "little") + xxhash.xxh3_64_digest(body) + body
 
 
-def part_from_bytes(raw: bytes, where: str) -> PartReport:
-    d = msgpack.unpackb(raw, raw=False)
+def part_body(raw: bytes) -> bytes | None:
+    """The body of a staged part, or None while it is not whole yet (shorter than its
+    frame says, or its checksum does not match: still being written)."""
+    if len(raw) < _PART_HEAD or not raw.startswith(PART_MAGIC):
+        return None
+    n = int.from_bytes(raw[len(PART_MAGIC):len(PART_MAGIC) + 8], "little")
+    body = raw[_PART_HEAD:]
+    if len(body) != n or xxhash.xxh3_64_digest(body) != raw[len(PART_MAGIC) + 8:_PART_HEAD]:
+        return None
+    return body
+
+
+def part_from_bytes(body: bytes, where: str) -> PartReport:
+    """A part from its body (``part_body``)."""
+    d = msgpack.unpackb(body, raw=False)
     items = {n: ItemRecord({k: parse_array_spec(k, v, where) for k, v in r["arrays"].items()}, r["scalars"])
              for n, r in d["items"].items()}
     reports = [ShardReport(r["file"], r["size"], r["xxh3_64"],
