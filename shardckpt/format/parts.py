@@ -81,6 +81,10 @@ PART_MAGIC = b"shardckpt-part1\n"
 _PART_HEAD = len(PART_MAGIC) + 16        # magic, body length (8 bytes LE), xxh3-64 of the body
 
 
+PART_MAGIC = b"shardckpt-part1\n"
+_PART_HEAD = len(PART_MAGIC) + 16        # magic, body length (8 bytes LE), xxh3-64 of the body
+
+
 def part_to_bytes(part: PartReport) -> bytes:
     """A participant's report as a staged file: framed with its length and checksum, since
     a file being written may be read before it is whole (``part_body``)."""
