@@ -32,6 +32,7 @@ WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cach
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
 BOUNCE_BYTES = 8 << 20          # staging buffer per writing thread
 STALE_FOREIGN_SECONDS = 24 * 3600   # a hidden directory of another host untouched this long is dead
+LIST_ATTEMPTS = 20              # directory reads a listing retries while entries vanish under it
 
 
 class _BouncePool:
@@ -307,19 +308,30 @@ class LocalStore(Store):
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def list(self, prefix: str = "") -> list[Entry]:
-        try:
-            entries = list(os.scandir(self.path(prefix)))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        out = []
-        for e in entries:
+        """The directory read, then each entry ``lstat``ed. An entry that vanished in between
+        (retention retiring step N after a save published N+1, which this read missed) makes
+        the listing start again, so a directory that always holds a checkpoint never lists
+        without one (#17.10); after ``LIST_ATTEMPTS`` such races the vanished entries are
+        listed as the directory read described them (callers see them gone when they look)."""
+        path = self.path(prefix)
+        for _ in range(LIST_ATTEMPTS):
             try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue   # removed while listing
-            out.append(Entry(e.name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime,
-                             stat.S_ISLNK(st.st_mode)))
-        return out
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            out, vanished = [], []
+            for e in entries:
+                try:
+                    st = os.lstat(os.path.join(path, e.name))
+                except FileNotFoundError:
+                    vanished.append(e)      # removed (or replaced) while listing
+                    continue
+                out.append(Entry(e.name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime,
+                                 stat.S_ISLNK(st.st_mode)))
+            if not vanished:
+                return out
+        return out + [Entry(e.name, e.is_dir(follow_symlinks=False), is_link=e.is_symlink()) for e in vanished]
 
     @contextlib.contextmanager
     def lock(self, name: str):
