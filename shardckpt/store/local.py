@@ -26,7 +26,17 @@ import xxhash
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.store.base import Entry, Leftover, Sink, Source, Staging, Store, T, Written, count_read
-from shardckpt.store.posix import POSIX, Posix, open_data_file, owner_alive, parse_hidden, raise_named, read_small_file, this_host
+from shardckpt.store.posix import (
+    POSIX,
+    Posix,
+    open_data_file,
+    open_dir_beneath,
+    owner_alive,
+    parse_hidden,
+    raise_named,
+    read_small_file,
+    this_host,
+)
 
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
@@ -209,11 +219,12 @@ def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True,
 
 
 class FileSource(Source):
-    """A local file opened without following links; ``buffer`` maps it (no copy)."""
+    """A local file opened without following links; ``buffer`` maps it (no copy). With
+    ``dir_fd``, ``path`` is the file's name in that directory."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, dir_fd: int | None = None, where: str | None = None):
         self.name = name
-        self.fd, self.size = open_data_file(path, str(path.parent))
+        self.fd, self.size = open_data_file(path, where or str(Path(path).parent), dir_fd)
         self._map = None
 
     def readinto(self, offset: int, view: memoryview) -> None:
@@ -288,23 +299,44 @@ class LocalStore(Store):
     def where(self, name: str = "") -> str:
         return str(self.path(name))
 
+    def parent_fd(self, name: str) -> tuple[int, str]:
+        """(a descriptor of the directory holding ``name``, its last component), reached
+        without following a symlink inside the checkpoint (``posix.open_dir_beneath``): a
+        symlinked ``v<hex>/`` directory is refused, never read through (#17.11)."""
+        *dirs, base = name.split("/")
+        return open_dir_beneath(self.root, dirs, str(self.path(dirs[0]) if dirs else self.root)), base
+
     def read_bytes(self, name: str, limit: int) -> bytes:
-        return read_small_file(self.path(name), limit, str(self.path(name).parent))
+        fd, base = self.parent_fd(name)
+        try:
+            return read_small_file(base, limit, str(self.path(name).parent), dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def open(self, name: str) -> FileSource:
-        p = self.path(name)
+        fd, base = self.parent_fd(name)
         try:
-            return FileSource(p, name.rsplit("/", 1)[-1])
+            return FileSource(base, base, dir_fd=fd, where=str(self.path(name).parent))
         except CorruptCheckpointError as e:
-            if not os.path.lexists(p):
-                raise FileNotFoundError(str(p)) from e
+            try:
+                os.stat(base, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(str(self.path(name))) from e
             raise
+        finally:
+            os.close(fd)
 
     def size(self, name: str) -> int | None:
         try:
-            st = os.lstat(self.path(name))
+            fd, base = self.parent_fd(name)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.stat(base, dir_fd=fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        finally:
+            os.close(fd)
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def list(self, prefix: str = "") -> list[Entry]:
@@ -314,6 +346,11 @@ class LocalStore(Store):
         without one (#17.10); after ``LIST_ATTEMPTS`` such races the vanished entries are
         listed as the directory read described them (callers see them gone when they look)."""
         path = self.path(prefix)
+        if "/" in prefix:           # a directory inside a checkpoint: never through a symlink
+            try:
+                os.close(open_dir_beneath(self.root, prefix.split("/"), str(self.path(prefix.split("/")[0]))))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         for _ in range(LIST_ATTEMPTS):
             try:
                 with os.scandir(path) as it:
@@ -455,22 +492,29 @@ class LocalStaging(Staging):
 
     def adopt(self, checkpoint_name: str, stored: str) -> str:
         """Hard-link the file; where links fail (FUSE mounts of object stores), copy it, but
-        only a regular file inside the checkpoint, opened without following links."""
+        only a regular file inside the checkpoint, reached and opened without following
+        links (a symlinked version directory is refused like a symlinked file)."""
         src = self.store.path(checkpoint_name) / stored
         dst = self.tmp / stored
+        if "/" in stored:               # under a version prefix (a checkpoint copied from an object store)
+            dst.parent.mkdir(exist_ok=True)
+        dfd, base = self.store.parent_fd(f"{checkpoint_name}/{stored}")
         try:
-            st = os.lstat(src)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{src} vanished while carrying it into the new checkpoint") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(f"{src} is not a regular file (a symlink?); refusing to carry it "
-                                         "into the new checkpoint")
-        try:
-            os.link(src, dst, follow_symlinks=False)
-            return stored
-        except OSError:
-            pass
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{src} vanished while carrying it into the new checkpoint") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{src} is not a regular file (a symlink?); refusing to carry it "
+                                             "into the new checkpoint")
+            try:
+                os.link(base, dst, src_dir_fd=dfd, follow_symlinks=False)
+                return stored
+            except OSError:
+                pass
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        finally:
+            os.close(dfd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptCheckpointError(f"{src} is not a regular file; refusing to copy it")

@@ -49,11 +49,48 @@ def raise_named(e: OSError, path: os.PathLike | str):
     raise e
 
 
-def read_small_file(path: os.PathLike | str, limit: int, where: str) -> bytes:
+def open_dir_beneath(root: os.PathLike | str, parts: list[str], where: str) -> int:
+    """A file descriptor of directory ``root/parts[0]/.../parts[-1]``, opened one component
+    at a time: ``root`` and ``parts[0]`` (the checkpoint the caller named) as named, every
+    later component with ``O_NOFOLLOW``, so nothing inside a checkpoint (a symlinked
+    ``v<hex>/`` version directory) leads out of it (#17.11). FileNotFoundError when a
+    component is missing or a file; CorruptCheckpointError when one is a symlink."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for i, part in enumerate(parts):
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if i else 0)
+        inside = "/".join(parts[1:i + 1])
+        try:
+            nxt = os.open(part, flags, dir_fd=fd)
+        except NotADirectoryError as e:   # a file, or (O_NOFOLLOW) a symlink
+            try:
+                link = i and stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            os.close(fd)
+            if link:
+                raise CorruptCheckpointError(f"{where}: {inside} is a symlink; refusing to follow it out of "
+                                             "the checkpoint") from e
+            raise FileNotFoundError(e.errno, e.strerror, os.path.join(os.fspath(root), *parts[:i + 1])) from e
+        except FileNotFoundError:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.ELOOP:
+                raise CorruptCheckpointError(f"{where}: {inside} is a symlink; refusing to follow it out of "
+                                             "the checkpoint") from e
+            raise CheckpointError(f"{where}: cannot open {'/'.join(parts[:i + 1])}: {e}") from e
+        os.close(fd)
+        fd = nxt
+    return fd
+
+
+def read_small_file(path: os.PathLike | str, limit: int, where: str, dir_fd: int | None = None) -> bytes:
     """Read a metadata file, refusing symlinks, non-regular files and anything larger than
-    ``limit``. Allocates what the file holds, not ``limit`` (2 GiB for the index)."""
+    ``limit``. Allocates what the file holds, not ``limit`` (2 GiB for the index). With
+    ``dir_fd``, ``path`` is relative to that directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not block
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)   # a FIFO must not block
     except FileNotFoundError:
         raise
     except NotADirectoryError as e:   # a parent is a file: nothing of ours is there
@@ -74,11 +111,11 @@ def read_small_file(path: os.PathLike | str, limit: int, where: str) -> bytes:
         os.close(fd)
 
 
-def open_data_file(path: os.PathLike | str, where: str) -> tuple[int, int]:
+def open_data_file(path: os.PathLike | str, where: str, dir_fd: int | None = None) -> tuple[int, int]:
     """Open a shard for reading without following symlinks (nor blocking on a FIFO);
-    returns (fd, size)."""
+    returns (fd, size). With ``dir_fd``, ``path`` is relative to that directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError as e:
         raise CorruptCheckpointError(f"{where}: shard file {Path(path).name} is missing") from e
     except OSError as e:
