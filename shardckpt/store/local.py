@@ -24,8 +24,11 @@ from typing import Callable
 import xxhash
 
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
-from shardckpt.format.manifest import MANIFEST
+from shardckpt.format.limits import MAX_MANIFEST_BYTES
+from shardckpt.format.manifest import MANIFEST, Manifest
+from shardckpt.format.ownership import foreign_entries
 from shardckpt.store.base import Entry, Leftover, Sink, Source, Staging, Store, T, Written, count_read
+from shardckpt.store.carry import carry_into, move_missing
 from shardckpt.store.posix import (
     POSIX,
     Posix,
@@ -528,10 +531,31 @@ class LocalStaging(Staging):
         return stored
 
     def publish(self, manifest: bytes, expect=None) -> list[str]:
-        """(``expect`` is not checked here: the committer holds ``LocalStore.lock``.)"""
-        self.store.posix.write_file_durable(self.tmp / MANIFEST, manifest)
-        self.store.posix.publish_dir(self.tmp, self.store.path(self.final))
+        """The user's entries of the checkpoint being replaced are recreated in the new one
+        first (``carry.py``), the rest is one rename. (``expect`` is not checked here: the
+        committer holds ``LocalStore.lock``.)"""
+        posix, final = self.store.posix, self.store.path(self.final)
+        carry_into(posix, final, self.foreign(self.final), self.tmp)
+        posix.write_file_durable(self.tmp / MANIFEST, manifest)
+
+        def move_late(old: Path, published: Path) -> None:
+            move_missing(posix, old, published, self.foreign(old.name))
+        posix.publish_dir(self.tmp, final, after_swap=move_late)
         return []
+
+    def foreign(self, name: str) -> list[str]:
+        """The user's entries of directory ``name`` (``format/ownership.py``); [] if absent."""
+        children = self.store.list(name)
+        if not children:
+            return []
+        try:
+            manifest = Manifest.loads(self.store.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES),
+                                      self.store.where(name))
+        except (FileNotFoundError, CheckpointError):
+            manifest = None      # none (only leftovers of ours beside it) or damaged: names decide
+        return list(foreign_entries(manifest, [(c.name, c.is_dir and not c.is_link) for c in children],
+                                    lambda v: [(e.name, e.is_dir and not e.is_link)
+                                               for e in self.store.list(f"{name}/{v}")]))
 
     def discard(self) -> None:
         for _ in range(5):   # again if a writer being stopped still created a file meanwhile

@@ -167,7 +167,8 @@ class Posix:
 
     def check(self, point: str, path: os.PathLike | str) -> None:
         """Called before each operation: ``point`` is "write", "fsync", "rename",
-        "exchange" or "remove"; ``path`` the file, or the checkpoint's final name for a
+        "exchange", "remove" or "carry" (recreating one of the user's entries in a re-saved
+        checkpoint, ``carry.py``); ``path`` the file, or the checkpoint's final name for a
         rename. Production does nothing here."""
 
     # --- files ---------------------------------------------------------------------------
@@ -231,7 +232,7 @@ class Posix:
         self.check("remove", path)
         shutil.rmtree(path, ignore_errors=False)
 
-    def publish_dir(self, tmp: Path, final: Path) -> None:
+    def publish_dir(self, tmp: Path, final: Path, after_swap=None) -> None:
         """Make the fully written, fsynced ``tmp`` directory visible as ``final``.
 
         If ``final`` exists it is replaced without a window in which neither is present
@@ -240,7 +241,9 @@ class Posix:
         it, ``final`` is left (or put back) as it was and the error raised; ``tmp`` is the
         caller's to remove. A failure to remove the replaced copy after it does not fail the
         save: that copy is hidden and removed later (``finish_deletes``, or the leftover
-        cleanup once this process has exited).
+        cleanup once this process has exited). ``after_swap(old, final)`` runs after the commit
+        point, before the replaced copy ``old`` is removed (the local store moves the user's
+        late entries over); if it fails, that copy is kept rather than removed.
         """
         self.fsync_path(tmp)
         old = self._swap_in(tmp, final)
@@ -250,6 +253,11 @@ class Posix:
             self._swap_back(tmp, final, old, e)
             raise
         if old is not None:
+            if after_swap is not None:
+                try:
+                    after_swap(old, final)
+                except (OSError, CheckpointError):
+                    return      # committed; what could not be moved stays in the hidden copy
             self._remove_or_defer(old)
 
     def _swap_in(self, tmp: Path, final: Path) -> Path | None:
