@@ -9,8 +9,9 @@ One place decides, for the manager, ``shardckpt ls`` and ``shardckpt gc`` alike:
   whatever the manifest's ``step`` field says: it is what ``load_step`` and retention
   address;
 * the retention plan (latest N or best K; the newest is never deleted; directories the
-  library did not write — legacy layouts, checkpoints holding files the manifest does not
-  list — are listed but never deleted);
+  library did not write — legacy layouts, checkpoints holding the user's files, beside the
+  manifest or inside a version prefix (``format/ownership.py``) — are listed but never
+  deleted);
 * the leftovers plan: what crashed or aborted saves left (hidden tmp/del/old directories on
   a local disk, unreferenced version prefixes on object stores) and what cleanup would do.
 
@@ -28,6 +29,7 @@ from typing import Any
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.format.names import is_version_dir, step_pattern
+from shardckpt.format.ownership import foreign_entries
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.legacy import LegacyCheckpoint
 from shardckpt.loading.open import layout_of
@@ -140,7 +142,12 @@ class Catalog:
         if layout.kind != "checkpoint":
             return None, f"no {MANIFEST} (not committed; ignored)"
         mf = next(c for c in children if c.name == MANIFEST)
-        ident = (mf.size, mf.mtime, tuple(sorted((c.name, c.is_dir) for c in children)))
+        try:   # what lies inside version directories decides ownership too (format/ownership.py)
+            versions = {c.name: tuple(sorted((e.name, e.is_dir) for e in self.store.list(f"{name}/{c.name}")))
+                        for c in children if c.is_dir and not c.is_link and is_version_dir(c.name)}
+        except (OSError, CheckpointError):
+            return None, ""
+        ident = (mf.size, mf.mtime, tuple(sorted((c.name, c.is_dir) for c in children)), versions)
         cached = self._cache.get(name)
         if cached and cached[0] == ident:
             return cached[1], ""
@@ -151,9 +158,8 @@ class Catalog:
         except CorruptCheckpointError as e:
             return None, str(e)
         man = ck.manifest
-        listed = {n.split("/", 1)[0] for n in list(man.files) + list(man.meta_files)} | {MANIFEST}
-        foreign = tuple(sorted(c.name for c in children if c.name not in listed
-                               and not (c.is_dir and is_version_dir(c.name))))
+        foreign = foreign_entries(man, [(c.name, c.is_dir and not c.is_link) for c in children],
+                                  lambda v: versions.get(v, ()))
         nbytes = sum(r.size for r in man.files.values()) + sum(r.size for r in man.meta_files.values()) + mf.size
         info = CheckpointInfo(step, self.store.location(name), dict(man.metrics), man.created, name,
                               foreign=foreign, nbytes=nbytes, files=len(man.files), items=tuple(man.items))

@@ -25,15 +25,29 @@ from typing import Callable
 import xxhash
 
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
-from shardckpt.format.manifest import MANIFEST
+from shardckpt.format.limits import MAX_MANIFEST_BYTES
+from shardckpt.format.manifest import MANIFEST, Manifest
+from shardckpt.format.ownership import foreign_entries
 from shardckpt.store.base import Entry, Leftover, Sink, Source, Staging, Store, T, Written, count_read
-from shardckpt.store.posix import POSIX, Posix, open_data_file, owner_alive, parse_hidden, raise_named, read_small_file, this_host
+from shardckpt.store.carry import carry_into, move_missing
+from shardckpt.store.posix import (
+    POSIX,
+    Posix,
+    open_data_file,
+    open_dir_beneath,
+    owner_alive,
+    parse_hidden,
+    raise_named,
+    read_small_file,
+    this_host,
+)
 from shardckpt.workers import WorkerPool
 
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
 BOUNCE_BYTES = 8 << 20          # staging buffer per writing thread
 STALE_FOREIGN_SECONDS = 24 * 3600   # a hidden directory of another host untouched this long is dead
+LIST_ATTEMPTS = 20              # directory reads a listing retries while entries vanish under it
 
 
 class _BouncePool:
@@ -200,11 +214,12 @@ def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True,
 
 
 class FileSource(Source):
-    """A local file opened without following links; ``buffer`` maps it (no copy)."""
+    """A local file opened without following links; ``buffer`` maps it (no copy). With
+    ``dir_fd``, ``path`` is the file's name in that directory."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, dir_fd: int | None = None, where: str | None = None):
         self.name = name
-        self.fd, self.size = open_data_file(path, str(path.parent))
+        self.fd, self.size = open_data_file(path, where or str(Path(path).parent), dir_fd)
         self._map = None
 
     def readinto(self, offset: int, view: memoryview) -> None:
@@ -279,39 +294,76 @@ class LocalStore(Store):
     def where(self, name: str = "") -> str:
         return str(self.path(name))
 
+    def parent_fd(self, name: str) -> tuple[int, str]:
+        """(a descriptor of the directory holding ``name``, its last component), reached
+        without following a symlink inside the checkpoint (``posix.open_dir_beneath``): a
+        symlinked ``v<hex>/`` directory is refused, never read through (#17.11)."""
+        *dirs, base = name.split("/")
+        return open_dir_beneath(self.root, dirs, str(self.path(dirs[0]) if dirs else self.root)), base
+
     def read_bytes(self, name: str, limit: int) -> bytes:
-        return read_small_file(self.path(name), limit, str(self.path(name).parent))
+        fd, base = self.parent_fd(name)
+        try:
+            return read_small_file(base, limit, str(self.path(name).parent), dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def open(self, name: str) -> FileSource:
-        p = self.path(name)
+        fd, base = self.parent_fd(name)
         try:
-            return FileSource(p, name.rsplit("/", 1)[-1])
+            return FileSource(base, base, dir_fd=fd, where=str(self.path(name).parent))
         except CorruptCheckpointError as e:
-            if not os.path.lexists(p):
-                raise FileNotFoundError(str(p)) from e
+            try:
+                os.stat(base, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(str(self.path(name))) from e
             raise
+        finally:
+            os.close(fd)
 
     def size(self, name: str) -> int | None:
         try:
-            st = os.lstat(self.path(name))
+            fd, base = self.parent_fd(name)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.stat(base, dir_fd=fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        finally:
+            os.close(fd)
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def list(self, prefix: str = "") -> list[Entry]:
-        try:
-            entries = list(os.scandir(self.path(prefix)))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        out = []
-        for e in entries:
+        """The directory read, then each entry ``lstat``ed. An entry that vanished in between
+        (retention retiring step N after a save published N+1, which this read missed) makes
+        the listing start again, so a directory that always holds a checkpoint never lists
+        without one (#17.10); after ``LIST_ATTEMPTS`` such races the vanished entries are
+        listed as the directory read described them (callers see them gone when they look)."""
+        path = self.path(prefix)
+        if "/" in prefix:           # a directory inside a checkpoint: never through a symlink
             try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue   # removed while listing
-            out.append(Entry(e.name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime,
-                             stat.S_ISLNK(st.st_mode)))
-        return out
+                os.close(open_dir_beneath(self.root, prefix.split("/"), str(self.path(prefix.split("/")[0]))))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        for _ in range(LIST_ATTEMPTS):
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            out, vanished = [], []
+            for e in entries:
+                try:
+                    st = os.lstat(os.path.join(path, e.name))
+                except FileNotFoundError:
+                    vanished.append(e)      # removed (or replaced) while listing
+                    continue
+                out.append(Entry(e.name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime,
+                                 stat.S_ISLNK(st.st_mode)))
+            if not vanished:
+                return out
+        return out + [Entry(e.name, e.is_dir(follow_symlinks=False), is_link=e.is_symlink()) for e in vanished]
 
     @contextlib.contextmanager
     def lock(self, name: str):
@@ -435,22 +487,29 @@ class LocalStaging(Staging):
 
     def adopt(self, checkpoint_name: str, stored: str) -> str:
         """Hard-link the file; where links fail (FUSE mounts of object stores), copy it, but
-        only a regular file inside the checkpoint, opened without following links."""
+        only a regular file inside the checkpoint, reached and opened without following
+        links (a symlinked version directory is refused like a symlinked file)."""
         src = self.store.path(checkpoint_name) / stored
         dst = self.tmp / stored
+        if "/" in stored:               # under a version prefix (a checkpoint copied from an object store)
+            dst.parent.mkdir(exist_ok=True)
+        dfd, base = self.store.parent_fd(f"{checkpoint_name}/{stored}")
         try:
-            st = os.lstat(src)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{src} vanished while carrying it into the new checkpoint") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(f"{src} is not a regular file (a symlink?); refusing to carry it "
-                                         "into the new checkpoint")
-        try:
-            os.link(src, dst, follow_symlinks=False)
-            return stored
-        except OSError:
-            pass
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{src} vanished while carrying it into the new checkpoint") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{src} is not a regular file (a symlink?); refusing to carry it "
+                                             "into the new checkpoint")
+            try:
+                os.link(base, dst, src_dir_fd=dfd, follow_symlinks=False)
+                return stored
+            except OSError:
+                pass
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        finally:
+            os.close(dfd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptCheckpointError(f"{src} is not a regular file; refusing to copy it")
@@ -464,10 +523,31 @@ class LocalStaging(Staging):
         return stored
 
     def publish(self, manifest: bytes, expect=None) -> list[str]:
-        """(``expect`` is not checked here: the committer holds ``LocalStore.lock``.)"""
-        self.store.posix.write_file_durable(self.tmp / MANIFEST, manifest)
-        self.store.posix.publish_dir(self.tmp, self.store.path(self.final))
+        """The user's entries of the checkpoint being replaced are recreated in the new one
+        first (``carry.py``), the rest is one rename. (``expect`` is not checked here: the
+        committer holds ``LocalStore.lock``.)"""
+        posix, final = self.store.posix, self.store.path(self.final)
+        carry_into(posix, final, self.foreign(self.final), self.tmp)
+        posix.write_file_durable(self.tmp / MANIFEST, manifest)
+
+        def move_late(old: Path, published: Path) -> None:
+            move_missing(posix, old, published, self.foreign(old.name))
+        posix.publish_dir(self.tmp, final, after_swap=move_late)
         return []
+
+    def foreign(self, name: str) -> list[str]:
+        """The user's entries of directory ``name`` (``format/ownership.py``); [] if absent."""
+        children = self.store.list(name)
+        if not children:
+            return []
+        try:
+            manifest = Manifest.loads(self.store.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES),
+                                      self.store.where(name))
+        except (FileNotFoundError, CheckpointError):
+            manifest = None      # none (only leftovers of ours beside it) or damaged: names decide
+        return list(foreign_entries(manifest, [(c.name, c.is_dir and not c.is_link) for c in children],
+                                    lambda v: [(e.name, e.is_dir and not e.is_link)
+                                               for e in self.store.list(f"{name}/{v}")]))
 
     def discard(self) -> None:
         for _ in range(5):   # again if a writer being stopped still created a file meanwhile

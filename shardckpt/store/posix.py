@@ -49,11 +49,48 @@ def raise_named(e: OSError, path: os.PathLike | str):
     raise e
 
 
-def read_small_file(path: os.PathLike | str, limit: int, where: str) -> bytes:
+def open_dir_beneath(root: os.PathLike | str, parts: list[str], where: str) -> int:
+    """A file descriptor of directory ``root/parts[0]/.../parts[-1]``, opened one component
+    at a time: ``root`` and ``parts[0]`` (the checkpoint the caller named) as named, every
+    later component with ``O_NOFOLLOW``, so nothing inside a checkpoint (a symlinked
+    ``v<hex>/`` version directory) leads out of it (#17.11). FileNotFoundError when a
+    component is missing or a file; CorruptCheckpointError when one is a symlink."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for i, part in enumerate(parts):
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if i else 0)
+        inside = "/".join(parts[1:i + 1])
+        try:
+            nxt = os.open(part, flags, dir_fd=fd)
+        except NotADirectoryError as e:   # a file, or (O_NOFOLLOW) a symlink
+            try:
+                link = i and stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            os.close(fd)
+            if link:
+                raise CorruptCheckpointError(f"{where}: {inside} is a symlink; refusing to follow it out of "
+                                             "the checkpoint") from e
+            raise FileNotFoundError(e.errno, e.strerror, os.path.join(os.fspath(root), *parts[:i + 1])) from e
+        except FileNotFoundError:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.ELOOP:
+                raise CorruptCheckpointError(f"{where}: {inside} is a symlink; refusing to follow it out of "
+                                             "the checkpoint") from e
+            raise CheckpointError(f"{where}: cannot open {'/'.join(parts[:i + 1])}: {e}") from e
+        os.close(fd)
+        fd = nxt
+    return fd
+
+
+def read_small_file(path: os.PathLike | str, limit: int, where: str, dir_fd: int | None = None) -> bytes:
     """Read a metadata file, refusing symlinks, non-regular files and anything larger than
-    ``limit``. Allocates what the file holds, not ``limit`` (2 GiB for the index)."""
+    ``limit``. Allocates what the file holds, not ``limit`` (2 GiB for the index). With
+    ``dir_fd``, ``path`` is relative to that directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not block
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)   # a FIFO must not block
     except FileNotFoundError:
         raise
     except NotADirectoryError as e:   # a parent is a file: nothing of ours is there
@@ -74,11 +111,11 @@ def read_small_file(path: os.PathLike | str, limit: int, where: str) -> bytes:
         os.close(fd)
 
 
-def open_data_file(path: os.PathLike | str, where: str) -> tuple[int, int]:
+def open_data_file(path: os.PathLike | str, where: str, dir_fd: int | None = None) -> tuple[int, int]:
     """Open a shard for reading without following symlinks (nor blocking on a FIFO);
-    returns (fd, size)."""
+    returns (fd, size). With ``dir_fd``, ``path`` is relative to that directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError as e:
         raise CorruptCheckpointError(f"{where}: shard file {Path(path).name} is missing") from e
     except OSError as e:
@@ -130,7 +167,8 @@ class Posix:
 
     def check(self, point: str, path: os.PathLike | str) -> None:
         """Called before each operation: ``point`` is "write", "fsync", "rename",
-        "exchange" or "remove"; ``path`` the file, or the checkpoint's final name for a
+        "exchange", "remove" or "carry" (recreating one of the user's entries in a re-saved
+        checkpoint, ``carry.py``); ``path`` the file, or the checkpoint's final name for a
         rename. Production does nothing here."""
 
     # --- files ---------------------------------------------------------------------------
@@ -194,7 +232,7 @@ class Posix:
         self.check("remove", path)
         shutil.rmtree(path, ignore_errors=False)
 
-    def publish_dir(self, tmp: Path, final: Path) -> None:
+    def publish_dir(self, tmp: Path, final: Path, after_swap=None) -> None:
         """Make the fully written, fsynced ``tmp`` directory visible as ``final``.
 
         If ``final`` exists it is replaced without a window in which neither is present
@@ -203,7 +241,9 @@ class Posix:
         it, ``final`` is left (or put back) as it was and the error raised; ``tmp`` is the
         caller's to remove. A failure to remove the replaced copy after it does not fail the
         save: that copy is hidden and removed later (``finish_deletes``, or the leftover
-        cleanup once this process has exited).
+        cleanup once this process has exited). ``after_swap(old, final)`` runs after the commit
+        point, before the replaced copy ``old`` is removed (the local store moves the user's
+        late entries over); if it fails, that copy is kept rather than removed.
         """
         self.fsync_path(tmp)
         old = self._swap_in(tmp, final)
@@ -213,6 +253,11 @@ class Posix:
             self._swap_back(tmp, final, old, e)
             raise
         if old is not None:
+            if after_swap is not None:
+                try:
+                    after_swap(old, final)
+                except (OSError, CheckpointError):
+                    return      # committed; what could not be moved stays in the hidden copy
             self._remove_or_defer(old)
 
     def _swap_in(self, tmp: Path, final: Path) -> Path | None:
