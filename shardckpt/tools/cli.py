@@ -507,8 +507,12 @@ def _print_report(report) -> None:
 
 
 def _new_destination(p: str) -> Path:
-    path = Path(p)
-    if os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(os.scandir(path))):
+    path = Path(os.path.expanduser(p)).absolute()
+    try:
+        taken = os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(os.scandir(path)))
+    except OSError as e:
+        raise UsageError(f"{p}: cannot check it ({e.strerror or e})") from e
+    if taken:
         raise UsageError(f"{p}: exists and is not an empty directory; refusing to overwrite it")
     return path
 
@@ -516,16 +520,17 @@ def _new_destination(p: str) -> Path:
 def cmd_convert(args) -> int:
     from shardckpt.tools import convert
 
-    if not Path(args.src).exists():
+    src = Path(os.path.expanduser(args.src)).absolute()
+    if not src.exists():
         raise UsageError(f"{args.src}: no such directory")
     dst = _new_destination(args.dst)
     model_config = None
     if args.model_config:
         try:
-            model_config = json.loads(Path(args.model_config).read_text())
-        except (OSError, ValueError) as e:
+            model_config = json.loads(Path(os.path.expanduser(args.model_config)).read_text())
+        except (OSError, ValueError, RecursionError) as e:
             raise UsageError(f"--model-config {args.model_config}: {e}") from e
-    report = convert.convert(args.src, dst, step=args.step, model_config=model_config,
+    report = convert.convert(src, dst, step=args.step, model_config=model_config,
                              skip_unknown=args.skip_unknown, kind=args.orbax_kind,
                              nnx_values=False if args.pure_dict else None)
     if args.json:
@@ -538,11 +543,13 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from shardckpt.tools.export import export_safetensors
 
-    if not Path(args.src).exists():
+    if not Path(os.path.expanduser(args.src)).exists():
         raise UsageError(f"{args.src}: no such checkpoint")
-    if os.path.lexists(args.out) and not args.overwrite:
+    out = Path(os.path.expanduser(args.out))
+    if os.path.lexists(out) and not args.overwrite:
         raise UsageError(f"{args.out}: exists; refusing to overwrite it (--overwrite replaces it)")
-    report = export_safetensors(args.src, args.out, item=args.item, overwrite=args.overwrite)
+    report = export_safetensors(os.path.expanduser(args.src), out, item=args.item, overwrite=args.overwrite,
+                                include_rngs=args.include_rngs)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -570,10 +577,15 @@ def _add_convert_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="write a checkpoint's model weights in another format",
                        formatter_class=_Formatter)
-    p.add_argument("--safetensors", action="store_true", required=True, help="as one .safetensors file")
     p.add_argument("src", help="a shardckpt checkpoint")
-    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("out", metavar="OUT", help="the file to write (OUT.safetensors)")
+    p.add_argument("--format", choices=("safetensors",), default="safetensors",   # tools.export.FORMATS (imports jax)
+                   help="the file format")
+    p.add_argument("--safetensors", dest="format", action="store_const", const="safetensors",
+                   help="the same as --format safetensors")
     p.add_argument("--item", default="model", help="which item")
+    p.add_argument("--include-rngs", action="store_true",
+                   help="keep the numeric RNG state (nnx.Rngs counts and raw keys; typed PRNG keys are always left out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
 
