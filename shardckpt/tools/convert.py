@@ -42,7 +42,8 @@ What an Orbax directory may not do to us (it is input, possibly hostile; docs/re
 - declare arrays larger than this machine's memory, or larger than its bytes on disk could
   hold compressed (``MAX_COMPRESSION_RATIO`` times their size, plus ``DECLARED_SLACK``):
   refused from Orbax's metadata, before any array is allocated;
-- nest its JSON deeper than ``format.limits.MAX_JSON_DEPTH``.
+- nest its JSON deeper than ``format.limits.MAX_JSON_DEPTH`` (measured on the bytes, before
+  ``json.loads`` could recurse).
 
 In the other direction a shardckpt checkpoint's names are checked the same way before they
 become Orbax item directories and parameter names. Every conversion writes into a hidden
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -76,9 +78,10 @@ import numpy as np
 
 from shardckpt.api.core import save_checkpoint
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError
-from shardckpt.format.limits import MAX_JSON_DEPTH
+from shardckpt.format import limits
 from shardckpt.format.manifest import json_depth
 from shardckpt.format.names import NAME, check_name
+from shardckpt.format.nesting import raw_json_depth
 from shardckpt.loading.open import (
     MAX_ORBAX_METADATA,
     ORBAX_STEP_DIR,
@@ -164,7 +167,8 @@ def _read_json(p: Path) -> Any:
 
 def _metadata_json(p: Path) -> Any:
     """An Orbax metadata file that must be readable: its JSON, or our error naming it (too
-    large, not JSON, nested deeper than ``MAX_JSON_DEPTH``); None when it does not exist."""
+    large, not JSON, nested deeper than ``limits.MAX_JSON_DEPTH``, measured before parsing);
+    None when it does not exist."""
     store, name = _local(p)
     try:
         raw = store.read_bytes(name, MAX_ORBAX_METADATA)
@@ -174,16 +178,12 @@ def _metadata_json(p: Path) -> Any:
         raise CheckpointError(f"{p}: {e}") from e
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read it ({e.strerror or e})") from e
+    if raw_json_depth(raw) > limits.MAX_JSON_DEPTH:
+        raise CheckpointError(f"{p}: nests JSON deeper than {limits.MAX_JSON_DEPTH} levels; refusing it")
     try:
-        import json
-        doc = json.loads(raw)
-    except RecursionError:
-        raise CheckpointError(f"{p}: nests JSON deeper than {MAX_JSON_DEPTH} levels; refusing it") from None
+        return json.loads(raw)
     except ValueError as e:
         raise CheckpointError(f"{p}: not valid JSON ({e!s:.120})") from e
-    if json_depth(doc) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{p}: nests JSON deeper than {MAX_JSON_DEPTH} levels; refusing it")
-    return doc
 
 
 def _tree_dir(p: Path) -> bool:
@@ -253,6 +253,7 @@ def _staged(dst: Path) -> Iterator[Path]:
         _remove_dirs(created)
         raise CheckpointError(f"{dst}: cannot create a directory beside it ({e.strerror or e})") from e
     out = hidden / "out"
+    published = False
     try:
         yield out
         if not os.path.lexists(out):
@@ -265,10 +266,12 @@ def _staged(dst: Path) -> Iterator[Path]:
                                       "overwrite it (nothing was written)") from e
             raise CheckpointError(f"{dst}: cannot move the converted checkpoint into place "
                                   f"({e.strerror or e})") from e
+        published = True
         fsync_dir(parent)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)   # ours (mkdtemp): after the rename, what is left
-    # (reached only on success; a failure propagates from the finally above, which cleaned up)
+        if not published:
+            _remove_dirs(created)   # rmdir: only while still empty (someone may have used them)
 
 
 def fsync_dir(d: Path) -> None:
@@ -417,9 +420,21 @@ def _memory_bytes() -> int:
         return 1 << 62
 
 
+def _dims(shape: Any) -> tuple[int, ...] | None:
+    """A declared shape as ints, or None when it is not a tuple of non-negative ints."""
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                               for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
 def _check_declared_sizes(tree_dir: Path, tree: Any, leaf_types: tuple, array_type: type, source_bytes: int) -> None:
     """Refuse, from Orbax's metadata (each array's ``.zarray``), arrays this machine could
-    not hold or that the tree's bytes on disk could not hold compressed."""
+    not hold or that the tree's bytes on disk could not hold compressed, and chunks larger
+    than that: TensorStore decodes every zarr chunk into a buffer of the chunk's full
+    declared shape, whatever the array's (shape ``(4,)`` with chunks ``(2**40,)`` is a 4 TiB
+    allocation, which aborts the process with ``std::bad_alloc``)."""
     memory = _memory_bytes()
     plausible = MAX_COMPRESSION_RATIO * source_bytes + DECLARED_SLACK
     bound = min(memory, plausible)
@@ -430,18 +445,28 @@ def _check_declared_sizes(tree_dir: Path, tree: Any, leaf_types: tuple, array_ty
         if not isinstance(m, array_type):
             continue
         name = ".".join(_path_names(path))
-        shape = tuple(m.shape) if m.shape is not None else ()
-        if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-            raise CheckpointError(f"{tree_dir}: array {name!r:.120} declares the shape {shape!r:.80}; refusing it")
+        shape = _dims(m.shape if m.shape is not None else ())
+        if shape is None:
+            raise CheckpointError(f"{tree_dir}: array {name!r:.120} declares the shape {m.shape!r:.80}; refusing it")
         try:
             itemsize = np.dtype(m.dtype).itemsize
         except TypeError:
             itemsize = 8
-        nbytes = math.prod(int(d) for d in shape) * itemsize
+        nbytes = math.prod(shape) * itemsize
         total += nbytes
         if nbytes > bound:
             raise CheckpointError(f"{tree_dir}: array {name!r:.120} declares the shape {shape} ({m.dtype}): "
                                   f"{nbytes} bytes, {why}; refusing it")
+        declared = getattr(getattr(m, "storage", None), "chunk_shape", None)
+        if declared is not None:
+            chunk = _dims(declared)
+            if chunk is None or len(chunk) != len(shape):
+                raise CheckpointError(f"{tree_dir}: array {name!r:.120} of shape {shape} declares the chunk shape "
+                                      f"{declared!r:.80}; refusing it")
+            chunk_bytes = math.prod(chunk) * itemsize
+            if chunk_bytes > bound:
+                raise CheckpointError(f"{tree_dir}: array {name!r:.120} of shape {shape} declares chunks of shape "
+                                      f"{chunk} ({chunk_bytes} bytes each), {why}; refusing it")
     if total > bound:
         raise CheckpointError(f"{tree_dir}: its arrays declare {total} bytes in all, {why}; refusing it")
 
@@ -861,8 +886,8 @@ def _provenance(ck: Any) -> dict:
         raise CheckpointError(f"{where}: nests JSON too deeply; refusing it") from None
     if prov is None:
         return {"items": {}, "json_items": {}}
-    if not isinstance(prov, dict) or json_depth(prov) > MAX_JSON_DEPTH + 2:
-        raise CheckpointError(f"{where}: not a provenance record (a JSON object at most {MAX_JSON_DEPTH} deep)")
+    if not isinstance(prov, dict) or json_depth(prov) > limits.MAX_JSON_DEPTH + 2:
+        raise CheckpointError(f"{where}: not a provenance record (a JSON object at most {limits.MAX_JSON_DEPTH} deep)")
     items, json_items = prov.get("items") or {}, prov.get("json_items") or {}
     if prov.get("kind") not in (None, *_KINDS):
         raise CheckpointError(f"{where}: unknown Orbax kind {prov.get('kind')!r:.40}")

@@ -26,7 +26,7 @@ _ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint
 FORMATS = ("safetensors",)
 
 #: The header key safetensors reserves for its string metadata: an array of that name would
-#: make the file unreadable.
+#: make the file unreadable (safetensors' own writer accepts it), so it is refused.
 _RESERVED_KEY = "__metadata__"
 _FILE_MODE = 0o644   # before the umask, as the checkpoint's own files (store/local.py)
 _LISTED = 8          # keys named in one note; the rest are counted
@@ -52,8 +52,9 @@ def export_safetensors(src: os.PathLike | str, out: os.PathLike | str, *, item: 
     (bfloat16 stays bfloat16). Left out, each with a note: RNG state (``nnx.Rngs`` streams'
     ``count`` and ``key``, and every typed PRNG key array) unless ``include_rngs`` (which
     keeps the numeric ones: counts and raw ``uint32`` keys; typed keys have no safetensors
-    dtype), scalar leaves, dtypes safetensors has no name for, and a key named
-    ``__metadata__`` (safetensors reserves it). An existing ``out`` is refused unless
+    dtype), scalar leaves and dtypes safetensors has no name for. An array keyed
+    ``__metadata__`` (the name safetensors reserves for its header) is refused, before
+    anything is written: no reader could open the file. An existing ``out`` is refused unless
     ``overwrite``. The file is written in a private directory beside ``out`` with the
     permissions of the checkpoint's own files (0o644 before the umask), then renamed into
     place: a failure leaves ``out`` as it was. Paths may be relative or start with ``~``.
@@ -72,6 +73,10 @@ def export_safetensors(src: os.PathLike | str, out: os.PathLike | str, *, item: 
     _check_out(out, overwrite)
     report = ConvertReport(ck.where, str(out), "export", "safetensors", items=[item])
     rec = ck.item_record(item)
+    if _RESERVED_KEY in rec.arrays:
+        raise CheckpointError(f"{ck.where}: item {item!r}: an array keyed {_RESERVED_KEY!r}, the name safetensors "
+                              "reserves for its metadata header; no safetensors reader could open the file, so "
+                              "nothing was written (rename that leaf, or export another --item)")
     tensors: dict[str, np.ndarray] = {}
     rngs: list[str] = []
     keys: list[str] = []
@@ -82,9 +87,6 @@ def export_safetensors(src: os.PathLike | str, out: os.PathLike | str, *, item: 
             continue
         if (typed_key or is_rng_state(key)) and not include_rngs:
             rngs.append(key)
-            continue
-        if key == _RESERVED_KEY:
-            report.notes.append(f"skipped {key}: safetensors reserves this name for its metadata")
             continue
         arr = np.require(np.asarray(value), requirements="C")   # ascontiguousarray makes 0-d 1-d
         if arr.dtype.name not in _ST_DTYPES:
