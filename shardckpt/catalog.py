@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, OrbaxCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.format.names import is_version_dir, step_pattern
 from shardckpt.format.ownership import foreign_entries
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.legacy import LegacyCheckpoint
-from shardckpt.loading.open import layout_of
+from shardckpt.loading.open import layout_of, orbax_hint
 from shardckpt.store.base import Leftover, Store
 
 SCAN_ATTEMPTS = 5
@@ -101,7 +101,22 @@ class Catalog:
             result, vanished = self._scan_once()
             if not vanished:
                 break
+        if not result[0]:
+            self.refuse_orbax()
         return result
+
+    def refuse_orbax(self) -> None:
+        """Raise ``OrbaxCheckpointError`` when this directory is an Orbax checkpoint (a
+        ``CheckpointManager`` root such as ``run/29/``, ``run/34/``, a step, or a
+        checkpointer directory): to the manager, ``ls`` and ``gc`` it would otherwise look
+        empty, and a resuming script would start from scratch and write ``step_*`` beside
+        Orbax's steps. Asked only when no checkpoint of ours is listed (one more listing)."""
+        layout = layout_of(self.store, "")
+        if layout.kind == "orbax":
+            where = self.store.where()
+            more = (f"; NEW_DIR is then a directory of {self.prefix}_<step> checkpoints for "
+                    "CheckpointManager(NEW_DIR)") if layout.orbax == "manager" else ""
+            raise OrbaxCheckpointError(orbax_hint(where, layout.orbax or "") + more)
 
     def _scan_once(self) -> tuple[tuple[list[CheckpointInfo], list[Invalid]], bool]:
         infos, invalid, vanished = [], [], False
@@ -139,6 +154,8 @@ class Catalog:
         layout = layout_of(self.store, name, children)
         if layout.kind == "legacy":
             return self._legacy_info(name, step), ""
+        if layout.kind == "orbax":   # Orbax's CheckpointManager(step_prefix="step") writes step_<n>/
+            return None, orbax_hint(self.store.where(name), layout.orbax or "")
         if layout.kind != "checkpoint":
             return None, f"no {MANIFEST} (not committed; ignored)"
         mf = next(c for c in children if c.name == MANIFEST)

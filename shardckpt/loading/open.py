@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError, OrbaxCheckpointError
+from shardckpt.format import limits
 from shardckpt.format.manifest import MANIFEST
+from shardckpt.format.nesting import raw_json_depth
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.legacy import LegacyCheckpoint, is_legacy_listing
 from shardckpt.store.base import Entry, Store
@@ -91,10 +93,15 @@ def step_checkpoints(store: Store, name: str, entries: dict[str, Entry] | None =
 # --- Orbax, recognised by name ------------------------------------------------------------------
 
 def small_json(store: Store, name: str) -> Any:
-    """A small JSON file, or None when absent, too large, unreadable or not JSON (a hostile
-    file nested 100,000 deep included)."""
+    """A small JSON file, or None when absent, too large, unreadable, not JSON, or nested
+    deeper than ``MAX_JSON_DEPTH`` (measured on the bytes before parsing: a hostile file
+    nested 100,000 deep never reaches ``json.loads``, which would raise ``RecursionError``,
+    or crash a program that raised the recursion limit)."""
     try:
-        return json.loads(store.read_bytes(name, MAX_ORBAX_METADATA))
+        raw = store.read_bytes(name, MAX_ORBAX_METADATA)
+        if raw_json_depth(raw) > limits.MAX_JSON_DEPTH:
+            return None
+        return json.loads(raw)
     except (OSError, CheckpointError, ValueError, RecursionError):
         return None
 

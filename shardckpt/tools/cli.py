@@ -523,48 +523,69 @@ def _print_report(report) -> None:
         con.print(f"  note: {_e(note)}")
 
 
-def _new_destination(p: str) -> Path:
-    path = Path(p)
-    if os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(os.scandir(path))):
-        raise UsageError(f"{p}: exists and is not an empty directory; refusing to overwrite it")
-    return path
+def _tool_paths(src: str, dst: str, *, new_dir: bool, overwrite: bool = False) -> tuple[Path, Path]:
+    """SRC and DST of ``convert`` / ``export`` as absolute local paths (``~`` and ``file://``
+    read as everywhere else; Orbax itself refuses relative paths), checked as usage errors
+    before anything is read: SRC exists; DST does not, or is an empty directory for
+    ``convert`` (``new_dir``), or a file that ``export --overwrite`` replaces. The library
+    checks DST again when it publishes (someone may fill it meanwhile)."""
+    from shardckpt.errors import CheckpointError
+    from shardckpt.store.registry import is_uri, local_root
+    paths = []
+    for p in (src, dst):
+        if is_uri(p):
+            raise UsageError(f"{p}: convert and export work on local paths (copy the checkpoint here first)")
+        try:
+            paths.append(local_root(p))
+        except (CheckpointError, TypeError, ValueError) as e:
+            raise UsageError(f"{p}: {e}") from e
+    if not os.path.lexists(paths[0]):
+        raise UsageError(f"{src}: no such file or directory")
+    out = paths[1]
+    try:
+        if not os.path.lexists(out):
+            free = True
+        elif out.is_dir() and not out.is_symlink():
+            free = new_dir and not any(os.scandir(out))
+        else:
+            free = overwrite
+    except OSError as e:
+        raise UsageError(f"{dst}: cannot check it ({e.strerror or e})") from e
+    if not free:
+        why = "and is not an empty directory" if new_dir else "(--overwrite replaces a file)"
+        raise UsageError(f"{dst}: exists {why}; refusing to overwrite it")
+    return paths[0], out
+
+
+def _done(args, report) -> int:
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        _print_report(report)
+    return EXIT_OK
 
 
 def cmd_convert(args) -> int:
     from shardckpt.tools import convert
 
-    if not Path(args.src).exists():
-        raise UsageError(f"{args.src}: no such directory")
-    dst = _new_destination(args.dst)
+    src, dst = _tool_paths(args.src, args.dst, new_dir=True)
     model_config = None
     if args.model_config:
         try:
-            model_config = json.loads(Path(args.model_config).read_text())
-        except (OSError, ValueError) as e:
+            model_config = json.loads(Path(os.path.expanduser(args.model_config)).read_text())
+        except (OSError, ValueError, RecursionError) as e:
             raise UsageError(f"--model-config {args.model_config}: {e}") from e
-    report = convert.convert(args.src, dst, step=args.step, model_config=model_config,
-                             skip_unknown=args.skip_unknown, kind=args.orbax_kind,
-                             nnx_values=False if args.pure_dict else None)
-    if args.json:
-        _print_json(report.to_json())
-    else:
-        _print_report(report)
-    return EXIT_OK
+    return _done(args, convert.convert(src, dst, step=args.step, model_config=model_config,
+                                       skip_unknown=args.skip_unknown, kind=args.orbax_kind,
+                                       nnx_values=False if args.pure_dict else None))
 
 
 def cmd_export(args) -> int:
     from shardckpt.tools.export import export_safetensors
 
-    if not Path(args.src).exists():
-        raise UsageError(f"{args.src}: no such checkpoint")
-    if os.path.lexists(args.out) and not args.overwrite:
-        raise UsageError(f"{args.out}: exists; refusing to overwrite it (--overwrite replaces it)")
-    report = export_safetensors(args.src, args.out, item=args.item, overwrite=args.overwrite)
-    if args.json:
-        _print_json(report.to_json())
-    else:
-        _print_report(report)
-    return EXIT_OK
+    src, out = _tool_paths(args.src, args.out, new_dir=False, overwrite=args.overwrite)
+    return _done(args, export_safetensors(src, out, item=args.item, overwrite=args.overwrite,
+                                          include_rngs=args.include_rngs))
 
 
 def _add_convert_parsers(sub) -> None:
@@ -587,10 +608,15 @@ def _add_convert_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="write a checkpoint's model weights in another format",
                        formatter_class=_Formatter)
-    p.add_argument("--safetensors", action="store_true", required=True, help="as one .safetensors file")
     p.add_argument("src", help="a shardckpt checkpoint")
-    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("out", metavar="OUT", help="the file to write (OUT.safetensors)")
+    p.add_argument("--format", choices=("safetensors",), default="safetensors",   # tools.export.FORMATS (imports jax)
+                   help="the file format")
+    p.add_argument("--safetensors", dest="format", action="store_const", const="safetensors",
+                   help="the same as --format safetensors")
     p.add_argument("--item", default="model", help="which item")
+    p.add_argument("--include-rngs", action="store_true",
+                   help="keep the numeric RNG state (nnx.Rngs counts and raw keys; typed PRNG keys are always left out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
 

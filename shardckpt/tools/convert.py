@@ -31,11 +31,44 @@ is needed, and restores with Orbax itself; it is bit exact in both directions.
 
 Orbax is imported only by the functions that read or write it (it costs seconds to import);
 recognising an Orbax directory is ``load.open.orbax_kind``'s job, by file names alone.
+
+What an Orbax directory may not do to us (it is input, possibly hostile; docs/reliability.md):
+
+- name items or tree keys that become paths outside it: item names of ``_CHECKPOINT_METADATA``
+  must be ``format.names.NAME``, every key of ``_METADATA`` a plain path part (not empty, ".",
+  "..", no "/", "\\" or NUL), checked before Orbax opens anything;
+- hold a symlink or a special file anywhere (Orbax and TensorStore would follow it): refused
+  before Orbax reads a byte;
+- declare arrays larger than this machine's memory, or larger than its bytes on disk could
+  hold compressed (``MAX_COMPRESSION_RATIO`` times their size, plus ``DECLARED_SLACK``):
+  refused from Orbax's metadata, before any array is allocated;
+- nest its JSON deeper than ``format.limits.MAX_JSON_DEPTH`` (measured on the bytes, before
+  ``json.loads`` could recurse).
+
+In the other direction a shardckpt checkpoint's names are checked the same way before they
+become Orbax item directories and parameter names. Every conversion writes into a hidden
+directory beside ``dst`` (created with ``tempfile.mkdtemp``) and publishes it with one rename
+onto ``dst``, which must be missing or an empty directory: a failure removes that hidden
+directory and leaves nothing at ``dst`` (Orbax's ``.orbax-checkpoint-tmp`` directories are
+inside it too), and a ``dst`` that someone filled meanwhile is never replaced. Orbax's own
+logging (absl) and warnings are silenced while a conversion runs; its failures become one
+``CheckpointError`` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
+import math
 import os
+import shutil
+import stat
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +78,23 @@ import numpy as np
 
 from shardckpt.api.core import save_checkpoint
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError
-from shardckpt.format.names import NAME
-from shardckpt.loading.open import ORBAX_STEP_DIR, ORBAX_TMP, is_orbax_tree, layout_of, open_checkpoint, orbax_kind, small_json, step_checkpoints
+from shardckpt.format import limits
+from shardckpt.format.manifest import json_depth
+from shardckpt.format.names import NAME, check_name
+from shardckpt.format.nesting import raw_json_depth
+from shardckpt.loading.open import (
+    MAX_ORBAX_METADATA,
+    ORBAX_STEP_DIR,
+    ORBAX_TMP,
+    is_orbax_tree,
+    layout_of,
+    open_checkpoint,
+    orbax_kind,
+    small_json,
+    step_checkpoints,
+)
 from shardckpt.store.local import LocalStore
+from shardckpt.store.posix import Posix
 from shardckpt.store.registry import resolve
 from shardckpt.tree import key_of
 
@@ -57,6 +104,15 @@ PROVENANCE = "orbax.json"
 _TREE_HANDLERS = ("StandardCheckpointHandler", "PyTreeCheckpointHandler")
 _JSON_HANDLERS = ("JsonCheckpointHandler",)
 _METRICS_ITEM = "metrics"   # orbax.checkpoint.checkpoint_manager.METRIC_ITEM_NAME
+_KINDS = ("standard", "pytree", "step", "manager")
+
+#: How much larger than its compressed bytes an array may be. Orbax compresses every chunk
+#: with zstd, whose densest block (an RLE block: a 3-byte header and 1 byte for up to 128 KiB)
+#: inflates 32768 times; Orbax's own checkpoint of 256 MiB of zeros measures 27,654 times
+#: (deflate's 1032 would refuse it).
+MAX_COMPRESSION_RATIO = 32768
+#: Declared bytes allowed beyond that, whatever the source's size (small trees of zeros).
+DECLARED_SLACK = 64 << 20
 
 
 def _local(path: os.PathLike | str) -> tuple[LocalStore, str]:
@@ -64,6 +120,13 @@ def _local(path: os.PathLike | str) -> tuple[LocalStore, str]:
     if not isinstance(store, LocalStore):
         raise CheckpointError(f"{path}: Orbax conversion works on local directories (convert a local copy)")
     return store, name
+
+
+def _local_path(path: os.PathLike | str) -> Path:
+    """A local path as an absolute one (``~`` expanded, ``a/../b`` normalised): Orbax refuses
+    relative paths."""
+    store, name = _local(path)
+    return store.location(name)
 
 
 def _orbax_kind(path: os.PathLike | str) -> str | None:
@@ -97,8 +160,30 @@ def _is_dir(p: Path) -> bool:
 
 
 def _read_json(p: Path) -> Any:
+    """A small JSON file, or None when absent or unreadable (``load.open.small_json``)."""
     store, name = _local(p)
     return small_json(store, name)
+
+
+def _metadata_json(p: Path) -> Any:
+    """An Orbax metadata file that must be readable: its JSON, or our error naming it (too
+    large, not JSON, nested deeper than ``limits.MAX_JSON_DEPTH``, measured before parsing);
+    None when it does not exist."""
+    store, name = _local(p)
+    try:
+        raw = store.read_bytes(name, MAX_ORBAX_METADATA)
+    except FileNotFoundError:
+        return None
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read it ({e.strerror or e})") from e
+    if raw_json_depth(raw) > limits.MAX_JSON_DEPTH:
+        raise CheckpointError(f"{p}: nests JSON deeper than {limits.MAX_JSON_DEPTH} levels; refusing it")
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e!s:.120})") from e
 
 
 def _tree_dir(p: Path) -> bool:
@@ -130,14 +215,132 @@ def _neither(path: Path) -> CheckpointError:
         "no <prefix>_<step> checkpoints); nothing to convert")
 
 
-def _check_dst(dst: Path) -> None:
-    """Never write over something we did not write: DST must be missing or an empty directory."""
-    if os.path.lexists(dst):
-        if not dst.is_dir() or dst.is_symlink():
-            raise CheckpointError(f"{dst}: exists and is not a directory; refusing to overwrite it")
-        if any(os.scandir(dst)):
-            raise CheckpointError(f"{dst}: exists and is not empty; refusing to overwrite it "
-                                  "(choose a new destination)")
+def _check_dst(dst: Path, src: Path | None = None) -> None:
+    """Never write over something we did not write: DST must be missing or an empty directory
+    (and not inside SRC, which the conversion reads)."""
+    try:
+        if os.path.lexists(dst):
+            if not dst.is_dir() or dst.is_symlink():
+                raise CheckpointError(f"{dst}: exists and is not a directory; refusing to overwrite it")
+            with os.scandir(dst) as it:
+                if any(it):
+                    raise CheckpointError(f"{dst}: exists and is not empty; refusing to overwrite it "
+                                          "(choose a new destination)")
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot check the destination ({e.strerror or e})") from e
+    if src is not None and (dst == src or src in dst.parents):
+        raise CheckpointError(f"{dst}: inside the source {src}; choose a destination outside it")
+
+
+# --- the destination: staged beside it, published by one rename ---------------------------------
+
+@contextlib.contextmanager
+def _staged(dst: Path) -> Iterator[Path]:
+    """A path to write the whole conversion to, in a hidden directory beside ``dst``;
+    renamed onto ``dst`` when the body succeeds. On any failure (or interrupt) the hidden
+    directory and the parent directories this created are removed: nothing appears at
+    ``dst``, nothing is left beside it. A ``dst`` filled meanwhile is never replaced
+    (rename refuses a non-empty directory)."""
+    created: list[Path] = []
+    parent = dst.parent
+    try:
+        missing = [p for p in [parent, *parent.parents] if not os.path.lexists(p)]
+        for p in reversed(missing):
+            os.mkdir(p)
+            created.append(p)
+        hidden = Path(tempfile.mkdtemp(prefix=".shardckpt-convert-", dir=parent))
+    except OSError as e:
+        _remove_dirs(created)
+        raise CheckpointError(f"{dst}: cannot create a directory beside it ({e.strerror or e})") from e
+    out = hidden / "out"
+    published = False
+    try:
+        yield out
+        if not os.path.lexists(out):
+            raise CheckpointError(f"{dst}: the conversion wrote nothing")
+        try:
+            os.rename(out, dst)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise CheckpointError(f"{dst}: appeared and is not an empty directory now; refusing to "
+                                      "overwrite it (nothing was written)") from e
+            raise CheckpointError(f"{dst}: cannot move the converted checkpoint into place "
+                                  f"({e.strerror or e})") from e
+        published = True
+        fsync_dir(parent)
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)   # ours (mkdtemp): after the rename, what is left
+        if not published:
+            _remove_dirs(created)   # rmdir: only while still empty (someone may have used them)
+
+
+def fsync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable, best effort (what was renamed is in place either way)."""
+    try:
+        Posix().fsync_path(d)
+    except OSError:
+        pass
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+class _OrbaxRecords(logging.Filter):
+    """Drops the log records of Orbax's modules (absl logging goes through ``logging``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname.replace(os.sep, "/")
+
+
+_QUIET = _OrbaxRecords()
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Silence Orbax's logging (its background threads log every failure with a traceback)
+    and its warnings for the duration of a conversion; other loggers are untouched."""
+    global _quiet_users
+    logger = logging.getLogger("absl")
+    with _quiet_lock:
+        if _quiet_users == 0:
+            logger.addFilter(_QUIET)
+        _quiet_users += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"orbax(\.|$)")
+            yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                logger.removeFilter(_QUIET)
+
+
+def _orbax_failure(where: Path, what: str, e: BaseException) -> CheckpointError:
+    text = " ".join(str(e).split())
+    return CheckpointError(f"{where}: {what}: {type(e).__name__}: {text:.300}")
+
+
+@contextlib.contextmanager
+def _as_our_errors(where: Path) -> Iterator[None]:
+    """Whatever escapes a conversion as our error: Orbax's, the OS's, too deep a structure."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{where}: nested too deeply to convert; refusing it") from None
+    except MemoryError:
+        raise CheckpointError(f"{where}: not enough memory to convert it") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from e
 
 
 def _ocp():
@@ -149,6 +352,125 @@ def _ocp():
     return ocp
 
 
+# --- checks of an Orbax source, before Orbax reads it --------------------------------------------
+
+def _check_source_tree(root: Path) -> int:
+    """Refuse a symlink or a special file (FIFO, socket, device) anywhere under ``root``:
+    Orbax and TensorStore would follow or block on it. Returns the bytes of its files."""
+    total = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot list it ({e.strerror or e})") from e
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError as err:
+                raise CheckpointError(f"{e.path}: cannot stat it ({err.strerror or err})") from err
+            if stat.S_ISLNK(st.st_mode):
+                raise CheckpointError(f"{e.path}: a symlink inside the Orbax checkpoint {root}; refusing it "
+                                      "(Orbax would read what it points to; copy the target in instead)")
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(Path(e.path))
+            elif stat.S_ISREG(st.st_mode):
+                total += st.st_size
+            else:
+                raise CheckpointError(f"{e.path}: not a regular file or directory (a FIFO, socket or device) "
+                                      f"inside the Orbax checkpoint {root}; refusing it")
+    return total
+
+
+def _unsafe_key_part(part: str) -> bool:
+    """A tree key part that cannot be a path component: Orbax joins them into parameter
+    names, which are paths (a zarr array per parameter without OCDBT)."""
+    return part in ("", ".", "..") or any(c in part for c in "/\\\x00")
+
+
+def _check_tree_keys(tree_dir: Path) -> None:
+    """Every key of ``_METADATA`` (Orbax builds the path of each parameter from them) is a
+    plain path part; refused before Orbax opens any array."""
+    where = tree_dir / "_METADATA"
+    doc = _metadata_json(where)
+    if doc is None:
+        raise CheckpointError(f"{tree_dir}: an Orbax tree without _METADATA (written by an Orbax release "
+                              "older than this converter reads); nothing to convert")
+    entries = doc.get("tree_metadata") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where}: no tree_metadata object; not an Orbax tree this converter reads")
+    for keypath, entry in entries.items():
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, dict) and "key" in k for k in keys):
+            raise CheckpointError(f"{where}: entry {keypath!r:.80} has no key_metadata list; malformed")
+        parts = [str(k["key"]) for k in keys]
+        bad = [p for p in parts if _unsafe_key_part(p)]
+        if bad or not parts:
+            raise CheckpointError(f"{where}: tree key {'.'.join(parts)!r:.120} has a part {bad[0] if bad else ''!r:.40} "
+                                  "that is not a plain name (empty, '.', '..', or with '/', '\\' or NUL); "
+                                  "refusing it (Orbax would turn it into a path outside the checkpoint)")
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # pragma: no cover - not Linux
+        return 1 << 62
+
+
+def _dims(shape: Any) -> tuple[int, ...] | None:
+    """A declared shape as ints, or None when it is not a tuple of non-negative ints."""
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                               for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def _check_declared_sizes(tree_dir: Path, tree: Any, leaf_types: tuple, array_type: type, source_bytes: int) -> None:
+    """Refuse, from Orbax's metadata (each array's ``.zarray``), arrays this machine could
+    not hold or that the tree's bytes on disk could not hold compressed, and chunks larger
+    than that: TensorStore decodes every zarr chunk into a buffer of the chunk's full
+    declared shape, whatever the array's (shape ``(4,)`` with chunks ``(2**40,)`` is a 4 TiB
+    allocation, which aborts the process with ``std::bad_alloc``)."""
+    memory = _memory_bytes()
+    plausible = MAX_COMPRESSION_RATIO * source_bytes + DECLARED_SLACK
+    bound = min(memory, plausible)
+    why = (f"more than this machine's memory ({memory} bytes)" if memory <= plausible else
+           f"more than its {source_bytes} bytes on disk can hold compressed ({plausible} bytes)")
+    total = 0
+    for path, m in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, leaf_types))[0]:
+        if not isinstance(m, array_type):
+            continue
+        name = ".".join(_path_names(path))
+        shape = _dims(m.shape if m.shape is not None else ())
+        if shape is None:
+            raise CheckpointError(f"{tree_dir}: array {name!r:.120} declares the shape {m.shape!r:.80}; refusing it")
+        try:
+            itemsize = np.dtype(m.dtype).itemsize
+        except TypeError:
+            itemsize = 8
+        nbytes = math.prod(shape) * itemsize
+        total += nbytes
+        if nbytes > bound:
+            raise CheckpointError(f"{tree_dir}: array {name!r:.120} declares the shape {shape} ({m.dtype}): "
+                                  f"{nbytes} bytes, {why}; refusing it")
+        declared = getattr(getattr(m, "storage", None), "chunk_shape", None)
+        if declared is not None:
+            chunk = _dims(declared)
+            if chunk is None or len(chunk) != len(shape):
+                raise CheckpointError(f"{tree_dir}: array {name!r:.120} of shape {shape} declares the chunk shape "
+                                      f"{declared!r:.80}; refusing it")
+            chunk_bytes = math.prod(chunk) * itemsize
+            if chunk_bytes > bound:
+                raise CheckpointError(f"{tree_dir}: array {name!r:.120} of shape {shape} declares chunks of shape "
+                                      f"{chunk} ({chunk_bytes} bytes each), {why}; refusing it")
+    if total > bound:
+        raise CheckpointError(f"{tree_dir}: its arrays declare {total} bytes in all, {why}; refusing it")
+
+
 def _key_impls(tree_dir: Path) -> dict[str, str]:
     """param name -> PRNG key implementation, from ``array_metadatas/process_*``."""
     out: dict[str, str] = {}
@@ -157,11 +479,12 @@ def _key_impls(tree_dir: Path) -> dict[str, str]:
         return out
     for f in sorted(d.iterdir()):
         data = _read_json(f) if f.name.startswith("process_") else None
-        for rec in (data or {}).get("array_metadatas", []):
-            meta = rec.get("array_metadata", {}) if isinstance(rec, dict) else {}
-            ext = meta.get("ext_metadata")
-            if isinstance(ext, dict) and ext.get("random_key_impl"):
-                out[str(meta.get("param_name"))] = str(ext["random_key_impl"])
+        records = data.get("array_metadatas") if isinstance(data, dict) else None
+        for rec in records if isinstance(records, list) else []:
+            meta = rec.get("array_metadata") if isinstance(rec, dict) else None
+            ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
+            if isinstance(ext, dict) and isinstance(ext.get("random_key_impl"), str):
+                out[str(meta.get("param_name"))] = ext["random_key_impl"]
     return out
 
 
@@ -172,16 +495,28 @@ def _path_names(path: tuple) -> list[str]:
 def read_orbax_tree(tree_dir: os.PathLike | str) -> Any:
     """The pytree of one Orbax tree directory as host values, without a target: arrays as
     numpy arrays in their saved dtype (bfloat16 included), typed PRNG keys re-wrapped as
-    ``jax.random`` key arrays, scalars as Python numbers, strings as ``str``."""
+    ``jax.random`` key arrays, scalars as Python numbers, strings as ``str``.
+
+    Refused with a ``CheckpointError`` before Orbax reads anything: a symlink or special
+    file inside, a tree key that is not a plain name, arrays declaring more bytes than this
+    machine's memory or than the directory could hold compressed (see the module doc)."""
+    tree_dir = _local_path(tree_dir)
+    with _quiet_orbax(), _as_our_errors(tree_dir):
+        return _read_orbax_tree(tree_dir)
+
+
+def _read_orbax_tree(tree_dir: Path) -> Any:
     ocp = _ocp()
     from orbax.checkpoint import metadata as om
 
-    tree_dir = Path(tree_dir)
+    source_bytes = _check_source_tree(tree_dir)
+    _check_tree_keys(tree_dir)
+    leaf_types = (om.ArrayMetadata, om.ScalarMetadata, om.StringMetadata)
     handler = ocp.PyTreeCheckpointHandler()
     try:
         meta = handler.metadata(tree_dir)
         tree = meta.tree if hasattr(meta, "tree") else meta
-        leaf_types = (om.ArrayMetadata, om.ScalarMetadata, om.StringMetadata)
+        _check_declared_sizes(tree_dir, tree, leaf_types, om.ArrayMetadata, source_bytes)
 
         def restore_arg(m):
             if isinstance(m, om.ArrayMetadata):
@@ -192,27 +527,27 @@ def read_orbax_tree(tree_dir: os.PathLike | str) -> Any:
 
         args = jax.tree.map(restore_arg, tree, is_leaf=lambda x: isinstance(x, leaf_types))
         restored = handler.restore(tree_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+        impls = _key_impls(tree_dir)
+        kinds = {tuple(_path_names(p)): m for p, m in
+                 jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, leaf_types))[0]}
+
+        def fix(path, value):
+            names = tuple(_path_names(path))
+            m = kinds.get(names)
+            if isinstance(m, om.ScalarMetadata) and isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0:
+                return value.item()
+            impl = impls.get(".".join(names))
+            if impl is not None:
+                return jax.random.wrap_key_data(jax.device_put(value, jax.devices("cpu")[0]), impl=impl)
+            return value
+
+        return jax.tree_util.tree_map_with_path(fix, restored)
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{tree_dir}: Orbax could not read this tree: {type(e).__name__}: {e}") from e
+        raise _orbax_failure(tree_dir, "Orbax could not read this tree", e) from e
     finally:
         handler.close()
-    impls = _key_impls(tree_dir)
-    kinds = {tuple(_path_names(p)): m for p, m in
-             jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, leaf_types))[0]}
-
-    def fix(path, value):
-        names = tuple(_path_names(path))
-        m = kinds.get(names)
-        if isinstance(m, om.ScalarMetadata) and isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0:
-            return value.item()
-        impl = impls.get(".".join(names))
-        if impl is not None:
-            return jax.random.wrap_key_data(jax.device_put(value, jax.devices("cpu")[0]), impl=impl)
-        return value
-
-    return jax.tree_util.tree_map_with_path(fix, restored)
 
 
 def _leaf_paths(tree: Any) -> list[tuple]:
@@ -259,16 +594,34 @@ def _handler_of(handlers: Any, item: str) -> str:
     return str(handlers.get(item, "")) if isinstance(handlers, dict) else ""
 
 
+def _checkpoint_metadata(d: Path) -> dict:
+    """``d/_CHECKPOINT_METADATA`` as a dict ({} when absent); unreadable, too deep or not an
+    object: our error naming it (its item names and metrics are what we convert by)."""
+    meta = _metadata_json(d / "_CHECKPOINT_METADATA")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{d / '_CHECKPOINT_METADATA'}: holds a {type(meta).__name__}, not a JSON object")
+    return meta
+
+
 def _orbax_step_items(step_dir: Path) -> tuple[dict[str, Path], dict[str, Any], dict[str, str]]:
-    """(tree items, json items, other items by handler) of one CheckpointManager step."""
-    meta = _read_json(step_dir / "_CHECKPOINT_METADATA") or {}
+    """(tree items, json items, other items by handler) of one CheckpointManager step. Item
+    names become paths and shardckpt item names: each must be a ``NAME``."""
+    meta = _checkpoint_metadata(step_dir)
     handlers = meta.get("item_handlers")
     trees: dict[str, Path] = {}
     jsons: dict[str, Any] = {}
     other: dict[str, str] = {}
-    names = sorted(handlers) if isinstance(handlers, dict) else sorted(
-        e.name for e in os.scandir(step_dir) if e.is_dir(follow_symlinks=False) and ORBAX_TMP not in e.name)
+    if isinstance(handlers, dict):
+        names = sorted(handlers)
+        where = f"{step_dir / '_CHECKPOINT_METADATA'}: item name"
+    else:
+        with os.scandir(step_dir) as it:
+            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and ORBAX_TMP not in e.name)
+        where = f"{step_dir}: item directory"
     for name in names:
+        check_name(name, where)
         d = step_dir / name
         h = _handler_of(handlers, name)
         if not _is_dir(d):
@@ -279,7 +632,7 @@ def _orbax_step_items(step_dir: Path) -> tuple[dict[str, Path], dict[str, Any], 
             trees[name] = d
         elif any(t in h for t in _JSON_HANDLERS) or (not h and (_is_file(d / "metadata") or _is_file(d / name))):
             # JsonSave writes <item>/metadata; the manager's metrics (best_fn) <step>/metrics/metrics
-            data = _read_json(d / "metadata") if _is_file(d / "metadata") else _read_json(d / name)
+            data = _metadata_json(d / "metadata") if _is_file(d / "metadata") else _metadata_json(d / name)
             if data is None:
                 other[name] = h or "json (unreadable)"
             else:
@@ -311,11 +664,12 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
-def _convert_one_from_orbax(src: Path, kind: str, dst: Path, step: int | None, model_config: Any,
+def _convert_one_from_orbax(src: Path, kind: str, dst: Path, final: Path, step: int | None, model_config: Any,
                             skip_unknown: bool, report: ConvertReport) -> None:
-
-    meta = _read_json(src / "_CHECKPOINT_METADATA") or {}
-    provenance: dict[str, Any] = {"source": str(src.absolute()), "kind": kind, "items": {},
+    """Convert one Orbax checkpoint (a tree directory or one step) ``src`` to the shardckpt
+    checkpoint ``dst`` (in the staging directory; ``final`` is where it ends up)."""
+    meta = _checkpoint_metadata(src)
+    provenance: dict[str, Any] = {"source": str(src), "kind": kind, "items": {},
                                   "json_items": {}, "custom_metadata": _jsonable(meta.get("custom_metadata")),
                                   "handlers": _jsonable(meta.get("item_handlers"))}
     items: dict[str, Any] = {}
@@ -336,7 +690,7 @@ def _convert_one_from_orbax(src: Path, kind: str, dst: Path, step: int | None, m
                                          "sequences": _sequence_prefixes(sub)}
 
     if kind in ("standard", "pytree"):
-        add(None, read_orbax_tree(src))
+        add(None, _read_orbax_tree(src))
     else:
         trees, jsons, other = _orbax_step_items(src)
         if other:
@@ -348,7 +702,7 @@ def _convert_one_from_orbax(src: Path, kind: str, dst: Path, step: int | None, m
         if not trees:
             raise CheckpointError(f"{src}: this Orbax step holds no pytree item to convert")
         for name, d in trees.items():
-            add(name, read_orbax_tree(d))
+            add(name, _read_orbax_tree(d))
         if isinstance(jsons.get(_METRICS_ITEM), dict):   # CheckpointManager(best_fn=...) metrics
             meta = {**meta, "metrics": jsons.pop(_METRICS_ITEM)}
         provenance["json_items"] = _jsonable(jsons)
@@ -356,18 +710,24 @@ def _convert_one_from_orbax(src: Path, kind: str, dst: Path, step: int | None, m
     config = {"model_config": _jsonable(model_config), "step": step, "train_config": None}
     save_checkpoint(dst, items, step=step, metrics=metrics or None,
                     json_files={"config.json": config, PROVENANCE: provenance})
-    report.written.append(str(dst))
+    report.written.append(str(final))
     report.steps.append(step)
     report.items = sorted(set(report.items) | set(items))
 
 
 def _orbax_steps(root: Path) -> list[tuple[int, Path]]:
     out = []
-    for e in os.scandir(root):
+    with os.scandir(root) as it:
+        entries = list(it)
+    for e in entries:
         m = ORBAX_STEP_DIR.fullmatch(e.name)
         if m and e.is_dir(follow_symlinks=False) and ORBAX_TMP not in e.name \
                 and _orbax_kind(e.path) in ("step", "standard", "pytree"):
             out.append((int(m.group(2)), Path(e.path)))
+    steps = [n for n, _ in out]
+    if len(set(steps)) != len(steps):   # "7" and "step_7"
+        dup = next(n for n in steps if steps.count(n) > 1)
+        raise CheckpointError(f"{root}: several step directories for step {dup}; convert one of them")
     return sorted(out)
 
 
@@ -386,25 +746,34 @@ def from_orbax(src: os.PathLike | str, dst: os.PathLike | str, *, step: int | No
     metrics); items of other handlers raise unless ``skip_unknown``. ``dst`` must not exist
     or be an empty directory. ``step`` defaults to the step directory's number (standalone:
     none). ``model_config`` (a dict) goes into ``config.json`` for ``load_model``.
+
+    Paths may be relative or start with ``~``. The source is checked before Orbax reads it
+    (no symlinks or special files inside, plain item and key names, declared array sizes
+    this machine can hold); a failure raises a ``CheckpointError`` and leaves nothing at
+    ``dst`` (a manager root converts all its steps or none).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = _local_path(src), _local_path(dst)
     kind = _orbax_kind(src)
     if kind is None:
         raise _neither(src)
-    _check_dst(dst)
+    _check_dst(dst, src)
     report = ConvertReport(str(src), str(dst), "from_orbax", kind)
-    if kind == "manager":
-        steps = _orbax_steps(src)
-        if not steps:
-            raise CheckpointError(f"{src}: an Orbax CheckpointManager directory without committed steps")
-        for n, d in steps:
-            _convert_one_from_orbax(d, _orbax_kind(d) or "step", dst / f"step_{n}", n, model_config,
-                                    skip_unknown, report)
-        return report
-    if step is None and kind == "step":
-        m = ORBAX_STEP_DIR.fullmatch(src.absolute().name)
-        step = int(m.group(2)) if m else None
-    _convert_one_from_orbax(src, kind, dst, step, model_config, skip_unknown, report)
+    with _quiet_orbax(), _as_our_errors(src):
+        _check_source_tree(src)
+        if kind == "manager":
+            steps = _orbax_steps(src)
+            if not steps:
+                raise CheckpointError(f"{src}: an Orbax CheckpointManager directory without committed steps")
+            with _staged(dst) as out:
+                for n, d in steps:
+                    _convert_one_from_orbax(d, _orbax_kind(d) or "step", out / f"step_{n}", dst / f"step_{n}", n,
+                                            model_config, skip_unknown, report)
+            return report
+        if step is None and kind == "step":
+            m = ORBAX_STEP_DIR.fullmatch(src.name)
+            step = int(m.group(2)) if m else None
+        with _staged(dst) as out:
+            _convert_one_from_orbax(src, kind, out, dst, step, model_config, skip_unknown, report)
     return report
 
 
@@ -431,40 +800,64 @@ def _host_value(v: Any) -> Any:
     return v
 
 
-def _nest(flat: dict[str, Any], sequences: list[str], nnx_values: bool) -> Any:
+def _check_key(key: Any, where: str) -> list[str]:
+    """The parts of a manifest key that is about to become an Orbax tree path (Orbax joins
+    the parts into parameter names, which are paths): none may be empty, ".", "..", or hold
+    "/", "\\" or NUL."""
+    parts = key.split(".") if isinstance(key, str) else [""]
+    bad = next((p for p in parts if _unsafe_key_part(p)), None)
+    if bad is not None:
+        raise CheckpointError(f"{where}: key {key!r:.120} has a part {bad!r:.40} that is not a plain name "
+                              "(empty, '.', '..', or with '/', '\\' or NUL); Orbax would turn it into a "
+                              "path; refusing it")
+    return parts
+
+
+_LEAF = object()
+
+
+def _nest(flat: dict[str, Any], sequences: list[str], nnx_values: bool, where: str) -> Any:
     root: dict = {}
+    leaves: set[tuple[str, ...]] = set()
     for key, value in flat.items():
-        parts = key.split(".") if key else [""]
+        parts = _check_key(key, where)
         node = root
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
+            if tuple(parts[:i + 1]) in leaves:
+                raise CheckpointError(f"{where}: key {key!r:.120} nests inside the leaf {'.'.join(parts[:i + 1])!r:.120}")
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise CheckpointError(f"key {key!r} clashes with another key")
+        if parts[-1] in node:
+            raise CheckpointError(f"{where}: key {key!r:.120} is both a leaf and a prefix of other keys")
         node[parts[-1]] = {"value": value} if nnx_values else value
+        leaves.add(tuple(parts))
     seqs = set(sequences)
 
-    def lists(node: Any, prefix: str) -> Any:
-        if not isinstance(node, dict):
+    def lists(node: Any, prefix: tuple[str, ...]) -> Any:
+        if prefix in leaves or not isinstance(node, dict):
             return node
-        out = {k: lists(v, f"{prefix}{k}.") for k, v in node.items()}
-        if prefix[:-1] in seqs and all(k.isdigit() for k in out):
+        out = {k: lists(v, (*prefix, k)) for k, v in node.items()}
+        if ".".join(prefix) in seqs and all(k.isascii() and k.isdigit() for k in out):
             return [out[k] for k in sorted(out, key=int)]
         return out
-    return lists(root, "")
+    return lists(root, ())
 
 
 def _item_trees(ck: Any, nnx_values: bool | None, prov: dict) -> dict[str, Any]:
     trees = {}
     for item in ck.items:
+        check_name(item, f"{ck.where}: item")
         rec = ck.item_record(item)
+        where = f"{ck.where}: item {item!r}"
+        for key in [*rec.arrays, *rec.scalars]:   # before anything is read
+            _check_key(key, where)
         flat = {k: _host_value(v) for k, v in ck.read_arrays(item).items()}
         for k, s in rec.scalars.items():
             value = _scalar_value(s)
             if value is not None:   # Orbax has no None leaves
                 flat[k] = value
-        info = (prov.get("items") or {}).get(item) or {}
+        info = prov["items"].get(item) or {}
         wrap = nnx_values if nnx_values is not None else info.get("nnx_values", True)
-        trees[item] = _nest(dict(sorted(flat.items())), info.get("sequences", []), bool(wrap))
+        trees[item] = _nest(dict(sorted(flat.items())), info.get("sequences", []), bool(wrap), where)
     return trees
 
 
@@ -484,59 +877,103 @@ def _save_orbax_tree(path: Path, tree: Any, kind: str) -> None:
 
 
 def _provenance(ck: Any) -> dict:
+    """``orbax.json`` of a converted checkpoint, checked (it names Orbax items, which become
+    directories): {} for a native checkpoint; a malformed record is our error."""
+    where = f"{ck.where}/{PROVENANCE}"
     try:
         prov = ck.read_json(PROVENANCE)
-    except CheckpointError:
-        return {}
-    return prov if isinstance(prov, dict) else {}
+    except RecursionError:
+        raise CheckpointError(f"{where}: nests JSON too deeply; refusing it") from None
+    if prov is None:
+        return {"items": {}, "json_items": {}}
+    if not isinstance(prov, dict) or json_depth(prov) > limits.MAX_JSON_DEPTH + 2:
+        raise CheckpointError(f"{where}: not a provenance record (a JSON object at most {limits.MAX_JSON_DEPTH} deep)")
+    items, json_items = prov.get("items") or {}, prov.get("json_items") or {}
+    if prov.get("kind") not in (None, *_KINDS):
+        raise CheckpointError(f"{where}: unknown Orbax kind {prov.get('kind')!r:.40}")
+    if not isinstance(items, dict) or not isinstance(json_items, dict):
+        raise CheckpointError(f"{where}: items and json_items must be JSON objects")
+    for name, info in items.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: item {name!r:.60} is not a JSON object")
+        orbax_item = info.get("orbax_item")
+        if orbax_item is not None:
+            check_name(orbax_item, f"{where}: orbax_item of {name!r:.60}")
+        seqs = info.get("sequences", [])
+        if not isinstance(seqs, list) or not all(isinstance(x, str) for x in seqs):
+            raise CheckpointError(f"{where}: sequences of {name!r:.60} must be a list of keys")
+    for name in json_items:
+        check_name(name, f"{where}: JSON item")
+    return {**prov, "items": items, "json_items": json_items}
 
 
-def _to_orbax_single(ck: Any, dst: Path, kind: str, nnx_values: bool | None, report: ConvertReport) -> None:
+def _to_orbax_single(ck: Any, dst: Path, final: Path, kind: str, nnx_values: bool | None,
+                     report: ConvertReport) -> None:
     prov = _provenance(ck)
     trees = _item_trees(ck, nnx_values, prov)
-    infos = prov.get("items") or {}
-    if set(trees) == {"model"} and not infos.get("model", {}).get("split"):
+    infos = prov["items"]
+    if set(trees) == {"model"} and not (infos.get("model") or {}).get("split"):
         tree = trees["model"]
     else:
         tree = trees
-    _save_orbax_tree(dst, tree, kind)
-    report.written.append(str(dst))
+    try:
+        _save_orbax_tree(dst, tree, kind)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise _orbax_failure(final, "Orbax could not write it", e) from e
+    report.written.append(str(final))
     report.steps.append(ck.step)
     report.items = sorted(trees)
 
 
-def _to_orbax_manager(cks: list[Any], dst: Path, nnx_values: bool | None, report: ConvertReport) -> None:
+def _to_orbax_manager(cks: list[Any], dst: Path, final: Path, nnx_values: bool | None, report: ConvertReport) -> None:
     ocp = _ocp()
+    steps = [ck.step if ck.step is not None else 0 for ck in cks]
+    if len(set(steps)) != len(steps):
+        dup = next(n for n in steps if steps.count(n) > 1)
+        raise CheckpointError(f"{final}: several checkpoints record step {dup}; an Orbax CheckpointManager "
+                              "holds one per step")
+    if any(n < 0 for n in steps):
+        raise CheckpointError(f"{final}: step {min(steps)}: an Orbax CheckpointManager has no negative steps")
     # The manager writes metrics (<step>/metrics/metrics) only when it tracks the best step;
     # best_fn changes nothing else here (max_to_keep is None: every step is kept).
     options = ocp.CheckpointManagerOptions(best_fn=lambda metrics: 0.0) if any(ck.metrics for ck in cks) else None
-    with ocp.CheckpointManager(dst, options=options) as mngr:
-        for ck in cks:
-            prov = _provenance(ck)
-            trees = _item_trees(ck, nnx_values, prov)
-            infos = prov.get("items") or {}
-            args: dict[str, Any] = {}
-            orbax_items: dict[str, Any] = {}
-            for name, tree in trees.items():
-                info = infos.get(name) or {}
-                if info.get("split") and info.get("orbax_item"):
-                    orbax_items.setdefault(info["orbax_item"], {})[name] = tree
-                else:
-                    orbax_items[info.get("orbax_item") or name] = tree
-            for name, tree in orbax_items.items():
-                handler = _handler_of(prov.get("handlers"), name)
-                pytree = "PyTreeCheckpointHandler" in handler or _has_str(tree)
-                args[name] = ocp.args.PyTreeSave(tree) if pytree else ocp.args.StandardSave(tree)
-            for name, data in (prov.get("json_items") or {}).items():
-                if name not in args:
-                    args[name] = ocp.args.JsonSave(data)
-            step = ck.step if ck.step is not None else 0
-            metrics = ck.metrics or None
-            mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
-            mngr.wait_until_finished()
-            report.written.append(str(dst / str(step)))
-            report.steps.append(step)
-            report.items = sorted(set(report.items) | set(args))
+    for ck in cks:   # every name checked before the manager writes anything
+        _provenance(ck)
+        for item in ck.items:
+            check_name(item, f"{ck.where}: item")
+    try:
+        with ocp.CheckpointManager(dst, options=options) as mngr:
+            for ck, step in zip(cks, steps):
+                prov = _provenance(ck)
+                trees = _item_trees(ck, nnx_values, prov)
+                infos = prov["items"]
+                args: dict[str, Any] = {}
+                orbax_items: dict[str, Any] = {}
+                for name, tree in trees.items():
+                    info = infos.get(name) or {}
+                    if info.get("split") and info.get("orbax_item"):
+                        orbax_items.setdefault(info["orbax_item"], {})[name] = tree
+                    else:
+                        orbax_items[info.get("orbax_item") or name] = tree
+                for name, tree in orbax_items.items():
+                    handler = _handler_of(prov.get("handlers"), name)
+                    pytree = "PyTreeCheckpointHandler" in handler or _has_str(tree)
+                    args[name] = ocp.args.PyTreeSave(tree) if pytree else ocp.args.StandardSave(tree)
+                for name, data in prov["json_items"].items():
+                    if name not in args:
+                        args[name] = ocp.args.JsonSave(data)
+                metrics = ck.metrics or None
+                mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+                mngr.wait_until_finished()
+                report.written.append(str(final / str(step)))
+                report.steps.append(step)
+                report.items = sorted(set(report.items) | set(args))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise _orbax_failure(final, "Orbax could not write it", e) from e
 
 
 def to_orbax(src: os.PathLike | str, dst: os.PathLike | str, *, kind: str | None = None,
@@ -553,9 +990,13 @@ def to_orbax(src: os.PathLike | str, dst: os.PathLike | str, *, kind: str | None
     ``{"value": leaf}``, the layout Orbax gives ``nnx.state(...)``, so
     ``StandardCheckpointer().restore(dst, nnx.state(abstract_model))`` works; False writes
     ``state.to_pure_dict()``'s layout.
+
+    Paths may be relative or start with ``~``. Item names and keys are checked before they
+    become Orbax paths; a failure raises a ``CheckpointError`` and leaves nothing at ``dst``
+    and no ``.orbax-checkpoint-tmp`` directory beside it.
     """
 
-    src, dst = Path(src), Path(dst)
+    src, dst = _local_path(src), _local_path(dst)
     what = shardckpt_kind(src)
     if what is None:
         if _orbax_kind(src) is not None:
@@ -563,23 +1004,23 @@ def to_orbax(src: os.PathLike | str, dst: os.PathLike | str, *, kind: str | None
         raise _neither(src)
     if kind not in (None, "standard", "pytree", "manager"):
         raise CheckpointError(f"kind={kind!r}: expected 'standard', 'pytree' or 'manager'")
-    _check_dst(dst)
-    if what == "manager":
-        cks = [open_checkpoint(p) for _, p in _shardckpt_steps(src)]
-        kind = kind or "manager"
-    else:
-        cks = [open_checkpoint(src)]
-        recorded = _provenance(cks[0]).get("kind")
-        kind = kind or ("manager" if recorded in ("step", "manager") else recorded) or "standard"
-    report = ConvertReport(str(src), str(dst), "to_orbax", kind)
-    if kind != "manager" and len(cks) > 1:
-        raise CheckpointError(f"{src}: {len(cks)} checkpoints; only kind='manager' holds several steps")
-    if dst.is_dir():
-        dst.rmdir()   # empty (checked): Orbax creates it itself
-    if kind == "manager":
-        _to_orbax_manager(cks, dst, nnx_values, report)
-    else:
-        _to_orbax_single(cks[0], dst, kind, nnx_values, report)
+    _check_dst(dst, src)
+    with _quiet_orbax(), _as_our_errors(src):
+        if what == "manager":
+            cks = [open_checkpoint(p) for _, p in _shardckpt_steps(src)]
+            kind = kind or "manager"
+        else:
+            cks = [open_checkpoint(src)]
+            recorded = _provenance(cks[0]).get("kind")
+            kind = kind or ("manager" if recorded in ("step", "manager") else recorded) or "standard"
+        report = ConvertReport(str(src), str(dst), "to_orbax", kind)
+        if kind != "manager" and len(cks) > 1:
+            raise CheckpointError(f"{src}: {len(cks)} checkpoints; only kind='manager' holds several steps")
+        with _staged(dst) as out:
+            if kind == "manager":
+                _to_orbax_manager(cks, out, dst, nnx_values, report)
+            else:
+                _to_orbax_single(cks[0], out, dst, kind, nnx_values, report)
     return report
 
 
@@ -590,4 +1031,4 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, **kwargs: Any) -> Co
                                        if k in ("step", "model_config", "skip_unknown")})
     if shardckpt_kind(src) is not None:
         return to_orbax(src, dst, **{k: v for k, v in kwargs.items() if k in ("kind", "nnx_values")})
-    raise _neither(Path(src))
+    raise _neither(_local_path(src))
