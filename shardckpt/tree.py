@@ -21,7 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import xxhash
 from flax import nnx
 
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
@@ -30,6 +32,11 @@ from shardckpt.errors import CheckpointError, CorruptCheckpointError, StructureM
 SCALAR_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "none"}
 _SCALAR_KINDS = frozenset(SCALAR_TYPES.values())
 _NATIVE_KINDS = "biufc"  # numpy kinds .npy stores faithfully
+
+#: The deepest pytree a save or restore accepts (levels of containers above a leaf). Real
+#: states nest a dozen levels; jax.tree_util recurses per level, so far deeper trees would
+#: hit Python's recursion limit at a depth that depends on the caller's stack.
+MAX_TREE_DEPTH = 256
 
 
 def _is_variable(x: Any) -> bool:
@@ -261,7 +268,13 @@ class FlatTree:
 
     @classmethod
     def of(cls, tree: Any) -> FlatTree:
-        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+        """Flatten ``tree`` (nnx Variables are leaves). A tree nested deeper than
+        ``MAX_TREE_DEPTH`` levels raises ``CheckpointError``, checked before jax flattens it."""
+        check_depth(tree)
+        try:
+            with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+        except RecursionError:       # not reached after check_depth; never a raw RecursionError
+            raise _too_deep() from None
         leaves: dict[str, Any] = {}
         for path, leaf in with_path:
             key = key_of(path)
@@ -295,7 +308,303 @@ def split_values(values: dict[str, Any], *, copy_numpy: bool = False) -> tuple[l
         elif type(value) in SCALAR_TYPES:
             scalars[key] = encode_scalar(key, value)
         elif hasattr(value, "shape") and hasattr(value, "dtype"):
-            raise CheckpointError(f"key {key!r}: abstract value {value!r:.120} has no data to save")
+            raise CheckpointError(f"key {key!r}: {summarize(value)} is abstract: it has no data to save")
         else:
             scalars[key] = encode_scalar(key, value)
     return arrays, scalars
+
+
+# --- depth, descriptions --------------------------------------------------------------------
+
+def _too_deep() -> CheckpointError:
+    return CheckpointError(f"the pytree is nested more than {MAX_TREE_DEPTH} levels deep (a key path of more than "
+                           f"{MAX_TREE_DEPTH} parts); shardckpt saves and restores pytrees up to {MAX_TREE_DEPTH} "
+                           "levels deep: flatten it, e.g. into a dict keyed by path")
+
+
+def _one_level(node: Any) -> list[tuple[str, Any]] | None:
+    """The children of pytree node ``node`` as (path part, child), or None for a leaf
+    (an nnx Variable is a leaf; a None child is a child). No recursion."""
+    if node is None or _is_variable(node):
+        return None
+    kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(kids) == 1 and kids[0][0] == ():
+        return None
+    return [(key_of(path), child) for path, child in kids]
+
+
+#: Leaves recognised without asking jax (the walk below stays cheap for big states).
+_PLAIN_LEAVES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, int, float, complex, str, bytes)
+
+
+def tree_depth(tree: Any, limit: int | None = None) -> int:
+    """The length of the longest key path in ``tree`` (levels of containers above its
+    deepest leaf or empty container), walked without recursion. With ``limit``, stops as
+    soon as the depth is over it (and returns ``limit + 1``).
+
+    Why not let ``jax.tree_util`` find out: it recurses in C++ and, with an ``is_leaf``
+    callback, a tree deeper than Python's recursion limit raises ``RecursionError`` and
+    leaves the interpreter's recursion count wrong, so later unrelated calls fail too."""
+    deepest, stack = 0, [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            children = node.values()
+        elif kind is list or kind is tuple:
+            children = node
+        elif node is None or isinstance(node, _PLAIN_LEAVES) or _is_variable(node):
+            children = ()
+        else:
+            kids = _one_level(node)
+            children = () if kids is None else [child for _, child in kids]
+        deepest = max(deepest, depth)
+        if children and limit is not None and depth + 1 > limit:
+            return limit + 1
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_depth(tree: Any) -> None:
+    """``CheckpointError`` if ``tree`` is nested deeper than ``MAX_TREE_DEPTH`` levels."""
+    if tree_depth(tree, MAX_TREE_DEPTH) > MAX_TREE_DEPTH:
+        raise _too_deep()
+
+
+def check_key_depth(key: str, where: str) -> None:
+    """A saved key of more than ``MAX_TREE_DEPTH`` parts is no key shardckpt writes: refused
+    before it is nested into dicts (``restore`` without a target)."""
+    if key.count(".") >= MAX_TREE_DEPTH:
+        raise CorruptCheckpointError(f"{where}: key {key[:80]!r}... has {key.count('.') + 1} parts; saved pytrees "
+                                     f"are at most {MAX_TREE_DEPTH} levels deep")
+
+
+def is_array_like(value: Any) -> bool:
+    """An array leaf (``jax.Array``, NumPy array or scalar, ``jax.ShapeDtypeStruct``, or
+    anything with a shape and a dtype), as opposed to a Python scalar leaf."""
+    return isinstance(value, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or (
+        hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def bounded(names: Any, limit: int = 12) -> str:
+    """``names`` joined by commas, at most ``limit`` of them, then how many in all."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _leaf_summary(value: Any) -> str:
+    if _is_variable(value):
+        return f"{type(value).__name__}({_leaf_summary(value.get_value())})"
+    if is_array_like(value):
+        return f"{tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', '?')}"
+    return type(value).__name__
+
+
+def summarize(obj: Any, limit: int = 6) -> str:
+    """What ``obj`` is, for an error message: its type, an array's shape and dtype, a
+    pytree's leaf count and first keys with their shapes. Never a value."""
+    if isinstance(obj, type):
+        return f"the class {obj.__name__}"
+    if isinstance(obj, nnx.Module):
+        return f"an {'nnx.Optimizer' if isinstance(obj, nnx.Optimizer) else 'nnx.Module'} ({type(obj).__name__})"
+    if _is_variable(obj):
+        return f"an nnx.{type(obj).__name__} {_leaf_summary(obj)}"
+    if is_array_like(obj):
+        kind = "jax.Array" if isinstance(obj, jax.Array) else type(obj).__name__
+        return f"an array {_leaf_summary(obj)} ({kind})"
+    if isinstance(obj, (str, bytes)):
+        return f"a {type(obj).__name__} of length {len(obj)}"
+    if obj is None or isinstance(obj, (bool, int, float, complex)):
+        return f"a Python {type(obj).__name__}"
+    if callable(obj):
+        return f"a {type(obj).__name__} {getattr(obj, '__qualname__', '')}".rstrip()
+    if tree_depth(obj, MAX_TREE_DEPTH) > MAX_TREE_DEPTH:
+        return f"a {type(obj).__name__} nested more than {MAX_TREE_DEPTH} levels deep"
+    try:
+        flat = jax.tree_util.tree_flatten_with_path(obj, is_leaf=_is_variable)[0]
+    except Exception:   # noqa: BLE001 - anything jax cannot flatten is described by its type
+        return f"a {type(obj).__name__}"
+    if len(flat) == 1 and flat[0][0] == ():
+        return f"a {type(obj).__name__}"
+    shown = ", ".join(f"{key_of(p)}: {_leaf_summary(v)}" for p, v in flat[:limit])
+    more = f", ... ({len(flat)} leaves in all)" if len(flat) > limit else ""
+    return f"a {type(obj).__name__} of {len(flat)} leaves ({shown}{more})"
+
+
+# --- dtype casts -----------------------------------------------------------------------------
+
+def _finfo(dtype: np.dtype):
+    try:
+        return ml_dtypes.finfo(dtype) if dtype.kind in "fV" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _iinfo(dtype: np.dtype):
+    try:
+        return ml_dtypes.iinfo(dtype) if dtype.kind in "iuV" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def lossless_cast(src: Any, dst: Any) -> bool:
+    """Whether every value of dtype ``src`` is exactly representable in ``dst`` (bfloat16 ->
+    float32, int8 -> int32, float16 -> float64: True; float32 -> float16 or bfloat16,
+    float -> int, int32 -> float32: False). The restore rule: a lossless cast into a
+    target's dtype is silent, a lossy one warns."""
+    src, dst = np.dtype(src), np.dtype(dst)
+    if src == dst or src.kind == "b":
+        return True
+    if dst.kind == "b":
+        return False
+    if src.kind == "c" or dst.kind == "c":
+        if dst.kind != "c":
+            return False
+        part = np.dtype(f"float{src.itemsize * 4}") if src.kind == "c" else src
+        return lossless_cast(part, np.dtype(f"float{dst.itemsize * 4}"))
+    sf, df, si, di = _finfo(src), _finfo(dst), _iinfo(src), _iinfo(dst)
+    if sf is not None and df is not None:
+        return df.nmant >= sf.nmant and df.maxexp >= sf.maxexp and df.minexp <= sf.minexp
+    if si is not None and di is not None:
+        return int(di.min) <= int(si.min) and int(di.max) >= int(si.max)
+    if si is not None and df is not None:
+        return max(-int(si.min), int(si.max)) <= 2 ** (df.nmant + 1)
+    return False
+
+
+# --- container kinds -------------------------------------------------------------------------
+
+#: ``tree-<item>.json``: the container kinds of a plain pytree item, so that a restore
+#: without a target gives back lists, tuples, None leaves and empty containers.
+TREE_RECORD_FORMAT = "shardckpt-tree"
+TREE_RECORD_VERSION = 1
+_NODE_KINDS = ("dict", "list", "tuple", "none")
+
+
+def keys_digest(keys: Any) -> str:
+    """xxh3-64 (hex) of the sorted leaf keys, one per line: ties a record to its item."""
+    return xxhash.xxh3_64("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def _kind(node: Any) -> str:
+    if isinstance(node, list):
+        return "list"
+    if isinstance(node, tuple) and not hasattr(node, "_fields"):
+        return "tuple"
+    return "dict"      # dicts, nnx.State, namedtuples, other pytree nodes: by their keys
+
+
+def container_record(tree: Any, keys: Any) -> dict | None:
+    """The record of ``tree``'s containers that dotted keys cannot tell: every list and
+    tuple (with its length), every None leaf, every empty container. ``nodes`` is empty for
+    a tree of non-empty dicts. None when the tree cannot be described by path parts (a
+    dict key holding a '.')."""
+    nodes: list[list] = []
+    stack = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if node is None:
+            nodes.append([list(path), "none"])
+            continue
+        kids = _one_level(node)
+        if kids is None:
+            continue
+        if any("." in part for part, _ in kids):
+            return None
+        kind = _kind(node)
+        if kind != "dict" or not kids:
+            nodes.append([list(path), kind, len(kids)])
+        stack.extend((path + (part,), child) for part, child in reversed(kids))
+    keys = list(keys)
+    return {"format": TREE_RECORD_FORMAT, "version": TREE_RECORD_VERSION, "keys": len(keys),
+            "digest": keys_digest(keys), "nodes": nodes}
+
+
+def record_matches(record: Any, keys: Any) -> bool:
+    """Whether ``record`` is a container record written for exactly these leaf keys (a
+    record left from an earlier version of the item does not match)."""
+    keys = list(keys)
+    return (isinstance(record, dict) and record.get("format") == TREE_RECORD_FORMAT
+            and record.get("keys") == len(keys) and record.get("digest") == keys_digest(keys))
+
+
+def _parse_nodes(record: dict, what: str) -> list[tuple[tuple[str, ...], str, int]]:
+    """The record's entries, each checked: a path of at most ``MAX_TREE_DEPTH`` str parts, a
+    kind, and for lists and tuples a length no longer than the record can fill (every
+    position holds a saved key, a None leaf or an empty container)."""
+    nodes = record.get("nodes")
+    keys = record.get("keys")
+    if not isinstance(nodes, list) or type(keys) is not int:
+        raise CorruptCheckpointError(f"{what}: malformed container record (nodes, keys)")
+    most = keys + len(nodes)
+    out = []
+    for node in nodes:
+        ok = isinstance(node, list) and len(node) in (2, 3) and isinstance(node[0], list) \
+            and len(node[0]) <= MAX_TREE_DEPTH and all(type(p) is str for p in node[0]) and node[1] in _NODE_KINDS
+        length = node[2] if ok and len(node) == 3 else 0
+        if not ok or type(length) is not int or not 0 <= length <= most or (node[1] == "none") != (len(node) == 2):
+            raise CorruptCheckpointError(f"{what}: malformed container record entry {str(node)[:120]}")
+        out.append((tuple(node[0]), node[1], length))
+    return out
+
+
+def _is_index(name: str, length: int) -> bool:
+    """``name`` is the canonical decimal of a position below ``length`` ("0", "17"; not "01")."""
+    return 0 < len(name) <= 19 and name.isascii() and name.isdigit() and (name == "0" or name[0] != "0") \
+        and int(name) < length
+
+
+def apply_container_record(nested: dict, record: dict, what: str, *, partial: bool = False) -> Any:
+    """``nested`` (the nested dicts a restore without a target builds from dotted keys) with
+    the recorded containers put back: lists, tuples, None leaves, empty containers.
+    ``partial`` (some keys were not selected): list positions not read are None, lists and
+    None leaves outside what was read stay absent. A record that contradicts the keys
+    raises CorruptCheckpointError; time and memory stay linear in the record and the keys."""
+    if record.get("version") != TREE_RECORD_VERSION:
+        return nested          # a newer writer's record: the plain nested dicts
+    nodes = _parse_nodes(record, what)
+    root: dict = {"": nested}
+
+    def parent_of(path: tuple[str, ...], create: bool) -> dict | None:
+        node = root[""]
+        for part in path[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None and create and isinstance(node, dict):
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                if create:
+                    raise CorruptCheckpointError(f"{what}: container record path {'.'.join(path)!r:.200} "
+                                                 "does not fit the saved keys")
+                return None
+            node = child
+        return node
+
+    for path, kind, length in nodes:       # None leaves and empty containers first
+        if kind != "none" and length:
+            continue
+        if not path:
+            if kind != "none" and not root[""]:
+                root[""] = {}
+                continue
+            raise CorruptCheckpointError(f"{what}: container record puts an empty node at the root of a tree with keys")
+        parent = parent_of(path, not partial)
+        if parent is None:
+            continue
+        if path[-1] in parent:
+            raise CorruptCheckpointError(f"{what}: container record path {'.'.join(path)!r:.200} collides with a saved key")
+        parent[path[-1]] = None if kind == "none" else {}
+    for path, kind, length in sorted(nodes, key=lambda n: -len(n[0])):   # innermost first
+        if kind not in ("list", "tuple"):
+            continue
+        parent = parent_of(path, False) if path else root
+        slot = path[-1] if path else ""
+        node = parent.get(slot) if parent is not None else None
+        if node is None and partial:
+            continue
+        if not isinstance(node, dict) or not all(_is_index(k, length) for k in node) \
+                or (not partial and len(node) != length):
+            raise CorruptCheckpointError(f"{what}: container record says {'.'.join(path) or 'the root'!r:.200} is a "
+                                         f"{kind} of {length}, which the saved keys do not fit")
+        items = [node.get(str(i)) for i in range(length)]
+        parent[slot] = items if kind == "list" else tuple(items)
+    return root[""]

@@ -12,6 +12,7 @@ returns one whole version, never a mix.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,7 +31,17 @@ from shardckpt.loading.geometry import Box, aligned_empty, chunk_target, concret
 from shardckpt.progress import byte_progress
 from shardckpt.store.base import Store
 from shardckpt.store.registry import resolve
-from shardckpt.tree import ArraySpec, FlatTree, decode_scalar, decode_stored, is_prng_key
+from shardckpt.tree import (
+    ArraySpec,
+    FlatTree,
+    bounded,
+    decode_scalar,
+    decode_stored,
+    is_array_like,
+    is_prng_key,
+    lossless_cast,
+    summarize,
+)
 from shardckpt.workers import run_all
 
 READ_ATTEMPTS = 10
@@ -67,13 +78,13 @@ class RestoreReport:
     def complete(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
-    def describe(self) -> str:
+    def describe(self, limit: int = 12) -> str:
+        """The keys missing, unexpected and mismatched, at most ``limit`` of each."""
         parts = []
         for label, keys in (("missing from the checkpoint", self.missing),
                             ("not in the target", self.unexpected), ("mismatched", self.mismatched)):
             if keys:
-                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-                parts.append(f"{label}: {shown}")
+                parts.append(f"{label}: {bounded(keys, limit)}")
         return "; ".join(parts)
 
 
@@ -82,17 +93,23 @@ def _target_sharding(value: Any):
     return sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
 
-def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = ""):
-    """Stored bits -> the real dtype, then the target's dtype if it differs."""
+def _to_real(spec: ArraySpec, stored: np.ndarray, target: Any, what: str = "",
+             casts: dict[tuple[str, str], list[str]] | None = None, key: str = ""):
+    """Stored bits -> the real dtype, then the target's dtype if it differs. A lossy cast
+    (``lossless_cast`` is False: float32 -> float16, float -> int) is noted in ``casts``
+    (dtype pair -> keys) for one warning per pair; a lossless one (bfloat16 -> float32) is
+    silent. The original layout's raw ``V2`` bytes are viewed as the target's dtype."""
     value = decode_stored(spec, stored, what)
     tdtype = getattr(target, "dtype", None)
     if spec.key_impl is None and tdtype is not None and np.dtype(tdtype) != value.dtype:
         tdtype = np.dtype(tdtype)
-        if value.dtype.name == "bfloat16" and tdtype.kind == "f":   # one warning per dtype pair (default filter)
-            warnings.warn(f"loading bfloat16 arrays into {tdtype} targets: values are converted exactly, "
-                          f"but the restored arrays are {tdtype}, not bfloat16", UserWarning, stacklevel=2)
-        untyped = value.dtype.kind == "V" and value.dtype.itemsize == tdtype.itemsize
-        value = value.view(tdtype) if untyped else value.astype(tdtype)
+        if value.dtype.type is np.void and value.dtype.itemsize == tdtype.itemsize:
+            return value.view(tdtype)          # untyped bytes (the original's bfloat16): their meaning
+        if casts is not None and not lossless_cast(value.dtype, tdtype):
+            keys = casts.setdefault((value.dtype.name, tdtype.name), [])
+            if key not in keys:
+                keys.append(key)
+        value = value.astype(tdtype)
     return value
 
 
@@ -195,6 +212,7 @@ class Checkpoint:
         flat = FlatTree.of(target)
         values = flat.values()
         report = RestoreReport()
+        casts: dict[tuple[str, str], list[str]] = {}     # lossy casts: (from, to) -> keys, warned once each
         wanted: dict[str, tuple[ArraySpec, Any]] = {}
         new_values = dict(values)
         for key, tv in values.items():
@@ -208,8 +226,28 @@ class Checkpoint:
                 else:
                     wanted[key] = (spec, tv)
             elif key in rec.scalars:
-                new_values[key] = decode_scalar(key, rec.scalars[key])
-                report.restored.append(key)
+                value = decode_scalar(key, rec.scalars[key], self.where)
+                if not is_array_like(tv):
+                    new_values[key] = value
+                    report.restored.append(key)
+                    continue
+                # never a Python scalar (or a hostile string) where the target holds an array: a
+                # number fits a 0-d target (jax.eval_shape makes Python numbers 0-d) if exact
+                fit = _scalar_as_array(value, tv)
+                if fit is None:
+                    report.mismatched.append(f"{key}: saved a Python {type(value).__name__} scalar, the target "
+                                             f"holds an array {tuple(tv.shape)} {tv.dtype}")
+                    continue
+                exact, rounded = fit
+                if rounded:
+                    casts.setdefault((f"Python {type(value).__name__}", exact.dtype.name), []).append(key)
+                if isinstance(tv, (np.ndarray, np.generic)):
+                    new_values[key] = exact
+                    report.restored.append(key)
+                else:
+                    sharding = concrete_sharding(resolve(key) or _target_sharding(tv), key, self.where)
+                    new_values[key] = jax.device_put(exact, sharding)
+                    report.restored.append(key)
             else:
                 report.missing.append(key)
         report.unexpected = [k for k in list(rec.arrays) + list(rec.scalars)
@@ -236,22 +274,32 @@ class Checkpoint:
             sharding, boxes = placement[key]
             pieces = host.pop(key)
             if boxes is None:
-                value = _to_real(spec, pieces[full_box(spec)], tv, f"{self.where}: array {key!r}")
+                value = _to_real(spec, pieces[full_box(spec)], tv, f"{self.where}: array {key!r}", casts, key)
                 if isinstance(tv, (np.ndarray, np.generic)):
                     new_values[key] = np.asarray(value)
                 else:
                     # may_alias: a 64-byte aligned host buffer becomes the CPU array without a copy
                     new_values[key] = jax.device_put(value, sharding, may_alias=True)
             else:
-                per_device = [jax.device_put(_to_real(spec, pieces[box], tv, f"{self.where}: array {key!r}"), device, may_alias=True)
+                per_device = [jax.device_put(_to_real(spec, pieces[box], tv, f"{self.where}: array {key!r}", casts, key),
+                                             device, may_alias=True)
                               for device, box in boxes.items()]
                 new_values[key] = jax.make_array_from_single_device_arrays(spec.shape, sharding, per_device)
             report.restored.append(key)
+        for (src, dst), keys in casts.items():
+            keep = "keep them as Python values in the target" if src.startswith("Python") else \
+                f"restore into {src} targets"
+            warnings.warn(f"{self.where}: item {item!r}: {src} values restored into {dst} targets lose precision "
+                          f"or range (a lossy cast) for {bounded(keys)}; {keep} to keep them exact",
+                          UserWarning, stacklevel=3)
         return flat.rebuild(new_values), report
 
     def item_record(self, item: str) -> ItemRecord:
+        if not isinstance(item, str):
+            raise CheckpointError(f"{self.where}: an item is named by a str (one of {', '.join(self.items) or 'none'}); "
+                                  f"got {summarize(item)}")
         if item not in self.items:
-            raise StructureMismatchError(f"{self.where}: checkpoint has no {item!r} (it has "
+            raise StructureMismatchError(f"{self.where}: checkpoint has no {item!r:.120} (it has "
                                          f"{', '.join(self.items) or 'nothing'})")
         return self.manifest.items[item]
 
@@ -332,6 +380,26 @@ class Checkpoint:
             if size != expected:
                 raise CorruptCheckpointError(f"{self.where}: {fname} is {size} bytes, the manifest says {expected}")
         run_all(check, sorted(names), 16 if len(names) > 4 else 1)
+
+
+def _scalar_as_array(value: Any, target: Any) -> tuple[np.ndarray, bool] | None:
+    """A saved bool/int/float scalar as a 0-d array of a 0-d target's dtype, and whether
+    that rounds it (a lossy cast, warned like an array's), or None when it is no number,
+    the target is not 0-d (or a PRNG key), or the value is out of the dtype's range."""
+    if type(value) not in (bool, int, float) or tuple(getattr(target, "shape", (1,))) != () or is_prng_key(target):
+        return None
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = np.asarray(value).astype(np.dtype(target.dtype))
+        got = exact.item()
+    except (OverflowError, TypeError, ValueError):
+        return None
+    if isinstance(got, int) and not isinstance(got, bool) and not (math.isfinite(value) and abs(got - value) < 1):
+        return None                       # wrapped around an integer dtype's range, or NaN/inf into one
+    if isinstance(got, float) and math.isinf(got) and not math.isinf(value):
+        return None                       # out of a float dtype's range (1e10 into float16)
+    return exact, not (got == value or (value != value and got != got))   # NaN is NaN
 
 
 def _mismatch(spec: ArraySpec, target: Any) -> str | None:
