@@ -191,25 +191,19 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"started": started, "argv": sys.argv[1:], "load_avg_start": load_avg(), "environment": environment()}
 
-    if args.index_bench:
-        from .index_bench import index_bench
-        console.print(f"index benchmark (load {load_avg()})")
-        res = index_bench(args, console)
-        meta["load_avg_end"] = load_avg()
-        path = out_dir / f"{args.tag or 'index_bench'}.json"
-        path.write_text(json.dumps({**meta, **res}, indent=1))
-        console.print(f"wrote {path}")
-        return 0
-
-    if args.incremental:
-        from .incremental_bench import run_incremental
-        console.print(f"incremental benchmark (load {load_avg()})")
-        res = run_incremental(args, console)
-        meta["load_avg_end"] = load_avg()
-        path = out_dir / f"{args.tag or 'incremental'}.json"
-        path.write_text(json.dumps({**meta, **res}, indent=1))
-        console.print(f"wrote {path}")
-        return 0
+    for mode, stem in (("index_bench", "index_bench"), ("incremental", "incremental")):
+        if getattr(args, mode):              # one JSON of one function's results
+            if mode == "index_bench":
+                from .index_bench import index_bench as run
+            else:
+                from .incremental_bench import run_incremental as run
+            console.print(f"{stem} benchmark (load {load_avg()})")
+            res = run(args, console)
+            meta["load_avg_end"] = load_avg()
+            path = out_dir / f"{args.tag or stem}.json"
+            path.write_text(json.dumps({**meta, **res}, indent=1))
+            console.print(f"wrote {path}")
+            return 0
 
     for mode, stem, fn in (("s3", "s3", "run_s3"), ("regression", "regression", "run_regression"),
                            ("replica", "replica_restore", "run_replica")):
