@@ -1,15 +1,13 @@
 """The pytree core (``shardckpt.save`` / ``shardckpt.restore``) and the nnx functions built
 on it: pytree targets for ``load_model`` and the manager, extra items in one atomic
 checkpoint, optimizers over a subset of the parameters (LoRA, ``wrt=``), clear errors for
-arguments that are no module, and every ``python`` block of docs/checkpointing_guide.md."""
+arguments that are no module, and every ``python`` and ``bash`` block of docs/checkpointing_guide.md."""
 
 from __future__ import annotations
 
-import re
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,8 @@ from shardckpt import (
     save_optimizer,
 )
 from shardckpt.api.nnx_state import abstract_optimizer
+from tests.scenarios.guide import GUIDE, RUNNABLE, run_block
+from tests.scenarios.guide import blocks as guide_blocks
 
 
 def bits(tree) -> dict:
@@ -326,21 +326,21 @@ def test_abstract_optimizer_equals_tracing_the_whole_model(make, wrt):
 # --- the user guide ---------------------------------------------------------------------------------
 
 def test_every_python_block_of_the_guide_runs_in_order(tmp_path, monkeypatch):
-    """docs/checkpointing_guide.md promises that its ```python blocks run, in order, in one
-    session started in an empty directory."""
-    guide = (Path(__file__).parents[2] / "docs" / "checkpointing_guide.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```", guide, flags=re.DOTALL | re.MULTILINE)
-    assert len(blocks) > 10
-    assert "from shardckpt import save, restore" in blocks[0], "the pytree API comes first"
+    """docs/checkpointing_guide.md promises that its ```python and ```bash blocks (the
+    ``shardckpt`` commands, e.g. the Orbax conversions) run, in order, in one session
+    started in an empty directory (``tests.scenarios.guide``)."""
+    runnable = [(lang, code) for lang, code in guide_blocks(GUIDE.read_text()) if lang in RUNNABLE]
+    assert len(runnable) > 10
+    assert "from shardckpt import save, restore" in runnable[0][1], "the pytree API comes first"
     monkeypatch.chdir(tmp_path)
     module = types.ModuleType("shardckpt_guide")    # dataclasses look their module up
     monkeypatch.setitem(sys.modules, module.__name__, module)
     scope = module.__dict__
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i, code in enumerate(blocks):
+        for i, (lang, code) in enumerate(runnable):
             try:
-                exec(compile(code, f"checkpointing_guide.md block {i}", "exec"), scope)  # noqa: S102
+                run_block(lang, code, scope, f"checkpointing_guide.md block {i}")
             except Exception as e:
                 raise AssertionError(f"guide block {i} failed: {type(e).__name__}: {e}\n{code}") from e
 

@@ -1,69 +1,48 @@
-"""The guide's "Moving from Orbax" section runs as written.
+"""The guide's "Moving from Orbax" section runs as written, on its own.
 
 Every code block of that section of docs/checkpointing_guide.md is taken from the file
-and run in order in an empty directory: ``bash`` blocks line by line through the
-``shardckpt`` command (``tools.cli.main``, with the arguments as the shell splits them),
-``python`` blocks with ``exec``, each in a namespace of its own (a block imports what it
-uses). A block without a language, or a command that is not ``shardckpt``, fails the test:
-the section cannot drift from what runs.
+and run in order in an empty directory, with the runner the whole-guide test uses
+(``tests.scenarios.guide``: ``python`` blocks with ``exec``, ``bash`` blocks a
+``shardckpt`` command a line through ``tools.cli.main``). The section alone is enough (a
+reader who jumps to it creates the Orbax checkpoints it converts), each command is silent
+on stderr (Orbax's logging is silenced, captured at the file descriptor), and what the
+blocks make is what the text says they make.
 """
 
 from __future__ import annotations
-
-import re
-import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shardckpt import CheckpointManager
 from shardckpt.loading.open import open_checkpoint
-from shardckpt.tools.cli import main
+from tests.scenarios.guide import GUIDE, RUNNABLE, blocks, run_block
 
 ocp = pytest.importorskip("orbax.checkpoint")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "checkpointing_guide.md"
 SECTION = "## Moving from Orbax"
-FENCE = re.compile(r"^```([A-Za-z]*)\n(.*?)^```$", re.S | re.M)
-
-
-def guide_blocks() -> list[tuple[str, str]]:
-    """(language, code) of every fenced block of the section, in order."""
-    text = GUIDE.read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    section = text[start:end if end >= 0 else len(text)]
-    return [(m.group(1), m.group(2)) for m in FENCE.finditer(section)]
 
 
 def test_the_section_has_its_blocks():
-    langs = [lang for lang, _ in guide_blocks()]
+    langs = [lang for lang, _ in blocks(GUIDE.read_text(), SECTION)]
     assert langs.count("bash") >= 1 and langs.count("python") >= 2, langs
-    assert set(langs) <= {"bash", "python"}, f"tag every block of {SECTION!r} bash or python: {langs}"
+    assert set(langs) <= set(RUNNABLE), f"tag every block of {SECTION!r} bash or python: {langs}"
 
 
-def test_every_block_runs_as_written_from_an_empty_directory(tmp_path, monkeypatch, capsys):
+def test_every_block_runs_as_written_from_an_empty_directory(tmp_path, monkeypatch, capfd):
     work = tmp_path / "empty"
     work.mkdir()
     monkeypatch.chdir(work)
     commands = 0
-    for n, (lang, code) in enumerate(guide_blocks()):
-        if lang == "python":
-            exec(compile(code, f"{GUIDE.name} block {n}", "exec"), {"__name__": f"guide_block_{n}"})
-            continue
-        assert lang == "bash", f"block {n}: untagged or unknown language {lang!r}"
-        for line in code.splitlines():
-            argv = shlex.split(line, comments=True)
-            if not argv:
-                continue
-            assert argv[0] == "shardckpt", f"block {n}: {line!r} is not a shardckpt command"
-            rc = main(argv[1:])
-            err = capsys.readouterr().err
-            assert rc == 0, f"{line!r} exited {rc}: {err}"
-            assert err == "", f"{line!r} wrote to stderr: {err[:2000]}"   # Orbax's logging is silenced
-            commands += 1
+    for n, (lang, code) in enumerate(blocks(GUIDE.read_text(), SECTION)):
+        try:
+            ran = run_block(lang, code, {"__name__": f"guide_block_{n}"}, f"{GUIDE.name} {SECTION!r} block {n}")
+        finally:
+            err = capfd.readouterr().err
+        if ran:
+            assert err == "", f"block {n} wrote to stderr: {err[:2000]}"   # Orbax's logging is silenced
+        commands += ran
     assert commands >= 6
 
     # what the blocks made is what the guide says they make
