@@ -57,8 +57,9 @@ def test_an_orbax_run_directory_is_refused_with_the_conversion_to_run(tmp_path, 
     with pytest.raises(OrbaxCheckpointError, match=r"Orbax checkpoint \(manager\).*shardckpt convert"):
         CheckpointManager(tmp_path / "orbax_run")
     assert sorted(p.name for p in (tmp_path / "orbax_run").iterdir()) == ["29", "34"]   # nothing written beside
-    assert main(["ls", str(tmp_path / "orbax_run")]) == 0
-    out = capsys.readouterr().out
+    assert main(["ls", str(tmp_path / "orbax_run")]) == 2          # refused, with the conversion to run
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "Orbax" in out and "shardckpt convert" in out
     assert main(["verify", str(tmp_path / "orbax_run")]) == 1
     assert "shardckpt convert" in capsys.readouterr().out
