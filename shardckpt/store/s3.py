@@ -316,13 +316,6 @@ class S3Store(VersionedStore):
     def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> S3Staging:
         return S3Staging(self, final, txn)
 
-    def remove_leftover(self, name: str) -> None:
-        try:
-            self.abort_uploads(name)
-            self.delete_keys(self._keys_under(name))
-        except Exception:  # noqa: BLE001 - best effort: unreferenced objects are invisible
-            pass
-
     def sink(self, name: str) -> "MultipartSink":
         return MultipartSink(self, self.key(name))
 
