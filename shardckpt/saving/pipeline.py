@@ -16,6 +16,7 @@ which store it writes to, which coordinator agrees or which executor writes.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from shardckpt.errors import CheckpointError, SaveAbortedError
@@ -131,6 +132,7 @@ def run_save(store: Store, final: str, prepared: tuple, *, coordinator, executor
     returns its location once committed. Every participant of a save calls this."""
     where = store.where(final)
     if participant == 0:
+        store.deadline = time.time() + coordinator.timeout   # its requests, too, retry within save_timeout
         check_replaceable(store, final)
     entries, records = prepared
     txn = coordinator.begin(participant)
