@@ -79,7 +79,7 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
     Leaves are ``jax.Array`` (sharded or not), NumPy arrays and Python scalars (kept with
     their type); real dtypes (bfloat16, PRNG keys...) come back bit for bit. An ``nnx.Module``
     or ``nnx.Optimizer`` is saved as its ``nnx.state``. A checkpoint already at ``path`` is
-    replaced as a whole, atomically. ``metrics`` (JSON) are recorded in the manifest.
+    replaced as a whole, atomically (the user's own files in it are kept). ``metrics`` (JSON) are recorded in the manifest.
 
     One process saves, by default, whatever else runs (Ray Train workers included). In a
     multi-process job where every process holds part of the state, pass ``process_index`` /
