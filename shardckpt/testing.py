@@ -234,12 +234,6 @@ class MemoryStore(VersionedStore):
     def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> MemoryStaging:
         return MemoryStaging(self, final, txn)
 
-    def remove_leftover(self, name: str) -> None:
-        base = self.key(name) + "/"
-        with MemoryStore.lock:
-            for k in [k for k in self.objects if k.startswith(base)]:
-                del self.objects[k]
-
 
 class MemoryStaging(VersionedStaging):
     """Staged objects under the version prefix; the manifest switched in one assignment."""

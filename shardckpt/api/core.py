@@ -104,7 +104,7 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
     Leaves are ``jax.Array`` (sharded or not), NumPy arrays and Python scalars (kept with
     their type); real dtypes (bfloat16, PRNG keys...) come back bit for bit. An ``nnx.Module``
     or ``nnx.Optimizer`` is saved as its ``nnx.state``. A checkpoint already at ``path`` is
-    replaced as a whole, atomically. ``metrics`` (JSON) are recorded in the manifest.
+    replaced as a whole, atomically (the user's own files in it are kept). ``metrics`` (JSON) are recorded in the manifest.
 
     ``base``: a checkpoint in the same directory (its path, or just its name) to save
     incrementally against: arrays it holds unchanged are carried (hard links, server-side

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from shardckpt.format import limits
 from shardckpt.format.manifest import MANIFEST, Manifest
 from shardckpt.format.parts import CommitArgs, PartReport
-from shardckpt.store.base import Staging, Store
+from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT, Staging, Store
 
 #: ``commit(staging, parts, args, transaction=txn_id)``: check the parts, publish (or raise).
 Commit = Callable[..., None]
@@ -44,6 +44,9 @@ def committed_by(store: Store, name: str, txn: str) -> bool:
 
 
 class Coordinator(ABC):
+    #: Seconds a save may take (``save_timeout``): its transaction's deadline is this from begin.
+    timeout: float = DEFAULT_SAVE_TIMEOUT
+
     @abstractmethod
     def begin(self, participant: int) -> Txn:
         ...

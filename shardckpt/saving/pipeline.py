@@ -191,6 +191,7 @@ def run_save(store: Store, final: str, prepared: tuple, *, coordinator: Coordina
     where = store.where(final)
     start = time.perf_counter()
     if participant == 0:
+        store.deadline = time.time() + coordinator.timeout   # its requests, too, retry within save_timeout
         check_replaceable(store, final)
     entries, records = prepared
     commit_args = commit_args or CommitArgs()

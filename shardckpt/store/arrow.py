@@ -19,6 +19,7 @@ import xxhash
 
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
+from shardckpt.format.names import is_version_dir
 from shardckpt.store.base import Entry, Sink, Source, T, Written, count_read
 from shardckpt.store.versioned import VersionedStaging, VersionedStore
 
@@ -117,9 +118,13 @@ class ArrowStore(VersionedStore):
     def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> "ArrowStaging":
         return ArrowStaging(self, final, txn)
 
-    def remove_leftover(self, name: str) -> None:
+    def drop_empty(self, name: str) -> None:
+        import pyarrow.fs as pafs
         try:
-            self.fs.delete_dir(self.fs_path(name))
+            left = self.fs.get_file_info(pafs.FileSelector(self.fs_path(name), recursive=True, allow_not_found=True))
+            base = self.fs_path(name).rstrip("/") + "/"
+            if all(i.type == pafs.FileType.Directory and is_version_dir(i.path[len(base):]) for i in left):
+                self.fs.delete_dir(self.fs_path(name))
         except Exception:  # noqa: BLE001 - best effort
             pass
 

@@ -23,6 +23,9 @@ import xxhash
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.manifest import MANIFEST
 from shardckpt.store.base import Entry, Sink, Source, T, VersionChanged, Written, count_read
+from shardckpt.store.s3_errors import CONFLICT_CODES, MISSING_CODES, UNREACHABLE_SECONDS, as_ours, unreachable
+from shardckpt.store.s3_errors import code as _code
+from shardckpt.store.s3_errors import transient as _transient
 from shardckpt.store.versioned import VersionedStaging, VersionedStore
 from shardckpt.workers import WorkerPool
 
@@ -32,10 +35,7 @@ RETRY_SECONDS = 120.0
 COPY_OBJECT_MAX = 5 << 30        # S3's limit of one CopyObject
 COPY_PART_BYTES = 512 << 20      # parts of a larger server-side copy
 PUBLISH_ATTEMPTS = 50           # retry budget of a request outside a save (loads, listing)
-_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                    "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                    "RequestLimitExceeded", "TooManyRequestsException", "BadDigest"}
-_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+_MISSING_CODES = MISSING_CODES    # which failures mean what: s3_errors.py
 
 
 # Counters of what this process asked of object stores (tests and benchmarks read them).
@@ -49,33 +49,20 @@ def _count(**kw) -> None:
             STATS[k] += v
 
 
-def _code(e: BaseException) -> str:
-    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-
-
-def _transient(e: BaseException) -> bool:
-    try:
-        from botocore.exceptions import ClientError, HTTPClientError
-    except ImportError:  # pragma: no cover - boto3 is what raised it
-        return False
-    if isinstance(e, HTTPClientError):       # connection reset, timeouts, closed streams
-        return True
-    if isinstance(e, ClientError):
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return _code(e) in _TRANSIENT_CODES or status >= 500 or status == 429
-    return isinstance(e, (ConnectionError, TimeoutError))
-
-
 def retrying(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
     """``call()``, again after transient failures with exponential backoff and jitter,
-    until ``deadline`` (or RETRY_SECONDS from now); then the last error is raised."""
-    end = deadline if deadline is not None else time.time() + RETRY_SECONDS
+    until ``deadline`` (or RETRY_SECONDS from now; an endpoint refusing every connection
+    UNREACHABLE_SECONDS); then the last error is raised."""
+    start = time.time()
+    end = deadline if deadline is not None else start + RETRY_SECONDS
     delay = 0.05
     while True:
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - classified below
             if not _transient(e) or time.time() + delay > end:
+                raise
+            if deadline is None and unreachable(e) and time.time() + delay > start + UNREACHABLE_SECONDS:
                 raise
         _count(retries=1)
         time.sleep(delay * (0.5 + random.random()))
@@ -146,9 +133,37 @@ class S3Store(VersionedStore):
                         raise CheckpointError("s3:// paths need boto3: pip install 'shardckpt[s3]'") from e
                     config = Config(retries={"total_max_attempts": 1}, max_pool_connections=64,
                                     connect_timeout=10, read_timeout=120)
-                    self._client = boto3.client("s3", endpoint_url=self.query.get("endpoint_url"),
-                                                region_name=self.query.get("region"), config=config)
+                    try:
+                        self._client = boto3.client("s3", endpoint_url=self.query.get("endpoint_url"),
+                                                    region_name=self.query.get("region"), config=config)
+                    except Exception as e:  # noqa: BLE001 - botocore: a malformed endpoint, no region...
+                        raise CheckpointError(f"{self.uri}: cannot make an S3 client ({type(e).__name__}: {e}); "
+                                              "check ?endpoint_url= / AWS_ENDPOINT_URL and ?region=") from e
         return self._client
+
+    def endpoint(self) -> str:
+        """The endpoint requests go to, for messages."""
+        try:
+            return self.client.meta.endpoint_url
+        except CheckpointError:
+            return self.query.get("endpoint_url") or "the default AWS endpoint"
+
+    def prepare_parent(self) -> None:
+        """Check, once, that the bucket exists and the endpoint answers (a manager fails at
+        construction, not at its first save hours later): CheckpointError naming them. A
+        403 passes: a reader may lack ListBucket, and its reads report their own errors."""
+        start = time.time()
+        try:
+            retrying(lambda: self.client.head_bucket(Bucket=self.bucket), "HEAD bucket", self.deadline)
+        except Exception as e:  # noqa: BLE001 - classified here and by as_ours
+            if _code(e) in ("404", "NoSuchBucket"):
+                raise CheckpointError(f"s3://{self.bucket}: no such bucket at {self.endpoint()}; create the bucket "
+                                      "or correct the URI") from e
+            if _code(e) in ("403", "AccessDenied"):
+                return
+            ours = as_ours(e, what="HEAD bucket", where=self.where(), bucket=self.bucket, endpoint=self.endpoint(),
+                           waited=time.time() - start)
+            raise ours from (None if ours is e else e)
 
     def where(self, name: str = "") -> str:
         return (f"{self.uri}/{name}" if name else self.uri) + self._query
@@ -162,7 +177,17 @@ class S3Store(VersionedStore):
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def request(self, what: str, call: Callable[[], T]) -> T:
-        return retrying(call, what, self.deadline)
+        """``call()`` with retries; what fails for good is raised as our error naming the
+        bucket or endpoint (``s3_errors.as_ours``), except the answers callers act on."""
+        start = time.time()
+        try:
+            return retrying(call, what, self.deadline)
+        except Exception as e:  # noqa: BLE001 - classified by as_ours
+            ours = as_ours(e, what=what, where=self.where(), bucket=self.bucket, endpoint=self.endpoint(),
+                           waited=time.time() - start)
+            if ours is e:
+                raise
+            raise ours from e
 
     # --- reading ---------------------------------------------------------------------------
     def _head(self, name: str) -> dict | None:
@@ -261,7 +286,10 @@ class S3Store(VersionedStore):
                 resp["Body"].close()
                 raise CorruptCheckpointError(f"{self.where(name)} is {resp['ContentLength']} bytes, over the "
                                              f"{limit} limit")
-            return resp["Body"].read(limit + 1), resp["ETag"]
+            data = resp["Body"].read()        # whole: botocore checks it against Content-Length
+            if len(data) != resp["ContentLength"]:   # a body cut short: retried, never parsed
+                raise ConnectionError(f"{self.where(name)}: got {len(data)} of {resp['ContentLength']} bytes")
+            return data, resp["ETag"]
         try:
             data, etag = self.request("GET", get)
         except Exception as e:  # noqa: BLE001 - botocore ClientError
@@ -279,7 +307,7 @@ class S3Store(VersionedStore):
             self.request("conditional PUT", lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name),
                                                                         Body=data, **cond))
         except Exception as e:  # noqa: BLE001
-            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if _code(e) in CONFLICT_CODES:
                 raise VersionChanged(f"{self.where(name)} changed meanwhile") from e
             raise
         _count(puts=1, put_bytes=len(data))
@@ -349,13 +377,6 @@ class S3Store(VersionedStore):
 
     def stage(self, final: str, txn: str, owner: tuple[str, int] | None = None) -> S3Staging:
         return S3Staging(self, final, txn)
-
-    def remove_leftover(self, name: str) -> None:
-        try:
-            self.abort_uploads(name)
-            self.delete_keys(self._keys_under(name))
-        except Exception:  # noqa: BLE001 - best effort: unreferenced objects are invisible
-            pass
 
     def sink(self, name: str) -> "MultipartSink":
         return MultipartSink(self, self.key(name))

@@ -26,6 +26,7 @@ from shardckpt.errors import CheckpointError
 from shardckpt.format.limits import MAX_MANIFEST_BYTES
 from shardckpt.format.manifest import MANIFEST, Manifest
 from shardckpt.format.names import is_version_dir
+from shardckpt.format.ownership import foreign_entries, staged_by_us
 from shardckpt.store.base import Leftover, Staging, Store
 
 ABORT_MARKER = "_ABORTED"
@@ -50,10 +51,54 @@ class VersionedStore(Store):
         sending it through this process where the store allows (a server-side copy)."""
 
     def retire(self, name: str) -> None:
-        if self.size(f"{name}/{MANIFEST}") is None:
-            raise FileNotFoundError(self.where(name))
+        try:
+            raw = self.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES)
+        except CheckpointError:
+            raw = None                                # damaged: names decide what is ours
         self.delete([f"{name}/{MANIFEST}"])          # it stops being a checkpoint here
-        self.remove_leftover(name)
+        try:
+            manifest = Manifest.loads(raw, self.where(name)) if raw is not None else None
+        except CheckpointError:
+            manifest = None
+        try:
+            self.delete_ours(name, manifest)
+        except Exception:  # noqa: BLE001 - no longer a checkpoint; what is left is a leftover for gc
+            pass
+
+    def remove_leftover(self, name: str) -> None:
+        """Delete what a dead save left under ``name`` (a version prefix), best effort: only
+        the objects that are ours (``format/ownership.py``), never the user's."""
+        try:
+            self.delete_ours(name, None)
+        except Exception:  # noqa: BLE001 - best effort: unreferenced objects are invisible
+            pass
+
+    def delete_ours(self, name: str, manifest: Manifest | None) -> None:
+        """Delete the objects of checkpoint (or version prefix) ``name`` that are ours
+        (those ``manifest`` lists, and the names a save stages), leaving the user's (#17.12b)."""
+        head, _, last = name.rpartition("/")
+        if head and is_version_dir(last):     # one version prefix: what a save stages in it
+            doomed = [f"{name}/{e.name}" for e in self.list(name) if staged_by_us(e.name, e.is_dir)]
+        else:
+            children = self.list(name)
+            versions = {c.name: [(e.name, e.is_dir) for e in self.list(f"{name}/{c.name}")]
+                        for c in children if c.is_dir and is_version_dir(c.name)}
+            keep = set(foreign_entries(manifest, [(c.name, c.is_dir) for c in children], versions.__getitem__))
+            doomed = [f"{name}/{c.name}" for c in children if not c.is_dir and c.name not in keep]
+            doomed += [f"{name}/{v}/{n}" for v, entries in versions.items() for n, d in entries
+                       if not d and f"{v}/{n}" not in keep]
+        self.abort_uploads(name)
+        self.delete(doomed)
+        self.drop_empty(name)
+
+    def abort_uploads(self, name: str, older_than: float | None = None) -> int:
+        """Abort unfinished uploads under ``name`` where the store has them (S3 multipart)."""
+        return 0
+
+    def drop_empty(self, name: str) -> None:
+        """Remove what is left of prefix ``name`` once nothing but empty version directories
+        is in it, where a store keeps directories apart from their objects (a pyarrow
+        filesystem); nothing on S3."""
 
     def leftovers(self, owns: Callable[[str], bool], now: float) -> list[Leftover]:
         return version_leftovers(self, owns, now)
@@ -87,6 +132,8 @@ def version_leftovers(store: Store, owns: Callable[[str], bool], now: float) -> 
             if v in referenced:
                 continue
             objs = store.list(f"{entry.name}/{v}")
+            if not any(staged_by_us(o.name, o.is_dir) for o in objs):
+                continue       # only the user's objects are left in it: nothing to clean up
             newest = max((o.mtime for o in objs), default=0.0)
             age = now - newest if newest else float("inf")
             if any(o.name == ABORT_MARKER for o in objs):

@@ -65,12 +65,18 @@ class MotoServer:
 class FaultyProxy:
     """Forwards HTTP requests to ``upstream``; every ``every``-th request (counting from
     ``start``) is answered with a 503 SlowDown without reaching the server, or, with
-    ``drop=True``, by closing the connection. ``counts`` tells how many were failed."""
+    ``drop=True``, by closing the connection. ``counts`` tells how many were failed.
 
-    def __init__(self, upstream: str, every: int = 4, drop: bool = False):
-        host, port = upstream.rsplit("//", 1)[1].split(":")
-        self.upstream = (host, int(port))
+    ``truncate(method, path)`` True: the server's answer is sent with its full
+    Content-Length but only half its body, then the connection is shut down (a connection
+    dropped mid-body); ``truncated`` counts them. ``port``: listen there (0: any)."""
+
+    def __init__(self, upstream: str, every: int = 4, drop: bool = False, truncate=None, port: int = 0):
+        host, port_ = upstream.rsplit("//", 1)[1].split(":")
+        self.upstream = (host, int(port_))
         self.every, self.drop = every, drop
+        self.truncate = truncate
+        self.truncated = 0
         self.seen = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -114,13 +120,22 @@ class FaultyProxy:
                 head_length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", head_length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                cut = (self.command != "HEAD" and len(data) > 1 and proxy.truncate is not None
+                       and proxy.truncate(self.command, self.path))
+                if cut:
+                    with proxy.lock:
+                        proxy.truncated += 1
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
