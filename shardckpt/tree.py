@@ -322,24 +322,30 @@ def _too_deep() -> CheckpointError:
                            "levels deep: flatten it, e.g. into a dict keyed by path")
 
 
+#: Leaves recognised without asking jax, so the walks below stay cheap for big states:
+#: exact types first (an isinstance check against jax.Array is slow; the concrete array
+#: types met are added on first sight), then the ABCs.
+_LEAF_TYPES = {np.ndarray, int, float, bool, complex, str, bytes, jax.ShapeDtypeStruct}
+_LEAF_CLASSES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def _one_level(node: Any) -> list[tuple[str, Any]] | None:
     """The children of pytree node ``node`` as (path part, child), or None for a leaf
     (an nnx Variable is a leaf; a None child is a child). No recursion."""
-    if node is None or _is_variable(node):
-        return None
     kind = type(node)
     if kind is dict:              # the common nodes without a jax call (the same path parts)
         return [(str(k), v) for k, v in node.items()]
     if kind is list or kind is tuple:
         return [(str(i), v) for i, v in enumerate(node)]
+    if node is None or kind in _LEAF_TYPES or _is_variable(node):
+        return None
+    if isinstance(node, _LEAF_CLASSES):
+        _LEAF_TYPES.add(kind)         # jax's ArrayImpl, numpy scalar types: exact next time
+        return None
     kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
     if len(kids) == 1 and kids[0][0] == ():
         return None
     return [(key_of(path), child) for path, child in kids]
-
-
-#: Leaves recognised without asking jax (the walk below stays cheap for big states).
-_PLAIN_LEAVES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, int, float, complex, str, bytes)
 
 
 def tree_depth(tree: Any, limit: int | None = None) -> int:
@@ -358,15 +364,15 @@ def tree_depth(tree: Any, limit: int | None = None) -> int:
             children = node.values()
         elif kind is list or kind is tuple:
             children = node
-        elif node is None or isinstance(node, _PLAIN_LEAVES) or _is_variable(node):
-            children = ()
         else:
             kids = _one_level(node)
             children = () if kids is None else [child for _, child in kids]
-        deepest = max(deepest, depth)
-        if children and limit is not None and depth + 1 > limit:
-            return limit + 1
-        stack.extend((child, depth + 1) for child in children)
+        if depth > deepest:
+            deepest = depth
+        if children:
+            if limit is not None and depth >= limit:
+                return limit + 1
+            stack.extend((child, depth + 1) for child in children)
     return deepest
 
 

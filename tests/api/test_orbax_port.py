@@ -133,6 +133,9 @@ def _messages(tmp_path, model) -> dict[str, str]:
                                                                                      model=state_of_values),
         "tx= an array": lambda: CheckpointManager(tmp_path / "run4").load_latest(tx=jnp.full((3,), VALUE)),
         "optimizer= a dict": lambda: CheckpointManager(tmp_path / "run5").load_latest(optimizer=state_of_values),
+        "num_writers= an array": lambda: save(tmp_path / "o", big, num_writers=jnp.full((3,), VALUE)),
+        "save_timeout= an array": lambda: CheckpointManager(tmp_path / "run6", save_timeout=np.full(2, VALUE)),
+        "compress= an array": lambda: save(tmp_path / "o", big, compress=np.full(2, VALUE)),
     }
     out = {}
     for what, call in calls.items():
