@@ -29,6 +29,7 @@ PUBLIC = {
     "CheckpointError": "shardckpt.errors", "CheckpointNotFoundError": "shardckpt.errors",
     "CorruptCheckpointError": "shardckpt.errors", "SaveAbortedError": "shardckpt.errors",
     "StructureMismatchError": "shardckpt.errors", "OrbaxCheckpointError": "shardckpt.errors",
+    "OptimizerMismatchError": "shardckpt.errors",
     "LMModel": "shardckpt.lm.models", "ModelConfig": "shardckpt.lm.models",
     "VerifyReport": "shardckpt.tools.verify", "verify": "shardckpt.tools.verify",
 }

@@ -25,6 +25,12 @@ class StructureMismatchError(CheckpointError):
     """The restore target (model, optimizer, shardings) does not match what was saved."""
 
 
+class OptimizerMismatchError(StructureMismatchError):
+    """The saved optimizer state is not the state of the optimizer asked for (another
+    ``tx=``, another ``wrt=``): restoring it would restart parts of it (Adam's count, a
+    schedule's step) silently. The message says what was saved and what to pass."""
+
+
 class SaveAbortedError(CheckpointError):
     """A save failed part-way; nothing of it became visible and earlier checkpoints are
     untouched."""

@@ -322,19 +322,30 @@ def _too_deep() -> CheckpointError:
                            "levels deep: flatten it, e.g. into a dict keyed by path")
 
 
+#: Leaves recognised without asking jax, so the walks below stay cheap for big states:
+#: exact types first (an isinstance check against jax.Array is slow; the concrete array
+#: types met are added on first sight), then the ABCs.
+_LEAF_TYPES = {np.ndarray, int, float, bool, complex, str, bytes, jax.ShapeDtypeStruct}
+_LEAF_CLASSES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def _one_level(node: Any) -> list[tuple[str, Any]] | None:
     """The children of pytree node ``node`` as (path part, child), or None for a leaf
     (an nnx Variable is a leaf; a None child is a child). No recursion."""
-    if node is None or _is_variable(node):
+    kind = type(node)
+    if kind is dict:              # the common nodes without a jax call (the same path parts)
+        return [(str(k), v) for k, v in node.items()]
+    if kind is list or kind is tuple:
+        return [(str(i), v) for i, v in enumerate(node)]
+    if node is None or kind in _LEAF_TYPES or _is_variable(node):
+        return None
+    if isinstance(node, _LEAF_CLASSES):
+        _LEAF_TYPES.add(kind)         # jax's ArrayImpl, numpy scalar types: exact next time
         return None
     kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
     if len(kids) == 1 and kids[0][0] == ():
         return None
     return [(key_of(path), child) for path, child in kids]
-
-
-#: Leaves recognised without asking jax (the walk below stays cheap for big states).
-_PLAIN_LEAVES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, int, float, complex, str, bytes)
 
 
 def tree_depth(tree: Any, limit: int | None = None) -> int:
@@ -353,15 +364,15 @@ def tree_depth(tree: Any, limit: int | None = None) -> int:
             children = node.values()
         elif kind is list or kind is tuple:
             children = node
-        elif node is None or isinstance(node, _PLAIN_LEAVES) or _is_variable(node):
-            children = ()
         else:
             kids = _one_level(node)
             children = () if kids is None else [child for _, child in kids]
-        deepest = max(deepest, depth)
-        if children and limit is not None and depth + 1 > limit:
-            return limit + 1
-        stack.extend((child, depth + 1) for child in children)
+        if depth > deepest:
+            deepest = depth
+        if children:
+            if limit is not None and depth >= limit:
+                return limit + 1
+            stack.extend((child, depth + 1) for child in children)
     return deepest
 
 
@@ -405,7 +416,7 @@ def summarize(obj: Any, limit: int = 6) -> str:
     pytree's leaf count and first keys with their shapes. Never a value."""
     if isinstance(obj, type):
         return f"the class {obj.__name__}"
-    if isinstance(obj, nnx.Module):
+    if isinstance(obj, (nnx.Module, nnx.Optimizer)):
         return f"an {'nnx.Optimizer' if isinstance(obj, nnx.Optimizer) else 'nnx.Module'} ({type(obj).__name__})"
     if _is_variable(obj):
         return f"an nnx.{type(obj).__name__} {_leaf_summary(obj)}"
@@ -557,8 +568,8 @@ def _is_index(name: str, length: int) -> bool:
 def apply_container_record(nested: dict, record: dict, what: str, *, partial: bool = False) -> Any:
     """``nested`` (the nested dicts a restore without a target builds from dotted keys) with
     the recorded containers put back: lists, tuples, None leaves, empty containers.
-    ``partial`` (some keys were not selected): list positions not read are None, lists and
-    None leaves outside what was read stay absent. A record that contradicts the keys
+    ``partial`` (some keys were selected): list positions not read are None; lists not read
+    at all, None leaves and empty containers (no key selects them) stay absent. A record that contradicts the keys
     raises CorruptCheckpointError; time and memory stay linear in the record and the keys."""
     if record.get("version") != TREE_RECORD_VERSION:
         return nested          # a newer writer's record: the plain nested dicts
@@ -579,17 +590,15 @@ def apply_container_record(nested: dict, record: dict, what: str, *, partial: bo
             node = child
         return node
 
-    for path, kind, length in nodes:       # None leaves and empty containers first
-        if kind != "none" and length:
+    for path, kind, length in nodes:       # None leaves and empty containers first (no keys: not selected)
+        if kind != "none" and length or partial:
             continue
         if not path:
             if kind != "none" and not root[""]:
                 root[""] = {}
                 continue
             raise CorruptCheckpointError(f"{what}: container record puts an empty node at the root of a tree with keys")
-        parent = parent_of(path, not partial)
-        if parent is None:
-            continue
+        parent = parent_of(path, True)
         if path[-1] in parent:
             raise CorruptCheckpointError(f"{what}: container record path {'.'.join(path)!r:.200} collides with a saved key")
         parent[path[-1]] = None if kind == "none" else {}

@@ -30,10 +30,48 @@ from shardckpt.saving.commit import committed_version
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import SaveReport, prepare_items, run_save
 from shardckpt.store.registry import resolve
-from shardckpt.tree import FlatTree, decode_scalar
+from shardckpt.tree import (
+    FlatTree,
+    apply_container_record,
+    bounded,
+    check_key_depth,
+    container_record,
+    decode_scalar,
+    record_matches,
+    summarize,
+)
 
 #: The item ``save(path, tree)`` writes and ``restore(path)`` reads.
 STATE_ITEM = "state"
+
+#: The metadata file recording a plain pytree item's containers (see ``tree_files``).
+TREE_FILE = "tree-{}.json"
+
+
+def tree_files(items: dict[str, Any]) -> dict[str, dict]:
+    """``tree-<item>.json`` for each plain pytree item (not an ``nnx.State``): which nodes
+    are lists and tuples, where None leaves and empty containers sit. ``restore(path)``
+    without a target gives the saved structure back from it. The record names the item's
+    keys by digest, so a record left by an earlier version of the item is not used."""
+    out = {}
+    for name, tree in items.items():
+        if isinstance(tree, nnx.State):
+            continue
+        record = container_record(tree, FlatTree.of(tree).leaves)
+        if record is not None:
+            out[TREE_FILE.format(name)] = record
+    return out
+
+
+def saved_tree_record(ck: Checkpoint, item: str) -> dict | None:
+    """The container record of ``item`` written with it, or None (an nnx state, a
+    checkpoint written before records existed, or a record of an earlier version)."""
+    name = TREE_FILE.format(item)
+    if ck.legacy or ck.meta_name(name) is None:
+        return None
+    record = ck.read_json(name)
+    rec = ck.item_record(item)
+    return record if record_matches(record, [*rec.arrays, *rec.scalars]) else None
 
 
 def check_item_name(name: Any, where: str = "items") -> str:
@@ -130,8 +168,10 @@ def save(path: os.PathLike | str, tree: Any = None, *, items: dict[str, Any] | N
         all_items[name] = state_of(value, f"items[{name!r}]")
     if not all_items:
         raise CheckpointError(f"{path}: nothing to save: pass a tree (save(path, tree)) or items={{...}}")
-    json_files = {"metrics.json": metrics} if metrics is not None else None
-    return save_checkpoint(path, all_items, options, step=step, json_files=json_files, metrics=metrics, base=base)
+    json_files = {"metrics.json": metrics} if metrics is not None else {}
+    json_files.update(tree_files(all_items))
+    return save_checkpoint(path, all_items, options, step=step, json_files=json_files or None, metrics=metrics,
+                           base=base)
 
 
 def pick_item(ck: Checkpoint, item: str | None) -> str:
@@ -149,22 +189,31 @@ def pick_item(ck: Checkpoint, item: str | None) -> str:
 
 
 def host_tree(ck: Checkpoint, item: str, *, verify: bool = True, executor=None,
-              select: Callable[[str], bool] | None = None) -> dict:
-    """Item ``item`` as a nested dict built from the saved key paths (``"layers.0.kernel"``
-    -> ``{"layers": {"0": {"kernel": ...}}}``): host NumPy arrays in their real dtypes (PRNG
-    keys as typed key arrays), scalar leaves as the Python values saved."""
+              select: Callable[[str], bool] | None = None, as_jax: bool = False) -> Any:
+    """Item ``item`` as saved, without a target: built from the saved key paths
+    (``"layers.0.kernel"`` -> ``{"layers": {"0": {"kernel": ...}}}``) and, for a plain pytree
+    saved with its container record, with its lists, tuples, None leaves and empty
+    containers back. Host NumPy arrays in their real dtypes (PRNG keys as typed key arrays;
+    ``as_jax``: jax arrays on the default device), scalar leaves as the Python values saved."""
     rec = ck.item_record(item)
     keys = [k for k in rec.arrays if select is None or select(k)]
     values = dict(ck.read_arrays(item, keys, verify=verify, executor=executor)) if keys else {}
+    if as_jax:
+        values = {k: v if isinstance(v, jax.Array) else jax.numpy.asarray(v) for k, v in values.items()}
     for key, raw in rec.scalars.items():
         if select is None or select(key):
             values[key] = decode_scalar(key, raw)
-    return nest(values, ck.where)
+    out = nest(values, ck.where)
+    record = saved_tree_record(ck, item)
+    if record is not None:
+        out = apply_container_record(out, record, f"{ck.where}: {TREE_FILE.format(item)}", partial=select is not None)
+    return out
 
 
 def nest(flat: dict[str, Any], where: str = "") -> dict:
     out: dict = {}
     for key in sorted(flat):
+        check_key_depth(key, where)
         node, parts = out, key.split(".")
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
@@ -180,17 +229,18 @@ def nest(flat: dict[str, Any], where: str = "") -> dict:
 
 def restore_item(ck: Checkpoint, item: str, target: Any = None, *, strict: bool = True, verify: bool = True,
                  executor=None, progress=None, shardings: Any = None,
-                 select: Callable[[str], bool] | None = None) -> Any:
-    """One item of an open checkpoint: host arrays without a target, else into ``target``
-    (a pytree of ``jax.ShapeDtypeStruct`` or of arrays; an nnx.Module is filled in place)."""
+                 select: Callable[[str], bool] | None = None, as_jax: bool = False) -> Any:
+    """One item of an open checkpoint: as saved without a target, else into ``target``
+    (a pytree of ``jax.ShapeDtypeStruct`` or of arrays; an nnx.Module is filled in place,
+    ``strict=False`` keeping its values where the checkpoint does not fit)."""
     if target is None:
         if shardings is not None:
             raise CheckpointError(f"{ck.where}: shardings= places arrays of a target: pass target= (e.g. a "
                                   "pytree of jax.ShapeDtypeStruct), or restore host arrays without shardings=")
-        return host_tree(ck, item, verify=verify, executor=executor, select=select)
+        return host_tree(ck, item, verify=verify, executor=executor, select=select, as_jax=as_jax)
     if isinstance(target, nnx.Module):
-        return restore_module_state(ck, item, target, verify=verify, executor=executor, progress=progress,
-                                    shardings=shardings, select=select)
+        return restore_module_state(ck, item, target, partial=not strict, verify=verify, executor=executor,
+                                    progress=progress, shardings=shardings, select=select)
     check_target(target, ck.where)
     restored, report = ck.restore(item, target, strict=strict, verify=verify, executor=executor,
                                   progress=progress, shardings=shardings, select=select)
@@ -198,7 +248,7 @@ def restore_item(ck: Checkpoint, item: str, target: Any = None, *, strict: bool 
         empty = [k for k, v in FlatTree.of(restored).values().items() if isinstance(v, jax.ShapeDtypeStruct)]
         if empty:
             raise StructureMismatchError(f"{ck.where}: item {item!r}: the checkpoint has no data for the abstract "
-                                         f"target leaves {', '.join(empty[:12])}: {report.describe()}")
+                                         f"target leaves {bounded(empty)}: {report.describe()}")
         warnings.warn(f"{ck.where}: item {item!r} restored where it matches the target; the other leaves keep "
                       f"the target's values: {report.describe()}", stacklevel=3)
     return restored
@@ -206,32 +256,58 @@ def restore_item(ck: Checkpoint, item: str, target: Any = None, *, strict: bool 
 
 def check_target(target: Any, where: str) -> None:
     if isinstance(target, (type, str, bytes)) or callable(target):
-        raise CheckpointError(f"{where}: target={target!r:.60} is a {type(target).__name__}: pass a pytree "
+        raise CheckpointError(f"{where}: target= is {summarize(target)}: pass a pytree "
                               "shaped like the saved one (leaves jax.ShapeDtypeStruct or arrays), an "
                               "nnx.Module to fill, or no target for host arrays")
 
 
+def target_and_item(target: Any, item: Any, where: str) -> tuple[Any, str | None]:
+    """``item=`` names an item (a str); a pytree there is Orbax's spelling of the target
+    (``restore(path, item=state)``) and is taken as ``target``."""
+    if item is None or isinstance(item, str):
+        return target, item
+    if target is not None:
+        raise CheckpointError(f"{where}: item= names the item to read (a str such as 'state', 'model' or 'ema') "
+                              f"and got {summarize(item)}, with target= given as well: pass the target once")
+    return item, None
+
+
 def restore(path: os.PathLike | str, target: Any = None, *, item: str | None = None, strict: bool = True,
             shardings: Any = None, select: Callable[[str], bool] | None = None, verify: bool = True,
-            backend: str = "auto", num_writers: int | None = None, progress: bool | None = None) -> Any:
+            backend: str = "auto", num_writers: int | None = None, progress: bool | None = None,
+            as_jax: bool = False) -> Any:
     """Load one item of the checkpoint at ``path``.
 
-    ``target=None``: a nested dict built from the saved key paths, of host NumPy arrays in
-    their real dtypes (bfloat16 stays bfloat16) and the scalar leaves saved. A target
-    (``jax.eval_shape(init, ...)``: a pytree of ``jax.ShapeDtypeStruct``, or of arrays) gives
-    the same tree type back with jax arrays on the target's shardings, or on ``shardings=``
-    (a Sharding, a dict by dotted key, or a pytree like the target); each device reads only
-    the chunks its slice overlaps. ``strict`` (default): every key must match, shapes too;
-    ``strict=False`` fills what matches, warns, and leaves the rest as the target has it.
-    ``select(key)`` restores only some keys. An ``nnx.Module`` target is filled in place.
+    ``target=None``: the item as saved: dicts, lists, tuples and None leaves as they were
+    (for a tree saved by ``save``; an ``nnx.State``, or a tree saved by an older shardckpt,
+    comes back as nested dicts built from the dotted key paths), host NumPy arrays in their
+    real dtypes (bfloat16 stays bfloat16; ``as_jax=True``: jax arrays on the default device)
+    and the scalar leaves saved. A target (``jax.eval_shape(init, ...)``: a pytree of
+    ``jax.ShapeDtypeStruct``, or of arrays) gives the same tree type back with jax arrays on
+    the target's shardings, or on ``shardings=`` (a Sharding, a dict by dotted key, or a
+    pytree like the target); each device reads only the chunks its slice overlaps.
+    ``strict`` (default): every key must match, shapes too; ``strict=False`` fills what
+    matches, warns, and leaves the rest as the target has it (an abstract leaf with no saved
+    data still raises). ``select(key)`` restores only some keys. An ``nnx.Module`` target is
+    filled in place. A cast to a target's dtype that keeps every value (bfloat16 -> float32)
+    is silent; a lossy one (float32 -> float16, float -> int) warns once per dtype pair.
 
     ``item``: default ``"state"`` (what ``save(path, tree)`` writes), or the checkpoint's
     only item; ``item="model"`` reads what ``save_model`` wrote, ``item="ema"`` an extra item.
+    A pytree passed as ``item=`` is the target (Orbax's ``restore(path, item=tree)``).
     """
+    where = f"restore({path!s})"
+    target, item = target_and_item(target, item, where)
+    for name, value in (("strict", strict), ("verify", verify), ("as_jax", as_jax)):
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{where}: {name}= takes True or False, got {summarize(value)}")
+    if as_jax and target is not None:
+        raise CheckpointError(f"{where}: as_jax=True is for restores without a target (a target's leaves say "
+                              "what comes back)")
     executor = resolve_load_executor(backend, num_writers)
 
     def load_once():   # again if another process replaces the checkpoint meanwhile
         ck = open_checkpoint(path)
         return restore_item(ck, pick_item(ck, item), target, strict=strict, verify=verify, executor=executor,
-                            progress=progress, shardings=shardings, select=select)
+                            progress=progress, shardings=shardings, select=select, as_jax=as_jax)
     return read_consistently(load_once)

@@ -24,9 +24,9 @@ from typing import Any, Self
 import optax
 from flax import nnx
 
-from shardckpt.api.core import check_item_name, restore_item, save_checkpoint
+from shardckpt.api.core import check_item_name, restore_item, save_checkpoint, saved_tree_record, tree_files
 from shardckpt.api.nnx import load_model_from, model_item
-from shardckpt.api.nnx_state import model_config_of, restore_optimizer, state_of
+from shardckpt.api.nnx_state import check_model_classes, check_optimizer_target, check_tx, fresh_optimizer, model_config_of, restore_optimizer, state_of
 from shardckpt.api.session import SaveOptions, participants, resolve_load_executor
 from shardckpt.catalog import Catalog, CheckpointInfo, metric_number
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError, OrbaxCheckpointError, StructureMismatchError
@@ -36,6 +36,7 @@ from shardckpt.loading.open import layout_of, open_checkpoint, orbax_hint
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import SaveReport, prepare_items
 from shardckpt.store.registry import open_store, resolve
+from shardckpt.tree import summarize
 from shardckpt.workers import Background
 
 SAVE_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(SaveOptions))
@@ -232,14 +233,18 @@ class CheckpointManager:
                 raise CheckpointError(f"optimizer= is a {type(optimizer).__name__}, not an nnx.Optimizer; save "
                                       "other optimizer state with items={'name': state}")
             saved["optimizer"] = nnx.state(optimizer)
+        if items is not None and not isinstance(items, dict):
+            raise CheckpointError(f"items= is {summarize(items)}: give a dict of item name -> pytree")
         for name, tree in (items or {}).items():
             check_item_name(name)
-            if name in RESERVED_ITEMS:
-                raise CheckpointError(f"items={{{name!r}: ...}}: {name!r} is where model=/optimizer= go; "
-                                      "choose another name")
+            if name == "model" or name == "optimizer" and optimizer is not None:
+                raise CheckpointError(f"items={{{name!r}: ...}}: the item {name!r} is what {name}= writes; give it "
+                                      f"once: as {name}= or (optimizer= not given) as items={{'optimizer': ...}}")
+            if tree is None:
+                raise CheckpointError(f"items[{name!r}] is None: nothing to save")
             saved[name] = state_of(tree, f"items[{name!r}]")
         json_files = {"config.json": {"model_config": model_config_of(model, config), "step": step,
-                                      "train_config": train_config}}
+                                      "train_config": train_config}, **tree_files(saved)}
         if metrics is not None:
             json_files["metrics.json"] = metrics
         if extra is not None:
@@ -340,46 +345,74 @@ class CheckpointManager:
     def load(self, path: Any, model: Any = None,
              model_cls: type | None = None, config_cls: type | None = None,
              tx: optax.GradientTransformation | None = None, should_load_optimizer: bool = True,
-             *, strict: bool = False, allow_pickle: bool = False, shardings: Any = None,
+             *, strict: bool = True, allow_pickle: bool = False, shardings: Any = None,
              optimizer_shardings: Any = None, wrt: Any = nnx.Param,
-             items: dict[str, Any] | None = None) -> CheckpointState:
+             items: dict[str, Any] | None = None, optimizer: nnx.Optimizer | None = None,
+             fresh_optimizer: bool = False) -> CheckpointState:
         """Load the checkpoint at ``path`` (a step directory, ours or the guide's layout).
 
         ``model``: a module to fill in place, or a pytree target (``state.model`` is then the
         restored pytree); without it ``model_cls`` (default ``LMModel``) is built from the
-        saved config. The optimizer is rebuilt as ``nnx.Optimizer(model, tx, wrt=wrt)``.
-        ``items`` gives targets (or None: host arrays) for extra items; the ones not named
-        come back as host arrays in ``state.items``. ``shardings`` / ``optimizer_shardings``
+        saved config. The optimizer: ``optimizer=`` (an ``nnx.Optimizer``, concrete or
+        abstract) is filled; else it is rebuilt as ``nnx.Optimizer(model, tx, wrt=wrt)``.
+        A checkpoint holding an optimizer needs one of them (or ``should_load_optimizer=False``):
+        an optax transformation cannot be rebuilt from its state. The saved state must be
+        the target's, leaf for leaf (``strict``, the default): another ``tx`` or ``wrt`` raises
+        StructureMismatchError saying what was saved; ``strict=False`` restores what matches
+        and warns about the rest; ``fresh_optimizer=True`` keeps the weights and starts a new
+        optimizer (``optimizer=`` as given, or built from ``tx=``).
+        ``items`` gives targets (or None: as saved) for extra items; the ones not named
+        come back as saved in ``state.items`` (``items={"optimizer": target}`` reads the
+        optimizer item as a plain pytree). ``shardings`` / ``optimizer_shardings``
         restore onto another device layout (see ``load_model``); by default arrays follow
         the target's own shardings. A checkpoint that another process replaces (or deletes)
         meanwhile is read again (or not found): the state returned is always one whole
         saved version.
         """
         self.wait_until_finished()
-        if items is not None and not isinstance(items, dict):
-            raise CheckpointError(f"items={items!r:.60}: give a dict of item name -> target (or None)")
+        check_load_options(model, model_cls, config_cls, tx, should_load_optimizer, strict=strict, items=items,
+                           optimizer=optimizer, fresh_optimizer=fresh_optimizer)
         return read_consistently(lambda: self._load_once(
             path, model, model_cls, config_cls, tx, should_load_optimizer, strict=strict,
             allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings,
-            wrt=wrt, items=items or {}))
+            wrt=wrt, items=items or {}, optimizer=optimizer, fresh=fresh_optimizer))
 
     def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
-                   allow_pickle, shardings, optimizer_shardings, wrt, items) -> CheckpointState:
+                   allow_pickle, shardings, optimizer_shardings, wrt, items, optimizer, fresh) -> CheckpointState:
         ck = open_checkpoint(path, allow_pickle=allow_pickle)
         executor = resolve_load_executor(self.backend, self.num_writers)   # a Ray worker reads via its node's cache
         cfg_file = ck.read_config()
         cfg = cfg_file.get("model_config")
         loaded = load_model_from(ck, model, model_cls, config_cls, verify=self.verify, executor=executor,
                                  progress=self.progress, shardings=shardings)
-        optimizer = None
-        if should_load_optimizer and "optimizer" in ck.items:
-            if not isinstance(loaded, nnx.Module):
-                raise CheckpointError(f"{ck.where}: the optimizer is rebuilt over a module, and model= is a "
-                                      f"{type(loaded).__name__}: pass the module, or should_load_optimizer=False")
-            optimizer, _ = restore_optimizer(ck, loaded, tx if tx is not None else optax.adamw(1e-4),
-                                             wrt=wrt, strict=strict, verify=self.verify, executor=executor,
-                                             progress=self.progress, shardings=optimizer_shardings)
+        saved_opt = "optimizer" in ck.items
+        # The item "optimizer" is a plain pytree when saved with items={"optimizer": tree} (its
+        # container record says so) or when items= asks for it as one; else an nnx.Optimizer's.
+        opt_is_tree = saved_opt and ("optimizer" in items or saved_tree_record(ck, "optimizer") is not None)
+        wants = tx is not None or optimizer is not None
+        needs_module = fresh or (should_load_optimizer and saved_opt and not opt_is_tree)
+        if needs_module and not isinstance(loaded, nnx.Module):
+            raise CheckpointError(f"{ck.where}: the optimizer is built over a module, and model= is "
+                                  f"{summarize(loaded)}: pass the module, or should_load_optimizer=False")
+        built = None
+        if fresh:
+            built = fresh_optimizer(loaded, tx, wrt, optimizer)
+        elif should_load_optimizer and opt_is_tree and wants:
+            how = "items= asks for it as one" if "optimizer" in items else "it was saved with items={'optimizer': ...}"
+            raise StructureMismatchError(f"{ck.where}: the checkpoint's 'optimizer' item is a plain pytree ({how}), "
+                                         "not an nnx.Optimizer's state: it comes back in state.items['optimizer']. "
+                                         "Drop tx=/optimizer=, or pass fresh_optimizer=True for a new nnx.Optimizer")
+        elif should_load_optimizer and saved_opt and not opt_is_tree:
+            built, _ = restore_optimizer(ck, loaded, tx, optimizer=optimizer, wrt=wrt, strict=strict,
+                                         verify=self.verify, executor=executor, progress=self.progress,
+                                         shardings=optimizer_shardings)
+        elif should_load_optimizer and optimizer is not None:
+            raise StructureMismatchError(f"{ck.where}: optimizer= is given to be filled, and the checkpoint holds no "
+                                         f"optimizer (items: {', '.join(ck.items)}): pass fresh_optimizer=True to use "
+                                         "it as it is, or should_load_optimizer=False")
         extra_names = [n for n in ck.items if n not in RESERVED_ITEMS and n != model_item(ck)]
+        if opt_is_tree and (should_load_optimizer or "optimizer" in items):
+            extra_names.append("optimizer")
         unknown = [n for n in items if n not in extra_names]
         if unknown:
             raise StructureMismatchError(f"{ck.where}: items= names {unknown}, which the checkpoint does not hold "
@@ -388,7 +421,7 @@ class CheckpointManager:
                                           executor=executor, progress=self.progress) for name in extra_names}
         step = self.step_of(ck, cfg_file)
         return CheckpointState(step=step if isinstance(step, int) else -1, model=loaded,
-                               optimizer=optimizer, config=cfg or {},
+                               optimizer=built, config=cfg or {},
                                train_config=cfg_file.get("train_config") or {},
                                metrics=ck.read_json("metrics.json", {}) or {},
                                extra=ck.read_json("extra.json", {}) or {}, items=extra_items)
@@ -407,7 +440,10 @@ class CheckpointManager:
         return -1
 
     def load_step(self, step: int, **kw) -> CheckpointState:
+        """The checkpoint of ``step`` (CheckpointNotFoundError if it is not committed); the
+        keyword arguments of ``load``."""
         self.wait_until_finished()
+        check_load_options(**kw)
         step = _check_step(step)
         if step not in self.all_steps():
             raise CheckpointNotFoundError(f"{self.store.where()}: no committed checkpoint for step {step} "
@@ -416,8 +452,10 @@ class CheckpointManager:
 
     def _load_picked(self, pick, **kw) -> CheckpointState | None:
         """Load the step ``pick()`` chooses; if another process's retention deletes it
-        meanwhile, choose again (a concurrent saver made a newer one)."""
+        meanwhile, choose again (a concurrent saver made a newer one). The options are
+        checked first, also in an empty directory."""
         self.wait_until_finished()
+        check_load_options(**kw)
         for attempt in range(LATEST_ATTEMPTS):
             step = pick()
             if step is None:
@@ -430,12 +468,46 @@ class CheckpointManager:
         return None
 
     def load_latest(self, **kw) -> CheckpointState | None:
-        """The newest committed checkpoint, or None in an empty directory."""
+        """The newest committed checkpoint, or None in an empty directory (``load``'s
+        keyword arguments)."""
         return self._load_picked(lambda: self.latest_step, **kw)
 
     def load_best(self, **kw) -> CheckpointState | None:
         """The best checkpoint by ``best_metric`` (the latest without one)."""
         return self._load_picked(lambda: self.best_step, **kw)
+
+
+def check_load_options(model: Any = None, model_cls: Any = None, config_cls: Any = None, tx: Any = None,
+                       should_load_optimizer: bool = True, *, strict: bool = True, allow_pickle: bool = False,
+                       shardings: Any = None, optimizer_shardings: Any = None, wrt: Any = nnx.Param,
+                       items: Any = None, optimizer: Any = None, fresh_optimizer: bool = False) -> None:
+    """``CheckpointManager.load``'s options, checked before anything is read (a misspelt
+    keyword raises TypeError here too, also for ``load_latest`` in an empty directory)."""
+    where = "CheckpointManager.load"
+    if items is not None and not isinstance(items, dict):
+        raise CheckpointError(f"{where}: items= is {summarize(items)}: give a dict of item name -> target (or None)")
+    check_model_classes(model_cls, config_cls, where)
+    for name, value in (("strict", strict), ("should_load_optimizer", should_load_optimizer),
+                        ("fresh_optimizer", fresh_optimizer), ("allow_pickle", allow_pickle)):
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{where}: {name}= takes True or False, got {summarize(value)}")
+    if tx is not None:
+        check_tx(tx, where)
+    if optimizer is not None:
+        check_optimizer_target(optimizer, where)
+        if tx is not None:
+            raise CheckpointError(f"{where}: tx= and optimizer= are both given; optimizer= carries its own tx: "
+                                  "give one of them")
+    if fresh_optimizer:
+        if not should_load_optimizer:
+            raise CheckpointError(f"{where}: fresh_optimizer=True builds a new optimizer and should_load_optimizer=False "
+                                  "asks for none: give one of them")
+        if tx is None and optimizer is None:
+            raise CheckpointError(f"{where}: fresh_optimizer=True builds nnx.Optimizer(model, tx, wrt=wrt): pass tx= "
+                                  "(or optimizer= to use as it is)")
+    if items and "optimizer" in items and (tx is not None or optimizer is not None) and not fresh_optimizer:
+        raise CheckpointError(f"{where}: items={{'optimizer': ...}} reads the optimizer item as a plain pytree, and "
+                              "tx=/optimizer= rebuild an nnx.Optimizer from it: give one of them")
 
 
 def _check_step(step: Any) -> int:

@@ -17,11 +17,24 @@ from typing import Any
 import optax
 from flax import nnx
 
-from shardckpt.api.core import STATE_ITEM, restore_item, save_checkpoint
-from shardckpt.api.nnx_state import cast_floats, check_module, model_config_of, model_factory, restore_module_state, restore_optimizer, state_of
+from shardckpt.api.core import STATE_ITEM, restore_item, save_checkpoint, tree_files
+from shardckpt.api.nnx_state import (
+    FRESH_HINTS,
+    cast_floats,
+    check_model_classes,
+    check_module,
+    default_model_hint,
+    model_config_of,
+    model_factory,
+    restore_module_state,
+    restore_optimizer,
+    state_of,
+)
 from shardckpt.api.session import SaveOptions, resolve_load_executor
+from shardckpt.errors import CheckpointError
 from shardckpt.loading.checkpoint import Checkpoint, read_consistently
 from shardckpt.loading.open import open_checkpoint
+from shardckpt.tree import summarize
 
 
 def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *,
@@ -40,8 +53,8 @@ def save_model(path: os.PathLike | str, model: nnx.Module, config: Any = None, *
                           process_index, process_count)
     state = state_of(model, "model")
     cfg = model_config_of(model, config)
-    return save_checkpoint(path, {"model": state}, options, step=step, keep_other_items=True,
-                           json_files={"config.json": {"model_config": cfg, "step": step, "train_config": None}})
+    json_files = {"config.json": {"model_config": cfg, "step": step, "train_config": None}, **tree_files({"model": state})}
+    return save_checkpoint(path, {"model": state}, options, step=step, keep_other_items=True, json_files=json_files)
 
 
 def save_optimizer(path: os.PathLike | str, optimizer: nnx.Optimizer, *, compress: bool = False,
@@ -70,8 +83,8 @@ def load_model_from(ck: Checkpoint, model: Any = None, model_cls: type | None = 
     item = model_item(ck)
     if model is None:
         factory = model_factory(ck.read_config().get("model_config"), model_cls, config_cls, ck.where)
-        return restore_module_state(ck, item, factory, verify=verify, executor=executor, progress=progress,
-                                    shardings=shardings, select=select)
+        return restore_module_state(ck, item, factory, hint=default_model_hint(model_cls, config_cls), verify=verify,
+                                    executor=executor, progress=progress, shardings=shardings, select=select)
     if isinstance(model, nnx.Module):
         return restore_module_state(ck, item, model, verify=verify, executor=executor, progress=progress,
                                     shardings=shardings, select=select)
@@ -95,6 +108,7 @@ def load_model(path: os.PathLike | str, model: Any = None,
     layout. ``select(key)`` restores only some keys (into a given ``model``). ``dtype``
     casts floating-point parameters of a module after loading. Returns ``(model, config_dict)``.
     """
+    check_model_classes(model_cls, config_cls, f"load_model({path!s})")
     executor = resolve_load_executor(backend, num_writers)
 
     def load_once():   # again if another process replaces the checkpoint meanwhile
@@ -110,18 +124,23 @@ def load_model(path: os.PathLike | str, model: Any = None,
 
 
 def load_optimizer(path: os.PathLike | str, model: nnx.Module, tx: optax.GradientTransformation | None = None,
-                   learning_rate: float = 1e-4, *, wrt: Any = nnx.Param, strict: bool = False,
+                   learning_rate: float = 1e-4, *, wrt: Any = nnx.Param, strict: bool = True,
                    allow_pickle: bool = False, verify: bool = True, backend: str = "auto",
                    num_writers: int | None = None, shardings: Any = None,
                    progress: bool | None = None) -> nnx.Optimizer:
     """Recreate ``nnx.Optimizer(model, tx, wrt=wrt)`` from ``path``: ``tx`` defaults to
-    ``optax.adamw(learning_rate)``; ``wrt`` is the filter the optimizer was built with
-    (``nnx.LoRAParam`` for LoRA). See ``restore_optimizer`` for how a different ``tx`` is
-    handled."""
+    ``optax.adamw(learning_rate)`` (the original guide's default); ``wrt`` is the filter the
+    optimizer was built with (``nnx.LoRAParam`` for LoRA). The saved state must be the new
+    optimizer's, leaf for leaf: otherwise StructureMismatchError describes both and says
+    what to pass. ``strict=False`` restores only what matches, with a warning (see
+    ``restore_optimizer``)."""
     tx = tx if tx is not None else optax.adamw(learning_rate)
-    check_module(model, f"load_optimizer({path!s})")
+    where = f"load_optimizer({path!s})"
+    check_module(model, where)
+    if not isinstance(strict, bool):
+        raise CheckpointError(f"{where}: strict= takes True or False, got {summarize(strict)}")
     executor = resolve_load_executor(backend, num_writers)
     optimizer, _ = read_consistently(lambda: restore_optimizer(   # again if replaced meanwhile
         open_checkpoint(path, allow_pickle=allow_pickle), model, tx, wrt=wrt, strict=strict, verify=verify,
-        executor=executor, progress=progress, shardings=shardings))
+        executor=executor, progress=progress, shardings=shardings, fresh_hint=FRESH_HINTS["function"]))
     return optimizer

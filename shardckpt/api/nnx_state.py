@@ -5,6 +5,11 @@ A module is saved as ``nnx.state(module)`` (item ``model``) and an ``nnx.Optimiz
 (``nnx.eval_shape``): no weights or optimizer moments are initialised only to be
 overwritten. The optimizer's target is built from the parameters it updates
 (``nnx.state(model, wrt)``), not by tracing the whole model graph again.
+
+A resume restores what was saved or says why it cannot: an optimizer whose state does not
+match the saved one (another ``tx=``, another ``wrt=``) is refused by default, with both
+layouts described; restoring only what matches (``strict=False``) and starting a fresh
+optimizer over the restored weights are explicit choices.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from shardckpt.errors import CheckpointError, StructureMismatchError
+from shardckpt.errors import CheckpointError, OptimizerMismatchError, StructureMismatchError
 from shardckpt.loading.checkpoint import Checkpoint, RestoreReport
-from shardckpt.tree import FlatTree
+from shardckpt.tree import FlatTree, bounded, summarize
 
 
 def config_to_dict(config: Any) -> dict | None:
@@ -50,7 +55,7 @@ def model_config_of(model: Any, config: Any = None) -> dict | None:
 def state_of(obj: Any, what: str = "model") -> Any:
     """What is saved for ``obj``: ``nnx.state`` of a module or optimizer, any other pytree
     as it is. Classes, strings and other non-trees are refused with what to pass."""
-    if isinstance(obj, nnx.Module):   # nnx.Optimizer is a Module too (flax >= 0.11)
+    if isinstance(obj, (nnx.Module, nnx.Optimizer)):   # flax 0.12's Optimizer is an nnx.Pytree, no Module
         return nnx.state(obj)
     check_tree_arg(obj, what)
     return obj
@@ -65,7 +70,7 @@ def check_tree_arg(obj: Any, what: str) -> None:
         raise CheckpointError(f"{what}={obj.__name__} is a class, not a {what}: pass an nnx.Module instance "
                               f"or a pytree of arrays{hint}")
     if isinstance(obj, (str, bytes)) or callable(obj) and not isinstance(obj, nnx.Module):
-        raise CheckpointError(f"{what}={obj!r:.60} is a {type(obj).__name__}: pass an nnx.Module, an "
+        raise CheckpointError(f"{what}= is {summarize(obj)}: pass an nnx.Module, an "
                               "nnx.State or a pytree of arrays (a dict, list or tuple)")
 
 
@@ -77,12 +82,41 @@ def check_module(model: Any, where: str, *, allow_tree: bool = False) -> None:
         check_tree_arg(model, "model")
         return
     check_tree_arg(model, "model")
-    raise CheckpointError(f"{where}: model= is a {type(model).__name__}; this needs an nnx.Module "
+    raise CheckpointError(f"{where}: model= is {summarize(model)}; this needs an nnx.Module "
                           "(build one, e.g. nnx.eval_shape(lambda: MyModel(config, rngs=nnx.Rngs(0))) "
                           "is filled in place), or restore a plain pytree with shardckpt.restore(path, target)")
 
 
+def _looks_like_config(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls) or hasattr(cls, "from_dict") or hasattr(cls, "to_dict")
+
+
+def check_model_classes(model_cls: Any, config_cls: Any, where: str) -> None:
+    """``model_cls=`` takes the module class, ``config_cls=`` the config class: checked
+    before anything is read."""
+    if model_cls is not None:
+        if not isinstance(model_cls, type):
+            raise CheckpointError(f"{where}: model_cls= is {summarize(model_cls)}, not a class; pass the module "
+                                  "class (a built module goes to model=)")
+        if not issubclass(model_cls, nnx.Module):
+            config = f"; config_cls={model_cls.__name__} if it is the config class" if _looks_like_config(model_cls) else ""
+            raise CheckpointError(f"{where}: model_cls={model_cls.__name__} is not an nnx.Module subclass: model_cls "
+                                  f"takes the module class (e.g. LMModel), config_cls the config class{config}")
+    if config_cls is not None:
+        if not isinstance(config_cls, type):
+            raise CheckpointError(f"{where}: config_cls= is {summarize(config_cls)}, not a class; pass the config "
+                                  "class (built as config_cls.from_dict(d) or config_cls(**d))")
+        if issubclass(config_cls, nnx.Module):
+            raise CheckpointError(f"{where}: config_cls={config_cls.__name__} is a module class: config_cls takes the "
+                                  f"config class, model_cls the module class (model_cls={config_cls.__name__})")
+
+
 def build_config(cfg: dict | None, config_cls: type | None, where: str):
+    """The config object of the saved ``model_config``: ``config_cls.from_dict(cfg)`` or
+    ``config_cls(**cfg)``. Without ``config_cls`` the reference ``ModelConfig``, and then a
+    saved config with keys ModelConfig does not know (another model's config) is refused
+    with what to pass instead."""
+    explicit = config_cls is not None
     if config_cls is None:
         from shardckpt.lm.models import ModelConfig
         config_cls = ModelConfig
@@ -90,6 +124,16 @@ def build_config(cfg: dict | None, config_cls: type | None, where: str):
         raise CheckpointError(f"{where}: config.json has no model_config, so there is no model to build: pass "
                               "model= (a module to fill, or a pytree target), or read the arrays with "
                               "shardckpt.restore(path)")
+    if not explicit and isinstance(cfg, dict) and dataclasses.is_dataclass(config_cls):
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(str(k) for k in cfg if k not in known)
+        if unknown:
+            raise StructureMismatchError(
+                f"{where}: the saved model_config has keys [{bounded(repr(k) for k in unknown)}] that {config_cls.__name__} (the "
+                f"reference LMModel's config, used when no config_cls= is given) does not have: the checkpoint "
+                "holds another model. Pass model_cls= (its module class) and config_cls= (its config class), or "
+                "model= (the module, or nnx.eval_shape(lambda: MyModel(config, rngs=nnx.Rngs(0))), to fill). "
+                f"(Written by a newer shardckpt's LMModel? config_cls={config_cls.__name__} drops the unknown keys.)")
     try:
         if hasattr(config_cls, "from_dict"):
             return config_cls.from_dict(cfg)
@@ -99,16 +143,15 @@ def build_config(cfg: dict | None, config_cls: type | None, where: str):
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{where}: config.json's model_config does not make a {config_cls.__name__}: "
-                              f"{type(e).__name__}: {e}") from e
+        hint = "" if explicit else " (pass config_cls= and model_cls= for a model other than LMModel)"
+        raise CheckpointError(f"{where}: config.json's model_config does not make a {config_cls.__name__}{hint}: "
+                              f"{type(e).__name__}: {str(e):.200}") from e
 
 
 def model_factory(cfg: dict | None, model_cls: type | None, config_cls: type | None,
                   where: str) -> Callable[[], nnx.Module]:
     """``model_cls(config, rngs=nnx.Rngs(0))`` for the saved config (default ``LMModel``)."""
-    if model_cls is not None and not isinstance(model_cls, type):
-        raise CheckpointError(f"{where}: model_cls={model_cls!r:.60} is not a class; pass the module class "
-                              "(a built module goes to model=)")
+    check_model_classes(model_cls, config_cls, where)
     config = build_config(cfg, config_cls, where)
     cls = model_cls
     if cls is None:
@@ -117,38 +160,77 @@ def model_factory(cfg: dict | None, model_cls: type | None, config_cls: type | N
     return lambda: cls(config, rngs=nnx.Rngs(0))
 
 
+def default_model_hint(model_cls: type | None, config_cls: type | None) -> str:
+    """What to say when a model built from the defaults does not fit the checkpoint."""
+    if model_cls is not None:
+        return ""
+    return (" (the model was built as the reference LMModel from the saved config, since no model_cls= was "
+            "given: for another module pass model_cls= and config_cls=, or model= a module or "
+            "nnx.eval_shape(lambda: MyModel(...)) to fill)")
+
+
 def _is_param(leaf: Any) -> bool:
     return isinstance(leaf, nnx.Param)
 
 
+def _abstract_keys(tree: Any) -> list[str]:
+    return [k for k, v in FlatTree.of(tree).values().items() if isinstance(v, jax.ShapeDtypeStruct)]
+
+
 def restore_module_state(ck: Checkpoint, item: str, target: nnx.Module | Callable[[], nnx.Module],
-                         *, verify: bool = True, executor=None, progress=None,
-                         shardings: Any = None, select: Callable[[str], bool] | None = None) -> nnx.Module:
-    """Restore ``item`` into a module: a concrete one (updated in place) or a constructor,
-    evaluated abstractly with ``nnx.eval_shape`` so no weights are initialised just to be
-    overwritten. Non-parameter state absent from the checkpoint (RNG streams of legacy
-    checkpoints) falls back to a fresh initialisation, with a warning."""
+                         *, partial: bool = False, hint: str = "", verify: bool = True, executor=None,
+                         progress=None, shardings: Any = None,
+                         select: Callable[[str], bool] | None = None) -> nnx.Module:
+    """Restore ``item`` into a module: a concrete one (updated in place), an abstract one
+    (``nnx.eval_shape(...)``, filled), or a constructor, evaluated abstractly with
+    ``nnx.eval_shape`` so no weights are initialised just to be overwritten.
+
+    Parameters must fit: one missing, unexpected or of another shape raises
+    StructureMismatchError (``hint`` says how the module was chosen). Other state absent
+    from the checkpoint (the RNG streams of original-layout checkpoints) is freshly
+    initialised (a constructor) or kept from the module given, with a warning. ``partial``
+    (``restore(path, module, strict=False)``): what does not fit keeps the given module's
+    values, with a warning; an abstract leaf with no saved data still raises.
+    """
     concrete = isinstance(target, nnx.Module)
     if not concrete and (isinstance(target, type) or not callable(target)):
         check_module(target, ck.where)
     if select is not None and not concrete:
         raise CheckpointError(f"{ck.where}: select= restores part of a model: pass the model to fill "
                               "(the keys not selected keep its values)")
-    module = target if concrete else nnx.eval_shape(target)
+    if concrete:
+        module = target
+    else:
+        try:
+            module = nnx.eval_shape(target)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{ck.where}: building the model to restore into failed ({type(e).__name__}: "
+                                  f"{str(e):.200}){hint}") from e
     graphdef, state = nnx.split(module)
     restored, report = ck.restore(item, state, strict=False, verify=verify, executor=executor,
                                   progress=progress, shardings=shardings, select=select)
     leaves = FlatTree.of(state).leaves
     missing_params = [k for k in report.missing if _is_param(leaves[k])]
-    if report.mismatched or report.unexpected or missing_params:
+    if not (partial and concrete) and (report.mismatched or report.unexpected or missing_params):
         report.missing = missing_params or report.missing
         raise StructureMismatchError(f"{ck.where}: the saved {item!r} does not fit the target module: "
-                                     f"{report.describe()}")
+                                     f"{report.describe()}{hint}")
     if concrete:
+        empty = _abstract_keys(restored)
+        if empty:
+            raise StructureMismatchError(f"{ck.where}: the saved {item!r} has no data for the abstract module's "
+                                         f"leaves {bounded(empty)} (an abstract target has no values to keep): "
+                                         f"{report.describe()}{hint}")
+        if not report.complete:
+            what = "restored where it fits; the rest keeps the module's values" if partial else \
+                "not in the checkpoint, the module's own values kept"
+            warnings.warn(f"{ck.where}: {item!r} {what}: {report.describe()}", stacklevel=3)
         nnx.update(module, restored)
         return module
     if report.missing:
-        warnings.warn(f"{ck.where}: not in the checkpoint, freshly initialised: {', '.join(report.missing)}",
+        warnings.warn(f"{ck.where}: not in the checkpoint, freshly initialised: {bounded(report.missing)}",
                       stacklevel=3)
         module = target()
         nnx.update(module, only(restored, report.restored))
@@ -178,34 +260,209 @@ def abstract_optimizer(model: nnx.Module, tx: optax.GradientTransformation, wrt:
     return nnx.eval_shape(lambda params: nnx.Optimizer(params, tx, wrt=wrt), nnx.state(model, wrt))
 
 
-def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTransformation, *,
-                      wrt: Any = nnx.Param, strict: bool = False, verify: bool = True,
-                      executor=None, progress=None, shardings: Any = None) -> tuple[nnx.Optimizer, RestoreReport]:
-    """Build ``nnx.Optimizer(model, tx, wrt=wrt)`` and restore its state by key path.
+# --- describing optimizer states ---------------------------------------------------------------
 
-    When every leaf is in the checkpoint the optimizer is built abstractly and filled;
-    otherwise (another optimizer, fine-tuning) the matching leaves are restored, the rest
-    keep their fresh ``tx.init`` values, and a warning lists them; ``strict`` raises instead.
-    When no leaf at all matches, StructureMismatchError: never a silently fresh optimizer.
+#: Leaf names of optax states -> the transformations that keep them (for error messages).
+_FAMILIES = ((frozenset({"mu", "nu"}), "the state of optax.adam / adamw / nadam / lamb"),
+             (frozenset({"trace"}), "the state of optax.sgd(momentum=...) / optax.trace"),
+             (frozenset({"sum_of_squares"}), "the state of optax.adagrad"),
+             (frozenset({"nu"}), "the state of optax.rmsprop"))
+
+
+def _variable_types(model: nnx.Module) -> dict[str, type]:
+    """Dotted path -> Variable type of every variable of ``model``."""
+    return {".".join(map(str, p)): type(v) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@dataclasses.dataclass
+class OptimizerLayout:
+    """An optimizer state's keys, with the parameter paths folded: ``opt_state.0.mu.*``
+    (over N parameters) instead of one key per parameter."""
+
+    per_param: dict[str, set[str]]     # prefix (opt_state.0.mu) -> parameter paths under it
+    plain: list[str]                   # keys that are not per parameter (step, opt_state.0.count)
+
+    @classmethod
+    def of(cls, keys: Any, params: Any) -> OptimizerLayout:
+        params = set(params)
+        per_param: dict[str, set[str]] = {}
+        plain = []
+        for key in keys:
+            parts = key.split(".")
+            for i in range(1, len(parts)):
+                rest = ".".join(parts[i:])
+                if rest in params:
+                    per_param.setdefault(".".join(parts[:i]), set()).add(rest)
+                    break
+            else:
+                plain.append(key)
+        return cls(per_param, sorted(plain))
+
+    @property
+    def params(self) -> set[str]:
+        return set().union(*self.per_param.values()) if self.per_param else set()
+
+    def names(self) -> dict[str, str]:
+        """Leaf name (mu, nu, count, trace) -> where it sits (opt_state.0)."""
+        out = {}
+        for prefix in [*self.per_param, *self.plain]:
+            head, _, name = prefix.rpartition(".")
+            if head.startswith("opt_state"):
+                out.setdefault(name, head)
+        return out
+
+    def family(self) -> str:
+        names = set(self.names())
+        return next((label for need, label in _FAMILIES if need <= names), "")
+
+    def describe(self) -> str:
+        entries = self.plain + [f"{prefix}.* ({len(ps)} parameters)" for prefix, ps in sorted(self.per_param.items())]
+        family = self.family()
+        return (bounded(entries, 6) or "no leaves") + (f" ({family})" if family else "")
+
+
+def _filter_name(types: set[type]) -> str:
+    names = sorted(f"nnx.{t.__name__}" if getattr(nnx, t.__name__, None) is t else t.__name__ for t in types)
+    return names[0] if len(names) == 1 else f"nnx.Any({', '.join(names)})"
+
+
+def _saved_keys(ck: Checkpoint) -> list[str]:
+    rec = ck.item_record("optimizer")   # also the original layout's pickle refusal
+    return [*rec.arrays, *rec.scalars]
+
+
+#: How to start a new optimizer instead, by entry point (the end of a mismatch message).
+FRESH_HINTS = {
+    "manager": "fresh_optimizer=True keeps the restored weights and starts the optimizer given afresh",
+    "function": "to start afresh instead, build nnx.Optimizer(model, tx, wrt=...) rather than loading one",
+}
+
+
+def optimizer_mismatch(ck: Checkpoint, model: nnx.Module, target_keys: list[str], report: RestoreReport,
+                       *, what: str = "the new optimizer", fresh: str = FRESH_HINTS["manager"]) -> str:
+    """Why the saved optimizer state does not fit ``target_keys``: both layouts (per
+    parameter state folded), a few mismatching keys and how many, and what to pass."""
+    types = _variable_types(model)
+    saved = OptimizerLayout.of(_saved_keys(ck), types)
+    new = OptimizerLayout.of(target_keys, types)
+    parts = [f"{ck.where}: the saved optimizer state does not match {what}",
+             f"saved: {saved.describe()}", f"{what}: {new.describe()}",
+             f"mismatching keys: {report.describe(4)}"]
+    fixes = []
+    saved_names, new_names = saved.names(), new.names()
+    moved = sorted({f"{saved_names[n]} -> {new_names[n]}" for n in set(saved_names) & set(new_names)
+                    if saved_names[n] != new_names[n]})
+    if moved:
+        parts.append(f"the same kinds of state sit elsewhere ({bounded(moved, 4)}): the tx= given chains other "
+                     "transformations around the saved one (optax.chain, clip_by_global_norm, ...) or the saved "
+                     "one did")
+    if saved.params and saved.params != new.params:
+        saved_types = {types[p] for p in saved.params if p in types}
+        saved_types = {t for t in saved_types if not any(t is not u and issubclass(t, u) for u in saved_types)}
+        selects = bool(saved_types) and {p for p, t in types.items()
+                                         if issubclass(t, tuple(saved_types))} == saved.params
+        parts.append(f"the saved state covers {len(saved.params)} parameters ({bounded(sorted(saved.params), 3)}), "
+                     f"{what} {len(new.params)} ({bounded(sorted(new.params), 3)})")
+        fixes.append(f"wrt={_filter_name(saved_types)} (the saved parameters are exactly those variables)"
+                     if selects else "the wrt= filter the optimizer was built with (and the model it was saved with)")
+    if saved_names != new_names or set(saved.per_param) != set(new.per_param) or saved.plain != new.plain:
+        fixes.insert(0, "the tx= the checkpoint was saved with" + (f" ({saved.family()})" if saved.family() else ""))
+    if not fixes:     # the same keys, other shapes: another model
+        fixes.append("the model the optimizer was saved with (the shapes differ)")
+    parts.append("likely fix: pass " + " and ".join(fixes) + f"; {fresh}; strict=False restores only the leaves "
+                 "that match")
+    return ". ".join(parts)
+
+
+def missing_tx_error(ck: Checkpoint, model: Any) -> CheckpointError:
+    """No tx= for a checkpoint that holds an optimizer: an optax transformation cannot be
+    rebuilt from its state, and guessing one would restart the run's schedule."""
+    keys = _saved_keys(ck)
+    params = _variable_types(model) if isinstance(model, nnx.Module) else {}
+    return CheckpointError(
+        f"{ck.where}: the checkpoint holds an optimizer ({OptimizerLayout.of(keys, params).describe()}) and no tx= "
+        "was given; an optax transformation cannot be rebuilt from its saved state. Pass the tx= it was saved "
+        "with (load_latest(tx=optax.adamw(...))), optimizer= an nnx.Optimizer to fill, fresh_optimizer=True with "
+        "tx= to keep only the weights, or should_load_optimizer=False to load the model alone")
+
+
+def check_optimizer_target(optimizer: Any, where: str) -> None:
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise CheckpointError(f"{where}: optimizer= is {summarize(optimizer)}; it takes an nnx.Optimizer to fill "
+                              "(concrete, or nnx.eval_shape(lambda: nnx.Optimizer(model, tx, wrt=...))); other "
+                              "optimizer state is an extra item: items={'name': target}")
+
+
+def check_tx(tx: Any, where: str) -> None:
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise CheckpointError(f"{where}: tx= is {summarize(tx)}, not an optax.GradientTransformation")
+
+
+def fresh_optimizer(model: nnx.Module, tx: Any, wrt: Any, optimizer: nnx.Optimizer | None) -> nnx.Optimizer:
+    """A new optimizer over ``model`` (``fresh_optimizer=True``): ``optimizer`` itself when it
+    is concrete, else ``nnx.Optimizer(model, tx, wrt=wrt)`` (the abstract one's tx and wrt)."""
+    if optimizer is not None:
+        if not _abstract_keys(nnx.state(optimizer)):
+            return optimizer
+        tx, wrt = optimizer.tx, optimizer.wrt
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def restore_optimizer(ck: Checkpoint, model: nnx.Module, tx: optax.GradientTransformation | None = None, *,
+                      optimizer: nnx.Optimizer | None = None, wrt: Any = nnx.Param, strict: bool = True,
+                      verify: bool = True, executor=None, progress=None, shardings: Any = None,
+                      fresh_hint: str = FRESH_HINTS["manager"]) -> tuple[nnx.Optimizer, RestoreReport]:
+    """Restore the saved optimizer into ``optimizer`` (an ``nnx.Optimizer``, concrete: filled
+    in place, or abstract: filled and returned) or into a new ``nnx.Optimizer(model, tx,
+    wrt=wrt)``, by key path.
+
+    ``strict`` (the default): the saved state must be the target's, leaf for leaf, else
+    OptimizerMismatchError describes both layouts and the likely fix (the tx= or wrt= it was
+    saved with; ``fresh_hint`` says how to start afresh instead). ``strict=False``: the
+    matching leaves are restored, the others keep the target's (or fresh ``tx.init``)
+    values, and a warning lists them; when no leaf at all matches it raises all the same:
+    never a silently fresh optimizer. The original layout never saved ``optimizer.step``: it
+    keeps the target's value (0), with a warning.
     """
     check_module(model, ck.where)
-    if not (hasattr(tx, "init") and hasattr(tx, "update")):
-        raise CheckpointError(f"{ck.where}: tx={tx!r:.60} is not an optax.GradientTransformation")
-    abstract = abstract_optimizer(model, tx, wrt)
+    if optimizer is not None:
+        check_optimizer_target(optimizer, ck.where)
+        tx, wrt, target = optimizer.tx, optimizer.wrt, optimizer
+    else:
+        if tx is None:
+            raise missing_tx_error(ck, model)
+        check_tx(tx, ck.where)
+        target = abstract_optimizer(model, tx, wrt)
     bind = getattr(ck, "bind_optimizer", None)   # the original layout: leaves by position
     if bind is not None:
-        bind(abstract)
-    graphdef, state = nnx.split(abstract)
-    restored, report = ck.restore("optimizer", state, strict=strict, verify=verify,
+        bind(target)
+    graphdef, state = nnx.split(target)
+    restored, report = ck.restore("optimizer", state, strict=False, verify=verify,
                                   executor=executor, progress=progress, shardings=shardings)
+    what = "the optimizer given" if optimizer is not None else "the new optimizer"
+
+    def mismatch(note: str = "") -> OptimizerMismatchError:
+        return OptimizerMismatchError(optimizer_mismatch(ck, model, list(FlatTree.of(state).leaves), report,
+                                                         what=what, fresh=fresh_hint) + note)
+
     if not report.restored:
-        raise StructureMismatchError(f"{ck.where}: no leaf of the saved optimizer matches the new one "
-                                     f"(refusing to return a freshly initialised optimizer; is wrt= the "
-                                     f"filter it was built with?): {report.describe()}")
+        raise mismatch(" (no leaf of the saved optimizer matches: refusing to return a freshly initialised one)")
+    legacy_step = ck.legacy and report.missing == ["step"] and not (report.unexpected or report.mismatched)
+    if not report.complete:
+        if legacy_step:
+            warnings.warn(f"{ck.where}: the original layout never saved optimizer.step: it starts at "
+                          f"{'the value of the optimizer given' if optimizer is not None else 0} (the optax state, "
+                          "Adam's count included, is restored)", stacklevel=3)
+        elif strict:
+            raise mismatch()
+        else:
+            warnings.warn(f"{ck.where}: optimizer state restored only where it matches {what} (strict=False); "
+                          f"{report.describe()}", stacklevel=3)
+    if optimizer is not None and not _abstract_keys(state):
+        nnx.update(optimizer, restored if report.complete else only(restored, report.restored))
+        return optimizer, report
     if report.complete:
         return nnx.merge(graphdef, restored), report
-    warnings.warn(f"{ck.where}: optimizer state restored only where it matches the new optimizer; "
-                  f"{report.describe()}", stacklevel=3)
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    nnx.update(optimizer, only(restored, report.restored))
-    return optimizer, report
+    fresh = nnx.Optimizer(model, tx, wrt=wrt)
+    nnx.update(fresh, only(restored, report.restored))
+    return fresh, report

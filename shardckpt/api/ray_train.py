@@ -122,17 +122,20 @@ class RayTrainCheckpointer:
                 model_cls: type | None = None, config_cls: type | None = None,
                 shardings: Any = None, optimizer_shardings: Any = None, wrt: Any = nnx.Param,
                 items: dict[str, Any] | None = None, should_load_optimizer: bool = True,
-                strict: bool = False) -> CheckpointState | None:
+                strict: bool = True, optimizer: nnx.Optimizer | None = None,
+                fresh_optimizer: bool = False) -> CheckpointState | None:
         """Load the run's latest reported checkpoint, or None on a fresh start. Each rank
         reads only what its target needs (its devices' slices of sharded arrays). ``wrt``:
         the filter the optimizer was built with (``nnx.LoRAParam`` for LoRA); ``items``:
-        targets for extra items (see ``CheckpointManager.load``)."""
+        targets for extra items; ``optimizer`` (an optimizer to fill), ``strict`` and
+        ``fresh_optimizer``: see ``CheckpointManager.load``."""
         path = self.latest_path()
         if path is None:
             return None
         return self.manager.load(path, model=model, model_cls=model_cls, config_cls=config_cls, tx=tx,
                                  shardings=shardings, optimizer_shardings=optimizer_shardings, wrt=wrt,
-                                 items=items, should_load_optimizer=should_load_optimizer, strict=strict)
+                                 items=items, should_load_optimizer=should_load_optimizer, strict=strict,
+                                 optimizer=optimizer, fresh_optimizer=fresh_optimizer)
 
     # --- save ----------------------------------------------------------------------------
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,

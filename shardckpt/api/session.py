@@ -29,8 +29,15 @@ from shardckpt.executors.base import Executor, Reader
 from shardckpt.executors.threads import ThreadExecutor
 from shardckpt.saving.commit import commit
 from shardckpt.store.base import Store
+from shardckpt.tree import summarize
 
 BACKENDS = ("auto", "threads", "ray")
+
+
+def _shown(value: Any) -> str:
+    """An option's value for an error message: a plain scalar as written, anything else by
+    its type and shape (an array's values are never printed)."""
+    return f"{value!r:.40}" if type(value) in (int, float, bool, str, type(None)) else summarize(value)
 
 
 def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
@@ -41,7 +48,7 @@ def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | No
             raise TypeError
         n = operator.index(value)
     except TypeError:
-        raise CheckpointError(f"{name}={value!r:.40}: expected a positive integer"
+        raise CheckpointError(f"{name}={_shown(value)}: expected a positive integer"
                               + (" or None" if allow_none else "")) from None
     if n < 1:
         raise CheckpointError(f"{name}={n}: expected a positive integer" + (" or None" if allow_none else ""))
@@ -52,7 +59,7 @@ def _seconds(value: Any, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise CheckpointError(f"{name}={value!r:.40}: expected a positive number of seconds or None")
+        raise CheckpointError(f"{name}={_shown(value)}: expected a positive number of seconds or None")
     return float(value)
 
 
@@ -60,7 +67,7 @@ def _flag(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, bool):
-        raise CheckpointError(f"{name}={value!r:.40}: expected True or False" + (" (or None)" if allow_none else ""))
+        raise CheckpointError(f"{name}={_shown(value)}: expected True or False" + (" (or None)" if allow_none else ""))
     return value
 
 

@@ -127,8 +127,16 @@ def test_basic_usage_and_loading(model, optimizer):
     assert manager.best_step == 500
     assert manager.checkpoints[1].metrics["loss"] == pytest.approx(0.5)
 
+    # The seed guide's `manager.load_latest()` rebuilt the optimizer as optax.adamw(1e-4)
+    # when no tx was given: a resumed run could silently train on with another optimizer.
+    # shardckpt refuses and says what to pass (#18.1): the seed's calls, with the tx given.
+    from shardckpt import CheckpointError
+    with pytest.raises(CheckpointError, match=r"no tx= was given.*Pass the tx= it was saved with"):
+        manager.load_latest()
+    tx = optax.adamw(1e-4)
+
     # Load most recent
-    state = manager.load_latest()
+    state = manager.load_latest(tx=tx)
     model = state.model
     optimizer = state.optimizer
     start_step = state.step
@@ -139,19 +147,19 @@ def test_basic_usage_and_loading(model, optimizer):
     assert state.metrics["accuracy"] == pytest.approx(0.5)
 
     # Load best checkpoint
-    state = manager.load_best()
+    state = manager.load_best(tx=tx)
     assert state.step == 500
     assert_bit_equal(state.model, snapshots[500][0], "best model")
     assert_bit_equal(state.optimizer, snapshots[500][1], "best optimizer")
 
     # Load specific step
-    state = manager.load_step(500)
+    state = manager.load_step(500, tx=tx)
     assert state.step == 500
     assert_bit_equal(state.model, snapshots[500][0], "step 500")
     assert_not_bit_equal(state.model, snapshots[1000][0])
 
     # Direct path load
-    state = manager.load("./checkpoints/step_1000")
+    state = manager.load("./checkpoints/step_1000", tx=tx)
     assert state.step == 1000
     assert_bit_equal(state.model, snapshots[1000][0], "direct path")
     assert state.config == model.config.to_dict()

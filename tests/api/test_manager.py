@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import assert_bit_equal, bits_of, dead_pid, hidden_entries, this_host, train_steps, tree_of_files
+from conftest import LR, assert_bit_equal, bits_of, dead_pid, hidden_entries, this_host, train_steps, tree_of_files
 from flax import nnx
 
 from shardckpt import CheckpointError, CheckpointInfo, CheckpointManager, CheckpointNotFoundError, LMModel, StructureMismatchError
@@ -248,7 +248,7 @@ def test_should_load_optimizer_false_and_train_config(tmp_path, model, optimizer
     assert state.optimizer is None
     assert state.train_config == {"lr": 1e-3, "batch": 8}
     assert state.config == model.config.to_dict()
-    state = mgr.load_latest(model=LMModel(model.config, rngs=nnx.Rngs(5)))
+    state = mgr.load_latest(model=LMModel(model.config, rngs=nnx.Rngs(5)), tx=optax.adamw(LR))
     assert_bit_equal(state.model, model)
 
 
@@ -282,9 +282,10 @@ def test_swap_to_adam_restores_moments(adamw_checkpoint):
 
 
 def test_swap_to_sgd_warns_listing_what_was_not_restored(adamw_checkpoint):
+    """strict=False: the explicit partial restore (the default refuses, see below)."""
     mgr, model, optimizer = adamw_checkpoint
     with pytest.warns(UserWarning) as rec:
-        state = mgr.load_latest(tx=optax.sgd(1e-2, momentum=0.9))
+        state = mgr.load_latest(tx=optax.sgd(1e-2, momentum=0.9), strict=False)
     msg = " ".join(str(w.message) for w in rec)
     assert "opt_state.0.trace" in msg          # missing from the checkpoint: the momentum
     assert "opt_state.0.mu" in msg             # and what the checkpoint had that sgd has not
@@ -296,8 +297,9 @@ def test_swap_to_sgd_warns_listing_what_was_not_restored(adamw_checkpoint):
 
 def test_swap_to_sgd_strict_raises(adamw_checkpoint):
     mgr, _, _ = adamw_checkpoint
-    with pytest.raises(StructureMismatchError, match="opt_state.0.trace"):
-        mgr.load_latest(tx=optax.sgd(1e-2, momentum=0.9), strict=True)
+    for strict in ({}, {"strict": True}):      # the default is strict
+        with pytest.raises(StructureMismatchError, match="opt_state.0.trace"):
+            mgr.load_latest(tx=optax.sgd(1e-2, momentum=0.9), **strict)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mgr.load_latest(tx=optax.adamw(1e-5), strict=True)   # same structure: fine

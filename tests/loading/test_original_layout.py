@@ -237,7 +237,7 @@ def test_original_save_checkpoint_meta_json(tmp_path):
     path = original(tmp_path, "save_checkpoint")
     ck = open_checkpoint(path)
     assert ck.legacy and ck.step == 7 and ck.metrics == {"loss": 2.5}
-    state = CheckpointManager(tmp_path / "m").load(path, allow_pickle=True)
+    state = CheckpointManager(tmp_path / "m").load(path, tx=optax.adamw(1e-3), allow_pickle=True)
     assert state.step == 7 and state.metrics == {"loss": 2.5}
     assert_opt_state_is(state.optimizer, npz(path / "optimizer.npz"))
     # listed with its metrics, so best-tracking sees it
@@ -333,7 +333,7 @@ def test_whole_config_dict_is_not_nested_again(tmp_path, tiny_model):
     assert_bit_equal(nnx.state(loaded, nnx.Param), nnx.state(tiny_model, nnx.Param))
     optimizer = make_optimizer(tiny_model)
     CheckpointManager(tmp_path / "m").save(1, tiny_model, optimizer, config=whole)
-    state = CheckpointManager(tmp_path / "m").load_latest()
+    state = CheckpointManager(tmp_path / "m").load_latest(tx=optax.adamw(1e-3))
     assert state.config == tiny_model.config.to_dict()
 
 
@@ -380,7 +380,7 @@ def test_pickle_removed_by_the_user(tmp_path, tiny_model):
     path = write_legacy(tmp_path / "ck", tiny_model, optimizer)
     (path / "optimizer_meta.pkl").unlink()
     with pytest.warns(UserWarning, match="step"):
-        state = CheckpointManager(tmp_path / "m").load(path)
+        state = CheckpointManager(tmp_path / "m").load(path, tx=optax.adamw(1e-3))
     assert_opt_state_is(state.optimizer, _optimizer_arrays(optimizer))
 
 
