@@ -43,7 +43,8 @@ What an Orbax directory may not do to us (it is input, possibly hostile; docs/re
   hold compressed (``MAX_COMPRESSION_RATIO`` times their size, plus ``DECLARED_SLACK``):
   refused from Orbax's metadata, before any array is allocated;
 - nest its JSON deeper than ``format.limits.MAX_JSON_DEPTH`` (measured on the bytes, before
-  ``json.loads`` could recurse).
+  ``json.loads`` could recurse), zarr metadata included (``.zarray`` files and keys of the
+  OCDBT database, which TensorStore's recursive C++ parser would crash on).
 
 In the other direction a shardckpt checkpoint's names are checked the same way before they
 become Orbax item directories and parameter names. Every conversion writes into a hidden
@@ -354,9 +355,35 @@ def _ocp():
 
 # --- checks of an Orbax source, before Orbax reads it --------------------------------------------
 
+#: The zarr metadata files (JSON) TensorStore parses to open an array. Its C++ parser
+#: recurses once per level: a ``.zarray`` nested 100,000 deep crashes the process (SIGSEGV)
+#: at any Python recursion limit, so their depth is measured before TensorStore sees them,
+#: as plain files and inside an OCDBT database alike.
+_ZARR_JSON = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"})
+
+
+def _check_zarr_json(where: str, raw: bytes) -> None:
+    if len(raw) > MAX_ORBAX_METADATA:
+        raise CheckpointError(f"{where}: zarr metadata of {len(raw)} bytes (more than {MAX_ORBAX_METADATA}); "
+                              "refusing it")
+    if raw_json_depth(raw) > limits.MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where}: zarr metadata nests JSON deeper than {limits.MAX_JSON_DEPTH} levels; "
+                              "refusing it")
+
+
+def _read_small_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_ORBAX_METADATA + 1)
+    finally:
+        os.close(fd)
+
+
 def _check_source_tree(root: Path) -> int:
     """Refuse a symlink or a special file (FIFO, socket, device) anywhere under ``root``:
-    Orbax and TensorStore would follow or block on it. Returns the bytes of its files."""
+    Orbax and TensorStore would follow or block on it; and zarr metadata files too large or
+    too deeply nested to parse safely (``_ZARR_JSON``). Returns the bytes of its files."""
     total = 0
     stack = [root]
     while stack:
@@ -378,10 +405,38 @@ def _check_source_tree(root: Path) -> int:
                 stack.append(Path(e.path))
             elif stat.S_ISREG(st.st_mode):
                 total += st.st_size
+                if e.name in _ZARR_JSON:
+                    try:
+                        raw = _read_small_file(e.path)
+                    except OSError as err:
+                        raise CheckpointError(f"{e.path}: cannot read it ({err.strerror or err})") from err
+                    _check_zarr_json(e.path, raw)
             else:
                 raise CheckpointError(f"{e.path}: not a regular file or directory (a FIFO, socket or device) "
                                       f"inside the Orbax checkpoint {root}; refusing it")
     return total
+
+
+def _check_ocdbt_zarr_json(tree_dir: Path) -> None:
+    """``_ZARR_JSON`` files inside the OCDBT databases of a tree (the root one, and the
+    per-process ones Orbax merges into it), read through TensorStore's key-value store
+    (binary, no JSON) before TensorStore opens any array from them."""
+    import tensorstore as ts  # with Orbax, which is imported only for a conversion (module doc)
+
+    bases = [tree_dir] + sorted(p for p in tree_dir.glob("ocdbt.process_*") if _is_dir(p))
+    for base in bases:
+        if not _is_file(base / "manifest.ocdbt"):
+            continue
+        try:
+            kv = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{base}/"}}).result()
+            keys = kv.list().result()
+            for key in keys:
+                if os.fsdecode(key).rsplit("/", 1)[-1] in _ZARR_JSON:
+                    _check_zarr_json(f"{base} (OCDBT key {os.fsdecode(key)!r:.120})", bytes(kv.read(key).result().value))
+        except CheckpointError:
+            raise
+        except Exception as e:   # TensorStore's errors (ValueError with its status text)
+            raise _orbax_failure(base, "cannot read its OCDBT database", e) from e
 
 
 def _unsafe_key_part(part: str) -> bool:
@@ -511,6 +566,7 @@ def _read_orbax_tree(tree_dir: Path) -> Any:
 
     source_bytes = _check_source_tree(tree_dir)
     _check_tree_keys(tree_dir)
+    _check_ocdbt_zarr_json(tree_dir)
     leaf_types = (om.ArrayMetadata, om.ScalarMetadata, om.StringMetadata)
     handler = ocp.PyTreeCheckpointHandler()
     try:
