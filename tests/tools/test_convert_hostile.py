@@ -286,6 +286,20 @@ def test_deep_metadata_with_a_raised_recursion_limit_never_crashes(tmp_path):
     assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
 
 
+@pytest.mark.parametrize("name", ["_sharding", "array_metadatas/process_0", "_strings.json", "_METADATA"])
+def test_deep_files_orbax_parses_itself_are_refused_first(tmp_path, name):
+    """The JSON files Orbax reads with ``json.loads`` (or TensorStore's json driver) on its
+    restore path, in a tree of jax arrays and a string (which Orbax writes all of):
+    measured before Orbax parses them."""
+    import jax.numpy as jnp
+    src = tmp_path / "o"
+    with ocp.PyTreeCheckpointer() as ck:
+        ck.save(src.absolute(), args=ocp.args.PyTreeSave({"w": jnp.arange(4.0), "name": "run-1"}))
+    assert (src / name).is_file(), sorted(p.name for p in src.iterdir())
+    (src / name).write_text(_deep())
+    refused(tmp_path, lambda: cv.from_orbax(src, tmp_path / "out"), "deeper than 64 levels")
+
+
 def test_deep_zarr_metadata_never_reaches_tensorstore(tmp_path):
     """TensorStore parses ``.zarray`` with a recursive C++ parser: one nested 100,000 deep
     crashed the process (SIGSEGV) at the default recursion limit, as a plain file (Orbax
