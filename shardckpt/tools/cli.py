@@ -6,7 +6,7 @@
     shardckpt diff A B        which arrays differ and by how much (exit 1 if any)
     shardckpt gc DIR          remove leftovers of dead saves, apply retention
     shardckpt convert SRC DST Orbax -> shardckpt or shardckpt -> Orbax (direction from SRC)
-    shardckpt export --safetensors SRC OUT   model weights as one .safetensors file
+    shardckpt export SRC OUT  model weights as one .safetensors file (--format safetensors)
     shardckpt demo            train, save through Ray, get killed, resume bit-exactly
 
 Exit codes: 0 all good, 1 a problem was found (a damaged checkpoint, a difference),

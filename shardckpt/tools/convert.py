@@ -43,7 +43,8 @@ What an Orbax directory may not do to us (it is input, possibly hostile; docs/re
   hold compressed (``MAX_COMPRESSION_RATIO`` times their size, plus ``DECLARED_SLACK``):
   refused from Orbax's metadata, before any array is allocated;
 - nest its JSON deeper than ``format.limits.MAX_JSON_DEPTH`` (measured on the bytes, before
-  ``json.loads`` could recurse).
+  ``json.loads`` could recurse), zarr metadata included (``.zarray`` files and keys of the
+  OCDBT database, which TensorStore's recursive C++ parser would crash on).
 
 In the other direction a shardckpt checkpoint's names are checked the same way before they
 become Orbax item directories and parameter names. Every conversion writes into a hidden
@@ -165,13 +166,13 @@ def _read_json(p: Path) -> Any:
     return small_json(store, name)
 
 
-def _metadata_json(p: Path) -> Any:
-    """An Orbax metadata file that must be readable: its JSON, or our error naming it (too
-    large, not JSON, nested deeper than ``limits.MAX_JSON_DEPTH``, measured before parsing);
-    None when it does not exist."""
+def _metadata_json(p: Path, limit: int = MAX_ORBAX_METADATA) -> Any:
+    """An Orbax metadata file that must be readable: its JSON, or our error naming it (more
+    than ``limit`` bytes, not JSON, nested deeper than ``limits.MAX_JSON_DEPTH``, measured
+    before parsing); None when it does not exist."""
     store, name = _local(p)
     try:
-        raw = store.read_bytes(name, MAX_ORBAX_METADATA)
+        raw = store.read_bytes(name, limit)
     except FileNotFoundError:
         return None
     except CheckpointError as e:
@@ -354,9 +355,45 @@ def _ocp():
 
 # --- checks of an Orbax source, before Orbax reads it --------------------------------------------
 
+#: The zarr metadata files (JSON) TensorStore parses to open an array. Its C++ parser
+#: recurses once per level: a ``.zarray`` nested 100,000 deep crashes the process (SIGSEGV)
+#: at any Python recursion limit, so their depth is measured before TensorStore sees them,
+#: as plain files and inside an OCDBT database alike; one zarr metadata file is small.
+_ZARR_JSON = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"})
+#: The JSON files Orbax itself parses with ``json.loads`` (and ``array_metadatas/*``): their
+#: depth is measured too (a program with a raised recursion limit would crash in C), their
+#: size is Orbax's business (``_METADATA`` grows ~250 bytes an array).
+_ORBAX_JSON = frozenset({"_METADATA", "_CHECKPOINT_METADATA", "_sharding", "_strings.json"})
+_ARRAY_METADATAS = "array_metadatas"
+#: ``_METADATA`` as this converter reads it: ~250 bytes an array, so ~250,000 arrays; a
+#: converted checkpoint holding more would be over shardckpt's own manifest cap anyway.
+TREE_METADATA_BYTES = 64 << 20
+
+
+def _check_json_depth(where: str, raw: bytes, what: str, limit: int | None) -> None:
+    if limit is not None and len(raw) > limit:
+        raise CheckpointError(f"{where}: {what} of {len(raw)} bytes (more than {limit}); refusing it")
+    if raw_json_depth(raw) > limits.MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where}: {what} nests JSON deeper than {limits.MAX_JSON_DEPTH} levels; "
+                              "refusing it")
+
+
+def _read_file(path: str, limit: int | None) -> bytes:
+    """A regular file's bytes (``limit`` + 1 at most, to tell that it is over), never through
+    a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(-1 if limit is None else limit + 1)
+    finally:
+        os.close(fd)
+
+
 def _check_source_tree(root: Path) -> int:
     """Refuse a symlink or a special file (FIFO, socket, device) anywhere under ``root``:
-    Orbax and TensorStore would follow or block on it. Returns the bytes of its files."""
+    Orbax and TensorStore would follow or block on it; and metadata files too deeply nested
+    (or, for zarr's, too large) to parse safely (``_ZARR_JSON``, ``_ORBAX_JSON``). Returns the
+    bytes of its files."""
     total = 0
     stack = [root]
     while stack:
@@ -378,10 +415,41 @@ def _check_source_tree(root: Path) -> int:
                 stack.append(Path(e.path))
             elif stat.S_ISREG(st.st_mode):
                 total += st.st_size
+                zarr = e.name in _ZARR_JSON
+                if zarr or e.name in _ORBAX_JSON or os.path.basename(d) == _ARRAY_METADATAS:
+                    limit = MAX_ORBAX_METADATA if zarr else None
+                    try:
+                        raw = _read_file(e.path, limit)
+                    except OSError as err:
+                        raise CheckpointError(f"{e.path}: cannot read it ({err.strerror or err})") from err
+                    _check_json_depth(e.path, raw, "zarr metadata" if zarr else "Orbax metadata", limit)
             else:
                 raise CheckpointError(f"{e.path}: not a regular file or directory (a FIFO, socket or device) "
                                       f"inside the Orbax checkpoint {root}; refusing it")
     return total
+
+
+def _check_ocdbt_zarr_json(tree_dir: Path) -> None:
+    """``_ZARR_JSON`` files inside the OCDBT databases of a tree (the root one, and the
+    per-process ones Orbax merges into it), read through TensorStore's key-value store
+    (binary, no JSON) before TensorStore opens any array from them."""
+    import tensorstore as ts  # with Orbax, which is imported only for a conversion (module doc)
+
+    bases = [tree_dir] + sorted(p for p in tree_dir.glob("ocdbt.process_*") if _is_dir(p))
+    for base in bases:
+        if not _is_file(base / "manifest.ocdbt"):
+            continue
+        try:
+            kv = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{base}/"}}).result()
+            keys = kv.list().result()
+            for key in keys:
+                if os.fsdecode(key).rsplit("/", 1)[-1] in _ZARR_JSON:
+                    _check_json_depth(f"{base} (OCDBT key {os.fsdecode(key)!r:.120})",
+                                      bytes(kv.read(key).result().value), "zarr metadata", MAX_ORBAX_METADATA)
+        except CheckpointError:
+            raise
+        except Exception as e:   # TensorStore's errors (ValueError with its status text)
+            raise _orbax_failure(base, "cannot read its OCDBT database", e) from e
 
 
 def _unsafe_key_part(part: str) -> bool:
@@ -394,7 +462,7 @@ def _check_tree_keys(tree_dir: Path) -> None:
     """Every key of ``_METADATA`` (Orbax builds the path of each parameter from them) is a
     plain path part; refused before Orbax opens any array."""
     where = tree_dir / "_METADATA"
-    doc = _metadata_json(where)
+    doc = _metadata_json(where, TREE_METADATA_BYTES)
     if doc is None:
         raise CheckpointError(f"{tree_dir}: an Orbax tree without _METADATA (written by an Orbax release "
                               "older than this converter reads); nothing to convert")
@@ -511,6 +579,7 @@ def _read_orbax_tree(tree_dir: Path) -> Any:
 
     source_bytes = _check_source_tree(tree_dir)
     _check_tree_keys(tree_dir)
+    _check_ocdbt_zarr_json(tree_dir)
     leaf_types = (om.ArrayMetadata, om.ScalarMetadata, om.StringMetadata)
     handler = ocp.PyTreeCheckpointHandler()
     try:

@@ -286,6 +286,56 @@ def test_deep_metadata_with_a_raised_recursion_limit_never_crashes(tmp_path):
     assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
 
 
+@pytest.mark.parametrize("name", ["_sharding", "array_metadatas/process_0", "_strings.json", "_METADATA"])
+def test_deep_files_orbax_parses_itself_are_refused_first(tmp_path, name):
+    """The JSON files Orbax reads with ``json.loads`` (or TensorStore's json driver) on its
+    restore path, in a tree of jax arrays and a string (which Orbax writes all of):
+    measured before Orbax parses them."""
+    import jax.numpy as jnp
+    src = tmp_path / "o"
+    with ocp.PyTreeCheckpointer() as ck:
+        ck.save(src.absolute(), args=ocp.args.PyTreeSave({"w": jnp.arange(4.0), "name": "run-1"}))
+    assert (src / name).is_file(), sorted(p.name for p in src.iterdir())
+    (src / name).write_text(_deep())
+    refused(tmp_path, lambda: cv.from_orbax(src, tmp_path / "out"), "deeper than 64 levels")
+
+
+def test_deep_zarr_metadata_never_reaches_tensorstore(tmp_path):
+    """TensorStore parses ``.zarray`` with a recursive C++ parser: one nested 100,000 deep
+    crashed the process (SIGSEGV) at the default recursion limit, as a plain file (Orbax
+    without OCDBT) and as a key inside an OCDBT database. A child process, so that a
+    regression fails this test rather than ending the run."""
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import numpy as np
+        import orbax.checkpoint as ocp
+        import tensorstore as ts
+        from shardckpt import convert as cv
+        from shardckpt.errors import CheckpointError
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for ocdbt in (False, True):
+            src = Path({str(tmp_path)!r}) / f"o{{ocdbt}}"
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=ocdbt)) as ck:
+                ck.save(src, args=ocp.args.StandardSave({{"w": np.arange(4, dtype=np.float32)}}))
+            if ocdbt:
+                kv = ts.KvStore.open({{"driver": "ocdbt", "base": {{"driver": "file", "path": f"{{src}}/"}}}}).result()
+                kv.write(b"w/.zarray", deep).result()
+            else:
+                (src / "w" / ".zarray").write_bytes(deep)
+            try:
+                cv.from_orbax(src, src.with_name(f"out{{ocdbt}}"))
+                print("converted")
+            except CheckpointError as e:
+                print("refused:", e)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("refused", "converted"))]
+    assert len(lines) == 2 and all("zarr metadata nests JSON deeper than 64 levels" in ln for ln in lines), lines
+    assert "OCDBT key 'w/.zarray'" in lines[1]
+
+
 # --- a conversion that fails half way ----------------------------------------------------------------
 
 def _damage_chunk(tree_dir: Path) -> None:
@@ -305,7 +355,7 @@ def test_failed_manager_conversion_leaves_nothing_and_reruns(tmp_path, ocdbt):
     root = orbax_manager(tmp_path / "root", (1, 2, 3), ocdbt=ocdbt)
     _damage_chunk(root / "2" / "model")
     dst = tmp_path / "new" / "parents" / "ckpts"
-    refused(tmp_path, lambda: cv.from_orbax(root, dst), "Orbax could not read")
+    refused(tmp_path, lambda: cv.from_orbax(root, dst), "Orbax could not read|cannot read its OCDBT database")
     shutil.rmtree(root / "2")
     report = cv.from_orbax(root, dst)
     assert report.steps == [1, 3] and CheckpointManager(dst).all_steps() == [1, 3]
