@@ -86,6 +86,7 @@ def hostile_checkpoint(path: Path, payload: str) -> Path:
         index[item if it == "model" else it] = {f"{k}{tag}": rows for k, rows in by_key.items()}
     rec = manifest["items"].pop("model")
     rec["arrays"] = {f"{k}{tag}": v for k, v in rec["arrays"].items()}
+    rec["digests"] = {f"{k}{tag}": v for k, v in rec.get("digests", {}).items()}   # keyed as the arrays are
     rec["scalars"] = {f"{k}{tag}": {"type": "str", "value": payload} for k in rec["scalars"]}
     manifest["items"][item] = rec
     for f in manifest["files"].values():

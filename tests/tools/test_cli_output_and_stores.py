@@ -178,21 +178,25 @@ def test_diff_and_inspect_report_a_file_that_fails_its_checksum(run_dir, tmp_pat
 
 # --- bfloat16 into float32 targets -----------------------------------------------------------
 
-def test_bfloat16_into_float32_targets_warns_once(tmp_path):
+def test_bfloat16_casts_follow_the_one_cast_rule(tmp_path):
+    """bfloat16 -> float32 keeps every value: silent (#18.7); float32 -> bfloat16 loses
+    bits: one warning for the dtype pair, naming its keys, however many arrays it covers."""
     bf = {f"w{i}": np.arange(6).astype(ml_dtypes.bfloat16) for i in range(5)}
     path = save_items(tmp_path / "c", {"model": bf})
     target = {k: np.zeros(6, np.float32) for k in bf}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         restored, _ = Checkpoint(path).restore("model", target)
-    mine = [w for w in caught if "bfloat16" in str(w.message)]
-    assert len(mine) == 1 and "float32" in str(mine[0].message)
+    assert not [w for w in caught if "bfloat16" in str(w.message)], [str(w.message) for w in caught]
     assert all(np.asarray(v).dtype == np.float32 for v in restored.values())
+    f32 = save_items(tmp_path / "f", {"model": {k: np.full(6, 1 / 3, np.float32) for k in bf}})
     same = {k: np.zeros(6, ml_dtypes.bfloat16) for k in bf}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        Checkpoint(path).restore("model", same)
-    assert not [w for w in caught if "bfloat16" in str(w.message)]
+        restored, _ = Checkpoint(f32).restore("model", same)
+    mine = [w for w in caught if "bfloat16" in str(w.message)]
+    assert len(mine) == 1 and "float32" in str(mine[0].message) and "w4" in str(mine[0].message)
+    assert all(np.asarray(v).dtype == ml_dtypes.bfloat16 for v in restored.values())
 
 
 # --- demo ----------------------------------------------------------------------------------

@@ -397,8 +397,10 @@ def hostile_checkpoint(path: Path, *, item: str | None = None, key: str | None =
     index = Checkpoint(path).index()
     structure = json.loads((path / "structure.json").read_text())
     if key is not None:
-        for d in (m["items"]["model"]["arrays"], index["model"], structure["model"]):
-            d[key] = d.pop("w")
+        for d in (m["items"]["model"]["arrays"], m["items"]["model"].get("digests", {}), index["model"],
+                  structure["model"]):
+            if "w" in d:
+                d[key] = d.pop("w")
     if item is not None:
         for d in (m["items"], index, structure):
             d[item] = d.pop("model")
