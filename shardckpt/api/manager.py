@@ -29,10 +29,10 @@ from shardckpt.api.nnx import load_model_from, model_item
 from shardckpt.api.nnx_state import check_model_classes, check_optimizer_target, check_tx, fresh_optimizer, model_config_of, restore_optimizer, state_of
 from shardckpt.api.session import SaveOptions, participants, resolve_load_executor
 from shardckpt.catalog import Catalog, CheckpointInfo, metric_number
-from shardckpt.errors import CheckpointError, CheckpointNotFoundError, OrbaxCheckpointError, StructureMismatchError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
 from shardckpt.format.names import check_name
 from shardckpt.loading.checkpoint import read_consistently
-from shardckpt.loading.open import layout_of, open_checkpoint, orbax_hint
+from shardckpt.loading.open import layout_of, open_checkpoint
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import SaveReport, prepare_items
 from shardckpt.store.registry import open_store, resolve
@@ -42,10 +42,10 @@ from shardckpt.workers import Background
 SAVE_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(SaveOptions))
 
 
-def check_manager_directory(directory: Any, store) -> None:
+def check_manager_directory(directory: Any, store, prefix: str) -> None:
     """Refuse, at construction, a directory a manager cannot keep checkpoints in: a file, or
-    an Orbax checkpoint or run (its steps would be invisible and a resume would start from
-    scratch beside them)."""
+    an Orbax checkpoint or run holding no checkpoint of ours (its steps would be invisible
+    and a resume would start from scratch beside them)."""
     if isinstance(directory, (str, os.PathLike)):
         parent, name = resolve(directory)
         if name and parent.size(name) is not None:
@@ -53,8 +53,7 @@ def check_manager_directory(directory: Any, store) -> None:
                                   "directory (pass the run directory, e.g. the parent of step_10)")
     layout = layout_of(store, "")
     if layout.kind == "orbax":
-        raise OrbaxCheckpointError(orbax_hint(store.where(), layout.orbax) + "; a CheckpointManager of this "
-                                   "directory would not see its steps")
+        Catalog(store, prefix).scan()   # an Orbax run holding none of ours: OrbaxCheckpointError, saying how to convert
     if layout.kind == "checkpoint":
         raise CheckpointError(f"{store.where()} is one checkpoint, not a directory of them: pass its parent "
                               "directory to CheckpointManager, or load it with load_model / restore")
@@ -127,7 +126,7 @@ class CheckpointManager:
                                    world=True)
         self.store = open_store(directory)
         self.directory = self.store.location("")
-        check_manager_directory(directory, self.store)
+        check_manager_directory(directory, self.store, prefix)
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.best_mode = best_mode

@@ -62,7 +62,7 @@ def _assert_intact(mgr: CheckpointManager, before: dict[str, bytes], steps=(1, 2
 # name the fault hits; "{tmp}" is the save's hidden directory, "{dir}" the manager's.
 SAVE_FAULTS = [
     ("write", "model-*.npz", errno.ENOSPC, "model-"),
-    ("write", "model-00001-*.npz", errno.EIO, "model-00001"),
+    ("write", "model-*00001-of-*.npz", errno.EIO, "-00001-of-"),   # tagged with the save when incremental
     ("fsync", "model-*.npz", errno.EIO, "model-"),
     ("write", "config.json", errno.ENOSPC, "config.json"),
     ("write", "metrics.json", errno.EIO, "metrics.json"),
