@@ -26,6 +26,16 @@ from shardckpt.store.versioned import VersionedStaging, VersionedStore
 PENDING_MANIFEST = "manifest.json.pending"
 
 
+
+def arrow_fs(uri: str):
+    """``pyarrow.fs``, or our error saying which extra installs it (every method that
+    needs it asks here: the first call on a ``gs://`` store may be any of them)."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError as e:
+        raise CheckpointError(f"{uri}: this scheme needs pyarrow: pip install 'shardckpt[fs]'") from e
+    return pafs
+
 class ArrowStore(VersionedStore):
     """Any pyarrow filesystem (``gs://``, ``hdfs://``, fsspec wrapped in
     ``pyarrow.fs.PyFileSystem``): the same layout and commit rule as S3, with pyarrow's own
@@ -50,10 +60,7 @@ class ArrowStore(VersionedStore):
     @property
     def fs(self):
         if self._fs is None:
-            try:
-                import pyarrow.fs as pafs
-            except ImportError as e:
-                raise CheckpointError(f"{self.uri}: this scheme needs pyarrow: pip install 'shardckpt[fs]'") from e
+            pafs = arrow_fs(self.uri)
             parts = urlsplit(self.uri)
             if self._filesystem is not None:
                 self._fs, self._root = self._filesystem, (parts.netloc + parts.path)
@@ -70,7 +77,7 @@ class ArrowStore(VersionedStore):
         return f"{self._root}/{name}" if name else self._root
 
     def size(self, name: str) -> int | None:
-        import pyarrow.fs as pafs
+        pafs = arrow_fs(self.uri)
         info = self.fs.get_file_info(self.fs_path(name))
         return info.size if info.type == pafs.FileType.File else None
 
@@ -90,7 +97,7 @@ class ArrowStore(VersionedStore):
         return ArrowSource(self, name, size)
 
     def list(self, prefix: str = "") -> list[Entry]:
-        import pyarrow.fs as pafs
+        pafs = arrow_fs(self.uri)
         infos = self.fs.get_file_info(pafs.FileSelector(self.fs_path(prefix), allow_not_found=True))
         return [Entry(i.base_name, i.type == pafs.FileType.Directory, i.size or 0,
                       i.mtime.timestamp() if i.mtime else 0.0) for i in infos]
@@ -119,7 +126,7 @@ class ArrowStore(VersionedStore):
         return ArrowStaging(self, final, txn)
 
     def drop_empty(self, name: str) -> None:
-        import pyarrow.fs as pafs
+        pafs = arrow_fs(self.uri)
         try:
             left = self.fs.get_file_info(pafs.FileSelector(self.fs_path(name), recursive=True, allow_not_found=True))
             base = self.fs_path(name).rstrip("/") + "/"

@@ -5,6 +5,7 @@ given (relative, ``~``, ``a/../b``), ``file://`` URIs (``save("file:///abs/ck")`
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,14 @@ def test_uris_go_to_the_store_that_claims_them():
     with pytest.raises(CheckpointError, match="inside the bucket"):
         resolve("s3://bucket")
     assert isinstance(open_store(os.fspath("/tmp")), LocalStore)
+
+
+def test_a_pyarrow_scheme_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    """``gs://`` (any scheme pyarrow serves) without the ``[fs]`` extra: our error naming
+    it, whichever store call comes first (#18.5), never ``ModuleNotFoundError``."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)      # what a machine without pyarrow imports
+    monkeypatch.setitem(sys.modules, "pyarrow.fs", None)
+    for call in (lambda: save("gs://bucket/run/ck", {"w": np.ones(2)}), lambda: restore("gs://bucket/run/ck"),
+                 lambda: CheckpointManager("gs://bucket/run")):
+        with pytest.raises(CheckpointError, match=r"gs://bucket.*pip install 'shardckpt\[fs\]'"):
+            call()
