@@ -106,14 +106,6 @@ class Source(ABC):
     def readinto(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` from ``offset`` exactly (CorruptCheckpointError when short)."""
 
-    def buffer(self, offset: int, nbytes: int):
-        """``nbytes`` from ``offset`` as a buffer (a local store maps the file instead of
-        copying); only the pages touched are read."""
-        out = bytearray(nbytes)
-        if nbytes:
-            self.readinto(offset, memoryview(out))
-        return out
-
     def close(self) -> None:
         pass
 

@@ -214,13 +214,14 @@ def write_file(path: str, fill: Callable[[Sink], T], *, direct: bool = True,
 
 
 class FileSource(Source):
-    """A local file opened without following links; ``buffer`` maps it (no copy). With
-    ``dir_fd``, ``path`` is the file's name in that directory."""
+    """A local file opened without following links, read with ``pread`` only: never mapped,
+    so bytes changed or a file truncated under a read are caught by the CRC of the copy or
+    as a short read, never handed out unchecked or met as SIGBUS (#17.7). With ``dir_fd``,
+    ``path`` is the file's name in that directory."""
 
     def __init__(self, path: Path, name: str, dir_fd: int | None = None, where: str | None = None):
         self.name = name
         self.fd, self.size = open_data_file(path, where or str(Path(path).parent), dir_fd)
-        self._map = None
 
     def readinto(self, offset: int, view: memoryview) -> None:
         if offset < 0 or offset + len(view) > self.size:
@@ -234,24 +235,7 @@ class FileSource(Source):
             pos += n
         count_read(len(view))
 
-    def buffer(self, offset: int, nbytes: int):
-        if offset < 0 or offset + nbytes > self.size:
-            raise CorruptCheckpointError(f"{self.name}: bytes {offset}..{offset + nbytes} lie outside "
-                                         f"the file ({self.size} bytes)")
-        if not nbytes:
-            return b""
-        if self._map is None:
-            self._map = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
-        count_read(nbytes)
-        return memoryview(self._map)[offset:offset + nbytes]
-
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass   # a view still refers to it: the mapping goes with the last view
-            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
