@@ -309,11 +309,19 @@ class SourceFile(io.RawIOBase):
         return n
 
 
+#: What ``zipfile`` raises on a damaged archive, its directory or a member ("zip file version
+#: 8.4" is a NotImplementedError): every one becomes CorruptCheckpointError.
+ZIP_DAMAGE = (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError, RuntimeError,
+              OSError, struct.error, OverflowError, IndexError, TypeError, MemoryError)
+
+
 def open_zip(source, where: str) -> zipfile.ZipFile:
     """The zip directory of a stored shard, parsed once (CorruptCheckpointError if damaged)."""
     try:
         return zipfile.ZipFile(io.BufferedReader(SourceFile(source), 1 << 20))
-    except (zipfile.BadZipFile, ValueError, OSError, struct.error, EOFError, OverflowError) as e:
+    except CorruptCheckpointError:
+        raise
+    except ZIP_DAMAGE as e:
         raise CorruptCheckpointError(f"{where}: not a readable zip archive ({type(e).__name__}: {e})") from e
 
 
@@ -427,9 +435,7 @@ def read_compressed_chunk(zf: zipfile.ZipFile, where: str, chunk: ChunkRecord, d
                 pos += n
     except CorruptCheckpointError:
         raise
-    except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError,
-            RuntimeError, OSError, struct.error, OverflowError, IndexError, TypeError, MemoryError) as e:
-        # a damaged archive makes zipfile raise any of these
+    except ZIP_DAMAGE as e:
         raise CorruptCheckpointError(f"{where}: cannot read member {chunk.member!r}: "
                                      f"{type(e).__name__}: {e}") from e
     if verify and crc32(view) != chunk.crc32:

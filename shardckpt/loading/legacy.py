@@ -44,7 +44,7 @@ import numpy as np
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, StructureMismatchError
 from shardckpt.format import limits
 from shardckpt.format.manifest import ItemRecord
-from shardckpt.format.shard import MAX_NPY_HEADER, SourceFile, read_npy_header
+from shardckpt.format.shard import MAX_NPY_HEADER, open_zip, read_npy_header
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.geometry import aligned_empty
 from shardckpt.tree import ArraySpec, FlatTree, is_prng_key
@@ -226,7 +226,7 @@ class LegacyCheckpoint(Checkpoint):
         except FileNotFoundError as e:
             raise CorruptCheckpointError(f"{self._where(fname)}: vanished while being opened") from e
         try:
-            return source, zipfile.ZipFile(io.BufferedReader(SourceFile(source), 1 << 20))
+            return source, open_zip(source, self._where(fname))
         except BaseException:
             source.close()
             raise
