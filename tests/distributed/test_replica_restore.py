@@ -30,7 +30,8 @@ def test_each_node_reads_the_state_once_whatever_the_worker_count(scenario):
 def test_wall_times_are_reported(scenario, capsys):
     one = min(r["wall_s"] for r in scenario["runs"] if r["workers_per_node"] == 1)
     four = min(r["wall_s"] for r in scenario["runs"] if r["workers_per_node"] == 4)
+    state = scenario["state_bytes"]
     with capsys.disabled():
-        print(f"\nreplica-aware restore, 64 MiB per worker: 1 worker/node {one:.2f} s, "
+        print(f"\nreplica-aware restore, {state / 2**20:.0f} MiB per worker: 1 worker/node {one:.2f} s, "
               f"4 workers/node {four:.2f} s ({four / one:.2f}x)")
     assert one > 0 and four > 0
