@@ -35,17 +35,24 @@ Reader = Callable[[str, int], bytes]       # (name inside the checkpoint, size l
 class Version:
     """A committed version: ``read(MANIFEST, limit)`` must return its manifest now."""
 
-    def __init__(self, read: Reader, where: str):
+    def __init__(self, read: Reader, where: str, *,
+                 known: tuple[bytes, Manifest, dict[str, dict[str, ChunkTable]]] | None = None):
+        """``known``: the manifest's bytes, parsed manifest and one-file index, parsed and
+        validated already (by the committer that just published them): nothing is read."""
         self.read, self.where = read, where
-        try:
-            raw = read(MANIFEST, limits.MAX_MANIFEST_BYTES)
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise CheckpointNotFoundError(f"{where}: no {MANIFEST}; this is not a committed checkpoint") from e
-        self.manifest = Manifest.loads(raw, where)
+        if known is None:
+            try:
+                raw = read(MANIFEST, limits.MAX_MANIFEST_BYTES)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                raise CheckpointNotFoundError(f"{where}: no {MANIFEST}; this is not a committed checkpoint") from e
+            manifest, index = Manifest.loads(raw, where), None
+        else:
+            raw, manifest, index = known
+        self.manifest = manifest
         self.raw_manifest = raw
         self.id = hashlib.sha1(raw).hexdigest()    # what caches key a version by
-        self._index: dict[str, dict[str, ChunkTable]] | None = None
-        self._fragmented: FragmentedIndex | bool | None = None   # False: one index file; None: not read yet
+        self._index: dict[str, dict[str, ChunkTable]] | None = index
+        self._fragmented: FragmentedIndex | bool | None = None if index is None else False   # False: one index file
         self._index_bytes = 0
 
     # --- metadata files -------------------------------------------------------------------

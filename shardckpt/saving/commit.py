@@ -12,7 +12,8 @@ Coordinators receive ``commit`` as a value; they do not import this module.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import flax
@@ -23,7 +24,7 @@ from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCh
 from shardckpt.format import limits
 from shardckpt.format.fragments import dump_directory, dump_fragment, plan_fragments
 from shardckpt.format.index import check_index, dump_index, index_columns, no_cyclic_gc
-from shardckpt.format.manifest import INDEX, FileRecord, ItemRecord, Manifest
+from shardckpt.format.manifest import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest
 from shardckpt.format.names import fragment_name, is_fragment_name
 from shardckpt.format.parts import Carry, CommitArgs, PartReport
 from shardckpt.format.shard import ChunkRecord
@@ -144,6 +145,36 @@ def committed_version(store: Store, name: str) -> Version | None:
         return None
 
 
+#: The versions this process committed last (where -> Version, its index parsed): the base
+#: of an incremental save is usually the step committed just before, whose manifest and
+#: index need not be read and validated again while its manifest's bytes are unchanged.
+_RECENT: OrderedDict[str, Version] = OrderedDict()
+_RECENT_LOCK = threading.Lock()
+RECENT_VERSIONS = 4
+
+
+def recent_version(store: Store, name: str) -> Version | None:
+    """``committed_version``, served from the versions this process committed when the
+    manifest stored now is byte for byte the one it published."""
+    with _RECENT_LOCK:
+        cached = _RECENT.get(store.where(name))
+    if cached is not None:
+        try:
+            if store.read_bytes(f"{name}/{MANIFEST}", limits.MAX_MANIFEST_BYTES) == cached.raw_manifest:
+                return cached
+        except (OSError, CheckpointError):
+            return None
+    return committed_version(store, name)
+
+
+def _remember(store: Store, name: str, version: Version) -> None:
+    with _RECENT_LOCK:
+        _RECENT[store.where(name)] = version
+        _RECENT.move_to_end(store.where(name))
+        while len(_RECENT) > RECENT_VERSIONS:
+            _RECENT.popitem(last=False)
+
+
 def _version_of(version: Version | None) -> str:
     """What identifies one committed version of a checkpoint (its manifest, which names
     the transaction, the creation time and every file's checksum)."""
@@ -187,12 +218,12 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
                         host_count=len(writers) or 1, transaction=transaction, index_file=index_rec)
     # The index validator is the loader's (the same checks on the columns just serialised):
     # a commit never publishes what a load would refuse.
-    check_index(index_cols, manifest, where)
+    tables = check_index(index_cols, manifest, where)
     # ... nor a manifest it would refuse: parsed here by the reader's own parser (its size,
     # depth, schema, every shape and name), before anything becomes visible.
     raw = manifest.dumps()
     try:
-        Manifest.loads(raw, where)
+        published = Manifest.loads(raw, where)
     except CorruptCheckpointError as e:
         raise SaveAbortedError(f"saving {where}: every load would refuse this checkpoint ({e}); nothing was "
                                "committed (keep metrics and key names small)") from None
@@ -202,6 +233,10 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
         staging.publish(raw, expect=token)
     except VersionChanged:
         return False
+    if plan is None:     # the next incremental save's base, most likely
+        store, final = staging.store, staging.final
+        _remember(store, final, Version(lambda n, limit: store.read_bytes(f"{final}/{n}", limit), where,
+                                        known=(raw, published, tables)))
     return True
 
 

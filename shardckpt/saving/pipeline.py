@@ -28,7 +28,7 @@ from shardckpt.format.manifest import MANIFEST, ItemRecord
 from shardckpt.format.names import is_version_dir
 from shardckpt.format.parts import Carry, CommitArgs, PartReport
 from shardckpt.progress import byte_progress, size_text
-from shardckpt.saving.commit import committed_version
+from shardckpt.saving.commit import recent_version
 from shardckpt.saving.incremental import BaseChanged, digest_pieces, plan_carry, without_carried
 from shardckpt.saving.plan import default_num_shards, plan_save
 from shardckpt.store.base import Staging, Store
@@ -220,7 +220,7 @@ def plan_base(store: Store, base: str, entries: dict[str, list], records: dict[s
     """What to carry from checkpoint ``base``; None where it is gone, damaged or replaced
     while its index is read (another process re-saving it): the save then writes it all."""
     try:
-        version = committed_version(store, base)
+        version = recent_version(store, base)
         return (plan_carry(base, version, entries, records) or None) if version is not None else None
     except (CheckpointError, OSError):
         return None

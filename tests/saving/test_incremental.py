@@ -259,3 +259,37 @@ def test_the_guide_example_runs_as_written(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4 and "from None" in printed[0] and "from step_2" in printed[3], printed
     assert scope["resumed"].step == 3
+
+
+def test_the_base_just_committed_is_planned_without_reading_its_index_again(tmp_path, monkeypatch):
+    """The committer remembers the version it published (manifest bytes, validated index):
+    the next save's base is usually that step, so its index is not read and checked again."""
+    from shardckpt.format import version as version_mod
+    tree = {"frozen": np.arange(4096, dtype=np.float32), "lora": np.zeros(8, np.float32)}
+    mgr = CheckpointManager(tmp_path / "run", backend="threads", max_to_keep=3)
+    mgr.save(1, tree)
+
+    def no_index_reads(*a, **k):
+        raise AssertionError("the base's index was read again")
+    monkeypatch.setattr(version_mod, "load_index", no_index_reads)
+    mgr.save(2, {**tree, "lora": np.ones(8, np.float32)})
+    assert mgr.last_save.bytes_carried > 0 and mgr.last_save.base == "step_1"
+
+
+def test_a_base_replaced_by_another_process_is_read_afresh(tmp_path):
+    """The remembered version serves only while the stored manifest is byte for byte the
+    one published: a step replaced behind this process's back (another process re-saving
+    it) is read again, and the save carries from what is there now."""
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, backend="threads", max_to_keep=3)
+    mgr.save(1, {"frozen": np.arange(4096, dtype=np.float32), "lora": np.zeros(8, np.float32)})
+    # another process's step 1: other bytes, other file layout, written elsewhere and swapped in
+    other = {"frozen": np.arange(4096, dtype=np.float32) * 2, "lora": np.zeros(8, np.float32)}
+    CheckpointManager(tmp_path / "elsewhere", backend="threads", num_shards=2).save(1, other)
+    shutil.rmtree(run / "step_1")
+    os.rename(tmp_path / "elsewhere" / "step_1", run / "step_1")
+    new = {**other, "lora": np.ones(8, np.float32)}
+    mgr.save(2, new)
+    assert mgr.last_save.bytes_carried > 0          # carried from the step there now
+    got = restore(run / "step_2", item="model")
+    assert all(np.array_equal(got[k], v) for k, v in new.items())
