@@ -101,6 +101,13 @@ class ArrayEntry:
     key: str
     spec: ArraySpec
     pieces: list[Piece] = field(default_factory=list)
+    #: a weak reference to the ``jax.Array`` leaf the pieces came from, in this process
+    #: only (never pickled; weak, so a save never keeps device memory alive): what an
+    #: incremental save knows an unchanged array by (``saving.incremental``)
+    leaf_ref: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "leaf_ref": None}
 
 
 def storage_dtype(dtype: np.dtype) -> np.dtype:

@@ -35,10 +35,25 @@ def lora_optimizer(model: LMModel, tx: optax.GradientTransformation | None = Non
     return nnx.Optimizer(model, tx if tx is not None else optax.adamw(1e-3), wrt=nnx.LoRAParam)
 
 
-@nnx.jit
-def lora_train_step(model: LMModel, optimizer: nnx.Optimizer, tokens: jax.Array) -> jax.Array:
-    """One step updating the adapters only (gradients with respect to ``nnx.LoRAParam``)."""
+@jax.jit
+def _lora_step(graphdef, lora, frozen, rest, opt_graphdef, opt_state, tokens):
+    model = nnx.merge(graphdef, lora, frozen, rest)
+    optimizer = nnx.merge(opt_graphdef, opt_state)
     diff = nnx.DiffState(0, nnx.LoRAParam)
     loss, grads = nnx.value_and_grad(lm_loss, argnums=diff)(model, tokens)
     optimizer.update(model, grads)
+    return loss, nnx.state(model, nnx.LoRAParam), nnx.state(model, nnx.Not(nnx.Param)), nnx.state(optimizer)
+
+
+def lora_train_step(model: LMModel, optimizer: nnx.Optimizer, tokens: jax.Array) -> jax.Array:
+    """One step updating the adapters only (gradients with respect to ``nnx.LoRAParam``).
+
+    The frozen base goes into the step but not out of it (``nnx.jit`` would hand every
+    variable back as a new array): the base's arrays stay the same objects from step to
+    step, which an incremental save knows unchanged without hashing them again."""
+    graphdef, lora, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    opt_graphdef, opt_state = nnx.split(optimizer)
+    loss, lora, rest, opt_state = _lora_step(graphdef, lora, frozen, rest, opt_graphdef, opt_state, tokens)
+    nnx.update(model, lora, rest)
+    nnx.update(optimizer, opt_state)
     return loss

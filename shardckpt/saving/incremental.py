@@ -19,6 +19,9 @@ again without a base: never a file of another version under this manifest.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import numpy as np
 import xxhash
 
@@ -34,6 +37,56 @@ MIN_LIVE = 0.5          # carry a base file while at least this share of its byt
 class BaseChanged(SaveAbortedError):
     """The base checkpoint of an incremental save was replaced or deleted while its files were
     carried; nothing was committed (the caller saves again without a base)."""
+
+
+class LeafDigests:
+    """Digests of the ``jax.Array`` leaves this process saved, by identity. A jax.Array is
+    immutable, so the same object saved again holds the same bytes: its digest is known at
+    no cost (a frozen base is not hashed again by every save). Entries go with their arrays
+    (weak references); a hit also needs the same spec."""
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[weakref.ref, object, str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, leaf, spec) -> str | None:
+        with self._lock:
+            hit = self._by_id.get(id(leaf))
+        return hit[2] if hit is not None and hit[0]() is leaf and hit[1] == spec else None
+
+    def put(self, leaf, spec, digest: str) -> None:
+        key = id(leaf)
+
+        def forget(_ref, key=key):
+            with self._lock:
+                if self._by_id.get(key, (None,))[0] is _ref:
+                    del self._by_id[key]
+        try:
+            ref = weakref.ref(leaf, forget)
+        except TypeError:
+            return
+        with self._lock:
+            self._by_id[key] = (ref, spec, digest)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+LEAF_DIGESTS = LeafDigests()
+
+
+def digest_of(entry: ArrayEntry) -> str:
+    """``digest_pieces(entry)``, or the digest its ``jax.Array`` leaf had when this process
+    saved that same object before."""
+    leaf = entry.leaf_ref() if entry.leaf_ref is not None else None
+    if leaf is not None:
+        known = LEAF_DIGESTS.get(leaf, entry.spec)
+        if known is not None:
+            return known
+    digest = digest_pieces(entry)
+    if leaf is not None:
+        LEAF_DIGESTS.put(leaf, entry.spec, digest)
+    return digest
 
 
 def digest_pieces(entry: ArrayEntry) -> str:

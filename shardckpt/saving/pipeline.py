@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
+
+import jax
 
 from shardckpt.coord.base import Coordinator
 from shardckpt.errors import CheckpointError, SaveAbortedError
@@ -29,7 +32,7 @@ from shardckpt.format.names import is_version_dir
 from shardckpt.format.parts import Carry, CommitArgs, PartReport
 from shardckpt.progress import byte_progress, size_text
 from shardckpt.saving.commit import recent_version
-from shardckpt.saving.incremental import BaseChanged, digest_pieces, plan_carry, without_carried
+from shardckpt.saving.incremental import BaseChanged, digest_of, plan_carry, without_carried
 from shardckpt.saving.plan import default_num_shards, plan_save
 from shardckpt.store.base import Staging, Store
 from shardckpt.tree import FlatTree, split_values
@@ -49,9 +52,12 @@ def prepare_items(items: dict[str, Any], *, snapshot: bool = False) -> tuple[dic
     """
     entries, records = {}, {}
     for name, tree in items.items():
-        arrays, scalars = split_values(FlatTree.of(tree).values(), copy_numpy=snapshot)
+        values = FlatTree.of(tree).values()
+        arrays, scalars = split_values(values, copy_numpy=snapshot)
         for e in arrays:
             check_storable(name, e.key, e.spec)
+            if isinstance(values[e.key], jax.Array):
+                e.leaf_ref = weakref.ref(values[e.key])    # known by identity to the next incremental save
         entries[name] = arrays
         records[name] = ItemRecord({e.key: e.spec for e in arrays}, scalars)
     check_manifest_size(records)
@@ -201,7 +207,7 @@ def run_save(store: Store, final: str, prepared: tuple, *, coordinator: Coordina
             raise CheckpointError(f"saving {where}: an incremental save replaces the whole checkpoint; it cannot "
                                   "also keep the checkpoint's other items")
         pairs = [(item, e) for item, arrays in entries.items() for e in arrays]
-        for (item, e), digest in zip(pairs, run_all(lambda ie: digest_pieces(ie[1]), pairs, DIGEST_THREADS)):
+        for (item, e), digest in zip(pairs, run_all(lambda ie: digest_of(ie[1]), pairs, DIGEST_THREADS)):
             records[item].digests[e.key] = digest
         carry = plan_base(store, base, entries, records) if base is not None else None
     try:

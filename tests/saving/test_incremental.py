@@ -293,3 +293,41 @@ def test_a_base_replaced_by_another_process_is_read_afresh(tmp_path):
     assert mgr.last_save.bytes_carried > 0          # carried from the step there now
     got = restore(run / "step_2", item="model")
     assert all(np.array_equal(got[k], v) for k, v in new.items())
+
+
+def test_a_jax_array_saved_again_is_not_hashed_again(tmp_path, monkeypatch):
+    """#20.1: a jax.Array is immutable, so the same object saved again is unchanged at no
+    cost; a new object (even of equal bytes) is hashed, and a NumPy array (mutable) always."""
+    import jax.numpy as jnp
+
+    from shardckpt.saving import incremental
+    hashed = []
+    real = incremental.digest_pieces
+    monkeypatch.setattr(incremental, "digest_pieces", lambda e: hashed.append(e.key) or real(e))
+    frozen, host = jnp.arange(4096.0), np.arange(16.0)
+    mgr = CheckpointManager(tmp_path / "run", backend="threads", max_to_keep=3)
+    mgr.save(1, {"frozen": frozen, "lora": jnp.zeros(8), "host": host})
+    assert sorted(hashed) == ["frozen", "host", "lora"]
+    hashed.clear()
+    mgr.save(2, {"frozen": frozen, "lora": jnp.ones(8), "host": host})
+    assert sorted(hashed) == ["host", "lora"]              # the same frozen object: known
+    assert mgr.last_save.bytes_carried >= frozen.nbytes
+    hashed.clear()
+    mgr.save(3, {"frozen": jnp.arange(4096.0), "lora": jnp.ones(8), "host": host})
+    assert "frozen" in hashed                               # equal bytes, another object: hashed, then carried
+    assert mgr.last_save.bytes_carried >= frozen.nbytes
+    for step, want in ((2, 1.0), (3, 1.0)):
+        got = restore(tmp_path / "run" / f"step_{step}", item="model")
+        assert np.array_equal(got["frozen"], np.arange(4096.0)) and np.all(got["lora"] == want)
+
+
+def test_lora_train_step_keeps_the_frozen_base_the_same_objects():
+    """Our LoRA step hands back only the adapters and the non-parameter state: the base's
+    arrays stay the objects they were (what the identity shortcut above needs)."""
+    from shardckpt.tree import FlatTree
+    model, opt = _lora_run()
+    before = FlatTree.of(nnx.state(model, nnx.Param)).values()
+    lora_train_step(model, opt, batch_for_step(0, CONFIG))
+    after = FlatTree.of(nnx.state(model, nnx.Param)).values()
+    lora_keys = set(FlatTree.of(nnx.state(model, nnx.LoRAParam)).values())
+    assert lora_keys and all((after[k] is before[k]) == (k not in lora_keys) for k in before)
