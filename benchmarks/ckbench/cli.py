@@ -191,13 +191,16 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"started": started, "argv": sys.argv[1:], "load_avg_start": load_avg(), "environment": environment()}
 
-    for mode, stem in (("index_bench", "index_bench"), ("incremental", "incremental")):
+    for mode, stem in (("index_bench", "index_bench"), ("incremental", "incremental"), ("scaling", "scaling")):
         if getattr(args, mode):              # one JSON of one function's results
             if mode == "index_bench":
                 from .index_bench import index_bench as run
-            else:
+            elif mode == "incremental":
                 from .incremental_bench import run_incremental as run
-            console.print(f"{stem} benchmark (load {load_avg()})")
+            else:
+                from .scaling import run_scaling as run
+            if mode != "scaling":
+                console.print(f"{stem} benchmark (load {load_avg()})")
             res = run(args, console)
             meta["load_avg_end"] = load_avg()
             path = out_dir / f"{args.tag or stem}.json"
@@ -219,15 +222,6 @@ def main(argv=None) -> int:
             meta.update({"repeats": args.repeats, "idle_s": args.idle})
             s3_bench.write_json(out_dir, args.tag or stem, {**meta, **res}, console)
             return 0
-
-    if args.scaling:
-        from .scaling import run_scaling
-        res = run_scaling(args, console)
-        meta["load_avg_end"] = load_avg()
-        path = out_dir / f"{args.tag or 'scaling'}.json"
-        path.write_text(json.dumps({**meta, **res}, indent=1))
-        console.print(f"wrote {path}")
-        return 0
 
     return run_states(args, classes, console, out_dir, meta)
 

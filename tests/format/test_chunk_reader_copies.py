@@ -74,21 +74,14 @@ def test_bytes_changed_after_the_read_are_never_returned(tmp_path, sub):
 
 
 @pytest.mark.parametrize("sub", [HALF, None], ids=["part-of-a-chunk", "whole-chunk"])
-def test_bytes_changed_before_the_read_are_refused(tmp_path, sub):
+@pytest.mark.parametrize("damage, why", [({"when": "before"}, "checksum mismatch"), ({"truncate": True}, "truncated")],
+                         ids=["changed-before-the-read", "truncated-after-the-open-not-sigbus"])
+def test_damage_before_or_during_the_read_is_our_error(tmp_path, sub, damage, why):
     ck, fname, chunk, path = _one_chunk(tmp_path)
     dest = np.empty((32, 64) if sub else (64, 64), np.float32)
     with ck.store.open(f"{ck.name}/{fname}") as src:
-        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
-            read_chunks(ChangingSource(src, path, "before"), fname, [ReadTarget(chunk, dest, sub)])
-
-
-@pytest.mark.parametrize("sub", [HALF, None], ids=["part-of-a-chunk", "whole-chunk"])
-def test_a_file_truncated_after_its_open_is_our_error_not_sigbus(tmp_path, sub):
-    ck, fname, chunk, path = _one_chunk(tmp_path)
-    dest = np.empty((32, 64) if sub else (64, 64), np.float32)
-    with ck.store.open(f"{ck.name}/{fname}") as src:
-        with pytest.raises(CorruptCheckpointError, match="truncated"):
-            read_chunks(ChangingSource(src, path, truncate=True), fname, [ReadTarget(chunk, dest, sub)])
+        with pytest.raises(CorruptCheckpointError, match=why):
+            read_chunks(ChangingSource(src, path, **damage), fname, [ReadTarget(chunk, dest, sub)])
 
 
 def test_a_restore_after_truncation_names_the_file(tmp_path):
