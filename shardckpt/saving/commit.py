@@ -136,11 +136,16 @@ def carry_files(staging: Staging, carry: Carry, chunks_by_item: dict, files: dic
             chunks_by_item[item][key] = [(renamed[f], c) for f, c in rows]
 
 
+def version_reader(store: Store, name: str):
+    """How a ``Version`` of checkpoint ``name`` reads the files inside it."""
+    return lambda n, limit: store.read_bytes(f"{name}/{n}", limit)
+
+
 def committed_version(store: Store, name: str) -> Version | None:
     """The committed version of checkpoint ``name`` of ``store``, None if there is none or it
     is ours but damaged (not a checkpoint anyone can load: replaceable)."""
     try:
-        return Version(lambda n, limit: store.read_bytes(f"{name}/{n}", limit), store.where(name))
+        return Version(version_reader(store, name), store.where(name))
     except (CheckpointNotFoundError, CorruptCheckpointError):
         return None
 
@@ -234,9 +239,8 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     except VersionChanged:
         return False
     if plan is None:     # the next incremental save's base, most likely
-        store, final = staging.store, staging.final
-        _remember(store, final, Version(lambda n, limit: store.read_bytes(f"{final}/{n}", limit), where,
-                                        known=(raw, published, tables)))
+        _remember(staging.store, staging.final, Version(version_reader(staging.store, staging.final), where,
+                                                        known=(raw, published, tables)))
     return True
 
 

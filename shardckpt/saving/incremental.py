@@ -68,9 +68,6 @@ class LeafDigests:
         with self._lock:
             self._by_id[key] = (ref, spec, digest)
 
-    def __len__(self) -> int:
-        return len(self._by_id)
-
 
 LEAF_DIGESTS = LeafDigests()
 

@@ -26,7 +26,6 @@ from shardckpt.store.versioned import VersionedStaging, VersionedStore
 PENDING_MANIFEST = "manifest.json.pending"
 
 
-
 def arrow_fs(uri: str):
     """``pyarrow.fs``, or our error saying which extra installs it (every method that
     needs it asks here: the first call on a ``gs://`` store may be any of them)."""
@@ -35,6 +34,7 @@ def arrow_fs(uri: str):
     except ImportError as e:
         raise CheckpointError(f"{uri}: this scheme needs pyarrow: pip install 'shardckpt[fs]'") from e
     return pafs
+
 
 class ArrowStore(VersionedStore):
     """Any pyarrow filesystem (``gs://``, ``hdfs://``, fsspec wrapped in
