@@ -23,7 +23,7 @@ PUBLIC = {
     "save_model": "shardckpt.api.nnx", "load_model": "shardckpt.api.nnx",
     "save_optimizer": "shardckpt.api.nnx", "load_optimizer": "shardckpt.api.nnx",
     "CheckpointManager": "shardckpt.api.manager", "CheckpointState": "shardckpt.api.manager",
-    "CheckpointInfo": "shardckpt.catalog",
+    "CheckpointInfo": "shardckpt.catalog", "MemoryTier": "shardckpt.api.tiers", "TierRestore": "shardckpt.api.tiers",
     "Checkpoint": "shardckpt.loading.checkpoint", "RestoreReport": "shardckpt.loading.checkpoint",
     "open_checkpoint": "shardckpt.loading.open",
     "CheckpointError": "shardckpt.errors", "CheckpointNotFoundError": "shardckpt.errors",

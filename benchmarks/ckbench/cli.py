@@ -31,7 +31,8 @@ Other modes: --scaling (the Ray backend on ray.cluster_utils.Cluster with 1, 2, 
 nodes), --index-bench (the committer's and loader's cost for a synthetic index), --s3 (saves
 and restores to a loopback moto S3 server), --regression OLD_TREE (local save/restore of this
 tree against an older one), --replica (replica-aware restore on a 2-node Cluster) and
---incremental (LoRA fine-tune saves: incremental vs full vs Orbax best vs the limit).
+--incremental (LoRA fine-tune saves: incremental vs full vs Orbax best vs the limit),
+--memory-tier (the memory tier on 4 simulated nodes: saves, persistence, recovery).
 """
 
 
@@ -85,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--incremental", action="store_true",
                    help="incremental saves: a LoRA fine-tune of --preset, incremental vs full vs Orbax best vs the limit")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (--incremental)")
+    p.add_argument("--memory-tier", action="store_true",
+                   help="the memory tier on 4 simulated nodes: saves, persistence, recovery after a node loss "
+                        "vs the local directory and loopback S3")
+    p.add_argument("--memory-tier-gb", type=float, default=1.31, help="state size of --memory-tier, GB")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="result file name stem (default: bench, bench_quick, bench_smoke, scaling, index_bench)")
     p.add_argument("--workdir", default=None, help="scratch directory for checkpoints (default: a new dir in $TMPDIR)")
@@ -191,12 +196,15 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"started": started, "argv": sys.argv[1:], "load_avg_start": load_avg(), "environment": environment()}
 
-    for mode, stem in (("index_bench", "index_bench"), ("incremental", "incremental"), ("scaling", "scaling")):
+    for mode, stem in (("index_bench", "index_bench"), ("incremental", "incremental"), ("memory_tier", "memory_tier"),
+                       ("scaling", "scaling")):
         if getattr(args, mode):              # one JSON of one function's results
             if mode == "index_bench":
                 from .index_bench import index_bench as run
             elif mode == "incremental":
                 from .incremental_bench import run_incremental as run
+            elif mode == "memory_tier":
+                from .memory_tier_bench import run_memory_tier as run
             else:
                 from .scaling import run_scaling as run
             if mode != "scaling":

@@ -28,11 +28,12 @@ from shardckpt.api.core import check_item_name, restore_item, save_checkpoint, s
 from shardckpt.api.nnx import load_model_from, model_item
 from shardckpt.api.nnx_state import check_model_classes, check_optimizer_target, check_tx, fresh_optimizer, model_config_of, restore_optimizer, state_of
 from shardckpt.api.session import SaveOptions, participants, resolve_load_executor
+from shardckpt.api.tiers import MemoryTier, TierRestore, Tiers
 from shardckpt.catalog import Catalog, CheckpointInfo, metric_number
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError, StructureMismatchError
 from shardckpt.format.names import check_name
 from shardckpt.loading.checkpoint import read_consistently
-from shardckpt.loading.open import layout_of, open_checkpoint
+from shardckpt.loading.open import layout_of, open_checkpoint, open_in
 from shardckpt.saving.metrics import check_metrics
 from shardckpt.saving.pipeline import SaveReport, prepare_items
 from shardckpt.store.registry import open_store, resolve
@@ -47,7 +48,10 @@ def check_manager_directory(directory: Any, store, prefix: str) -> None:
     an Orbax checkpoint or run holding no checkpoint of ours (its steps would be invisible
     and a resume would start from scratch beside them)."""
     if isinstance(directory, (str, os.PathLike)):
-        parent, name = resolve(directory)
+        try:
+            parent, name = resolve(directory)
+        except CheckpointError:
+            parent, name = None, ""          # the root of a bucket or tier: never a file
         if name and parent.size(name) is not None:
             raise CheckpointError(f"{store.where()} is a file; a CheckpointManager keeps its checkpoints in a "
                                   "directory (pass the run directory, e.g. the parent of step_10)")
@@ -108,7 +112,7 @@ class CheckpointManager:
                  save_timeout: float | None = None, num_shards: int | None = None,
                  compress: bool = False, verify: bool = True, progress: bool | None = None,
                  async_save: bool = False, join_timeout: float | None = DEFAULT_JOIN_TIMEOUT,
-                 incremental: bool = True):
+                 incremental: bool = True, memory: MemoryTier | None = None, persist_every: int | None = None):
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool)
@@ -122,6 +126,15 @@ class CheckpointManager:
             if not isinstance(value, bool):
                 raise CheckpointError(f"{name}={value!r:.40}: expected True or False")
         check_name(prefix, "prefix")
+        if memory is not None and not isinstance(memory, MemoryTier):
+            raise CheckpointError(f"memory={summarize(memory)}: give a MemoryTier(replicas=..., keep=...), or None")
+        if persist_every is not None:
+            if memory is None:
+                raise CheckpointError("persist_every= copies steps from the memory tier: give memory=MemoryTier(...) "
+                                      "too (without it every save goes to the directory)")
+            if not isinstance(persist_every, int) or isinstance(persist_every, bool) or persist_every < 1:
+                raise CheckpointError(f"persist_every={persist_every!r:.40}: expected an integer >= 1 (or None: "
+                                      "only the newest step, at close())")
         self.options = SaveOptions(backend, num_writers, save_timeout, join_timeout, num_shards, compress, progress,
                                    world=True)
         self.store = open_store(directory)
@@ -140,6 +153,9 @@ class CheckpointManager:
         self._pending: Background | None = None
         self._pending_step: int | None = None
         self._best_metric_missing_said = False
+        #: the memory tier and its persistence (``api/tiers.py``); None: saves go to ``directory``
+        self.tiers = Tiers(memory, self.store, prefix, persist_every, self._retain_persistent) if memory else None
+        self.last_restore: TierRestore | None = None
         try:
             self.store.prepare_parent()   # best effort: a read-only mount still loads
         except OSError:
@@ -155,7 +171,10 @@ class CheckpointManager:
 
     # --- discovery -------------------------------------------------------------------------
     def step_path(self, step: int) -> Any:
-        """Where ``step`` lives: a path, or a URI for an object store."""
+        """Where ``step`` lives: a path, or a URI for an object store (``mem://...`` while it
+        is only in the memory tier)."""
+        if self.tiers and step in {i.step for i in self.tiers.catalog.checkpoints()}:
+            return self.tiers.location(step)
         return self.store.location(self.catalog.name_of(step))
 
     def cleanup_leftovers(self) -> list:
@@ -167,7 +186,7 @@ class CheckpointManager:
         return self.catalog.cleanup_leftovers()
 
     def _scan(self) -> list[CheckpointInfo]:
-        return self.catalog.checkpoints()
+        return self.tiers.merged() if self.tiers else self.catalog.checkpoints()
 
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -249,7 +268,7 @@ class CheckpointManager:
         if extra is not None:
             json_files["extra.json"] = extra
         index, _ = participants(process_index, process_count, ray_train_world=True)
-        final = self.step_path(step)
+        final = self.tiers.location(step) if self.tiers else self.step_path(step)
         blocking = not self.async_save if blocking is None else blocking
         prepared = prepare_items(saved, snapshot=not blocking)
         if not blocking:
@@ -291,15 +310,30 @@ class CheckpointManager:
 
     def _save_prepared(self, final, prepared, step, json_files, metrics, retain, process_index,
                        process_count) -> Any:
-        latest = self.latest_step if self.incremental else None
+        latest = None
+        if self.incremental:        # the base: the newest step of the tier this save writes to
+            infos = self.tiers.catalog.checkpoints() if self.tiers else self._scan()
+            latest = infos[-1].step if infos else None
         path = save_checkpoint(final, {}, self.options.with_participant(process_index, process_count), step=step,
                                json_files=json_files, metrics=metrics, prepared=prepared,
                                base=self.catalog.name_of(latest) if latest is not None else None,
                                missing_base_ok=True,
                                on_report=self._keep_report)
-        if retain:
+        if retain and self.tiers:
+            self.tiers.retain()
+            if self.tiers.due(step):
+                self.tiers.persist_later(step)
+        elif retain:
             self.apply_retention()
         return path
+
+    def _retain_persistent(self) -> None:
+        """Retention in the directory, after a step from the memory tier reached it."""
+        infos = self.catalog.checkpoints()
+        _, doomed = Catalog.retention_plan(infos, self.max_to_keep, self.best_metric, self.best_mode,
+                                           self.best_to_keep)
+        for info in doomed:
+            self.catalog.delete(info)
 
     def wait_until_finished(self) -> None:
         """Wait for a background save; raise its error if it failed."""
@@ -307,6 +341,15 @@ class CheckpointManager:
         UNCOLLECTED.discard(self)
         if pending is not None:
             pending.result()
+        if self.tiers:
+            self.tiers.collect(wait=False)     # a failed background persist, said once
+
+    def wait_until_persisted(self) -> None:
+        """Wait for every background copy from the memory tier to the directory; raise the
+        first failure (the step stays in memory)."""
+        self.wait_until_finished()
+        if self.tiers:
+            self.tiers.collect(wait=True)
 
     def uncollected_failure(self) -> str | None:
         """What went wrong with the finished background save nobody has waited for yet."""
@@ -320,8 +363,12 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for a background save (raising its error); nothing else to release. A
         program that ends without calling it still commits its last async save: the
-        interpreter waits for the save's thread at exit, and a failure is printed then."""
+        interpreter waits for the save's thread at exit, and a failure is printed then.
+        With a memory tier, the newest step in memory is copied to the directory first (and
+        every persist under way finishes)."""
         self.wait_until_finished()
+        if self.tiers:
+            self.tiers.persist_newest()
 
     def __enter__(self) -> Self:
         return self
@@ -330,15 +377,16 @@ class CheckpointManager:
         self.close()
 
     def retention_plan(self) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
-        """(kept, deleted) under the retention rules, without deleting anything."""
-        return Catalog.retention_plan(self._scan(), self.max_to_keep, self.best_metric, self.best_mode,
+        """(kept, deleted) under the retention rules, without deleting anything (in the
+        directory; the memory tier keeps its ``keep`` newest)."""
+        return Catalog.retention_plan(self.catalog.checkpoints(), self.max_to_keep, self.best_metric, self.best_mode,
                                       self.best_to_keep)
 
     def apply_retention(self) -> list[int]:
         _, doomed = self.retention_plan()
         for info in doomed:
             self.catalog.delete(info)   # False: another manager retired it first
-        return [i.step for i in doomed]
+        return [i.step for i in doomed] + (self.tiers.retain() if self.tiers else [])
 
     # --- load ------------------------------------------------------------------------------
     def load(self, path: Any, model: Any = None,
@@ -376,9 +424,17 @@ class CheckpointManager:
             allow_pickle=allow_pickle, shardings=shardings, optimizer_shardings=optimizer_shardings,
             wrt=wrt, items=items or {}, optimizer=optimizer, fresh=fresh_optimizer))
 
+    def _open(self, path: Any, allow_pickle: bool):
+        """A checkpoint of the memory tier is opened through the manager's own memory store
+        (which reads a lost file from the directory where the step was persisted)."""
+        if self.tiers and isinstance(path, str) and path.startswith(self.tiers.store.uri + "/"):
+            name = path[len(self.tiers.store.uri) + 1:].partition("?")[0]
+            return open_in(self.tiers.store, name, allow_pickle=allow_pickle)
+        return open_checkpoint(path, allow_pickle=allow_pickle)
+
     def _load_once(self, path, model, model_cls, config_cls, tx, should_load_optimizer, *, strict,
                    allow_pickle, shardings, optimizer_shardings, wrt, items, optimizer, fresh) -> CheckpointState:
-        ck = open_checkpoint(path, allow_pickle=allow_pickle)
+        ck = self._open(path, allow_pickle)
         executor = resolve_load_executor(self.backend, self.num_writers)   # a Ray worker reads via its node's cache
         cfg_file = ck.read_config()
         cfg = cfg_file.get("model_config")
@@ -447,7 +503,13 @@ class CheckpointManager:
         if step not in self.all_steps():
             raise CheckpointNotFoundError(f"{self.store.where()}: no committed checkpoint for step {step} "
                                           f"(have {self.all_steps()})")
-        return self.load(self.step_path(step), **kw)
+        if not self.tiers:
+            return self.load(self.step_path(step), **kw)
+        tier, report = self.tiers.choose(step)
+        path = self.tiers.location(step) if tier == "memory" else self.store.location(self.catalog.name_of(step))
+        state = self.load(path, **kw)
+        self.last_restore = report
+        return state
 
     def _load_picked(self, pick, **kw) -> CheckpointState | None:
         """Load the step ``pick()`` chooses; if another process's retention deletes it
@@ -468,8 +530,20 @@ class CheckpointManager:
 
     def load_latest(self, **kw) -> CheckpointState | None:
         """The newest committed checkpoint, or None in an empty directory (``load``'s
-        keyword arguments)."""
-        return self._load_picked(lambda: self.latest_step, **kw)
+        keyword arguments). With a memory tier: the newest step either tier can give whole
+        (``last_restore`` says which tier, how many bytes came from each, and why a newer
+        step was passed over, also said as a warning)."""
+        if not self.tiers:
+            return self._load_picked(lambda: self.latest_step, **kw)
+        self.wait_until_finished()
+        check_load_options(**kw)
+        picked = self.tiers.pick_newest(self.all_steps())
+        if picked is None:
+            return None
+        step, _, report = picked
+        state = self.load_step(step, **kw)
+        self.last_restore.reason = report.reason
+        return state
 
     def load_best(self, **kw) -> CheckpointState | None:
         """The best checkpoint by ``best_metric`` (the latest without one)."""

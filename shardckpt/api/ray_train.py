@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from shardckpt.api.manager import DEFAULT_JOIN_TIMEOUT, CheckpointManager, CheckpointState
+from shardckpt.api.tiers import MemoryTier
 from shardckpt.errors import CheckpointError
 from shardckpt.store.registry import open_store
 
@@ -75,11 +76,18 @@ class RayTrainCheckpointer:
     within ``join_timeout`` seconds (default 20) is aborted on the ranks that did, with an
     error naming the missing ranks (``None``: wait up to ``save_timeout``). To save from
     rank 0 alone, use the plain functions and ``ray.train.report`` (docs/ray_train.md).
+
+    ``memory=MemoryTier(...)`` (with ``persist_every``): every rank saves into the cluster's
+    memory (``api/tiers.py``) and rank 0 copies every ``persist_every``-th step to the
+    directory in the background; after Ray Train restarts a failed worker group, ``restore``
+    takes the newest step from memory. Steps only in memory are reported as metrics (Ray
+    Train cannot see them); the directory's retention is ``max_to_keep``'s.
     """
 
     def __init__(self, directory: os.PathLike | str | None = None, *, async_save: bool = False,
                  num_shards: int | None = None, save_timeout: float | None = None, verify: bool = True,
-                 join_timeout: float | None = DEFAULT_JOIN_TIMEOUT, max_to_keep: int | None = None):
+                 join_timeout: float | None = DEFAULT_JOIN_TIMEOUT, max_to_keep: int | None = None,
+                 memory: MemoryTier | None = None, persist_every: int | None = None):
         ctx = ray_train().get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._filesystem = self._fs_root = None       # the run's storage, where Ray sees the checkpoints
@@ -94,7 +102,7 @@ class RayTrainCheckpointer:
         # object-store directory of the user's choosing, ``max_to_keep`` does.
         self.manager = CheckpointManager(store, max_to_keep=max_to_keep, prefix=PREFIX, backend="ray",
                                          num_shards=num_shards, save_timeout=save_timeout, verify=verify,
-                                         join_timeout=join_timeout)
+                                         join_timeout=join_timeout, memory=memory, persist_every=persist_every)
         self.async_save = async_save
         self._unreported: tuple[Path, dict] | None = None
 
@@ -129,6 +137,11 @@ class RayTrainCheckpointer:
         the filter the optimizer was built with (``nnx.LoRAParam`` for LoRA); ``items``:
         targets for extra items; ``optimizer`` (an optimizer to fill), ``strict`` and
         ``fresh_optimizer``: see ``CheckpointManager.load``."""
+        if self.manager.tiers:       # the newest step either tier can give whole (memory first)
+            return self.manager.load_latest(model=model, model_cls=model_cls, config_cls=config_cls, tx=tx,
+                                            shardings=shardings, optimizer_shardings=optimizer_shardings, wrt=wrt,
+                                            items=items, should_load_optimizer=should_load_optimizer,
+                                            strict=strict, optimizer=optimizer, fresh_optimizer=fresh_optimizer)
         path = self.latest_path()
         if path is None:
             return None
@@ -160,10 +173,13 @@ class RayTrainCheckpointer:
             self._report(path, metrics)
 
     def finish(self) -> None:
-        """Wait for a background save and report it (call once after the loop)."""
+        """Wait for a background save and report it (call once after the loop); with a
+        memory tier, rank 0 also copies the newest step to the directory and waits."""
         pending = self._finish_pending()
         if pending is not None:
             self._report(*pending)
+        if self.manager.tiers and self.rank == 0:
+            self.manager.close()
 
     def _finish_pending(self) -> tuple[Path, dict] | None:
         self.manager.wait_until_finished()

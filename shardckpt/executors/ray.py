@@ -25,6 +25,7 @@ from shardckpt.errors import CheckpointError, SaveAbortedError
 from shardckpt.executors.base import Executor, ReadJob, run_read_job
 from shardckpt.format.shard import MemberToWrite, ReadTarget, ShardPlan, ShardReport, write_shard, writer_identity
 from shardckpt.store.base import DEFAULT_SAVE_TIMEOUT
+from shardckpt.store.holder import ensure_ray
 from shardckpt.workers import run_all
 
 _ACTOR_THREADS = 4
@@ -253,10 +254,3 @@ class RayExecutor(Executor):
                     t.dest[...] = arr
         if progress is not None:
             progress(sum(j.nbytes for j in jobs))
-
-
-def ensure_ray() -> None:
-    """Start a local Ray (the embedded default) when none is running."""
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR", log_to_driver=False,
-                 namespace=None, ignore_reinit_error=True)

@@ -127,6 +127,7 @@ def write_part(staging: Staging, entries: dict[str, list], records: dict[str, It
                         participants=participants, replicated=replicated,
                         shard_cap=executor.shard_bytes_cap(total), tag=tag)
     total = sum(plan.nbytes for _, plan in planned)
+    staging.expect_bytes(total)
     done = f"saved {staging.final}" + (f" ({size_text(carry.nbytes)} carried from {carry.base})" if carry else "")
     with byte_progress(f"saving {staging.final}", total, progress, done=done) as advance:
         reports = executor.write_shards(staging, [plan for _, plan in planned], compress=compress,

@@ -29,6 +29,7 @@ T = TypeVar("T")
 #: Seconds a save may take by default (``save_timeout=``): the deadline of its transaction,
 #: of its writers and of the store's retries of transient errors.
 DEFAULT_SAVE_TIMEOUT = 600.0
+COPY_PIECE = 8 << 20           # bytes a copy between stores reads at once
 
 # What this process read from stores (bytes of shard data and calls), for tests and
 # benchmarks: replica-aware restores are judged by these counters.
@@ -184,6 +185,20 @@ class Store(ABC):
     def finish_pending_deletes(self) -> None:
         """Finish removals this process began and could not complete (best effort)."""
 
+    def copy_out(self, name: str, staging: "Staging", dst_name: str) -> Written:
+        """Write file ``name`` into another store's ``staging`` as ``dst_name`` (a copy of a
+        checkpoint, ``saving/persist.py``): streamed through this process here; a store
+        whose files others hold (the memory tier) has them write it."""
+        with self.open(name) as source:
+            def fill(sink: Sink) -> None:
+                offset = 0
+                while offset < source.size:
+                    piece = memoryview(bytearray(min(COPY_PIECE, source.size - offset)))   # fresh: sinks may keep it
+                    source.readinto(offset, piece)
+                    sink.write(piece)
+                    offset += len(piece)
+            return staging.write_stream(dst_name, fill)[1]
+
     def is_dir(self, name: str = "") -> bool:
         """Whether ``name`` (the root: "") is a directory: on object stores, a prefix that
         holds objects."""
@@ -241,6 +256,11 @@ class Staging(ABC):
     def adopt(self, checkpoint_name: str, stored: str) -> str:
         """Carry file ``stored`` of the checkpoint being replaced into this save without
         copying data where the store allows; returns its name in the new manifest."""
+
+    def expect_bytes(self, nbytes: int) -> None:
+        """Told, before a participant's shards are written, that ``nbytes`` will be: a store
+        of bounded capacity (the memory tier) refuses a save that cannot fit here, before
+        anything is written."""
 
     def version_token(self) -> Any:
         """What identifies the committed version of ``final`` now, for ``publish(expect=)``

@@ -8,6 +8,7 @@ its name), which is how every save and load addresses a checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from shardckpt.store.s3 import S3Store
 
 #: Asked in order; the first that claims a URI serves it (pyarrow takes any other scheme).
 STORES: list[type[Store]] = [LocalStore, S3Store, ArrowStore]
+#: Stores whose modules import Ray, imported only when a URI of theirs is first used (so a
+#: local save, the CLI's ``--help`` and ``import shardckpt`` never pay for Ray's import).
+RAY_STORES = {"mem://": ("shardckpt.store.memory", "RayMemoryStore")}
 
 
 def register_store(cls: type[Store]) -> None:
@@ -50,6 +54,14 @@ def is_uri(path: Any) -> bool:
     return isinstance(path, str) and not LocalStore.claims(path)
 
 
+def ray_stores(uri: str) -> list[type[Store]]:
+    """The Ray-backed store class that serves ``uri``, imported now ([] for other URIs)."""
+    for scheme, (module, name) in RAY_STORES.items():
+        if uri.startswith(scheme):
+            return [getattr(importlib.import_module(module), name)]
+    return []
+
+
 def open_store(directory: Any, filesystem: Any = None) -> Store:
     """The store rooted at ``directory``: a Store as it is, a local path or ``file://`` URI,
     a URI some store claims, or a path on the pyarrow ``filesystem`` given."""
@@ -58,7 +70,7 @@ def open_store(directory: Any, filesystem: Any = None) -> Store:
     if filesystem is not None:
         return filesystem_store(filesystem, str(directory))
     if isinstance(directory, str) and is_uri(directory):
-        for cls in STORES:
+        for cls in [*STORES[:-1], *ray_stores(directory), STORES[-1]]:
             if cls.claims(directory):
                 return cls(directory)
         raise CheckpointError(f"{directory}: no store serves this URI")

@@ -21,7 +21,11 @@ def train_loop(config):
     from shardckpt.api.ray_train import RayTrainCheckpointer
     from shardckpt.lm.training import batch_for_step, make_tx, new_run, state_digest, train_step
 
-    ckpt = RayTrainCheckpointer(async_save=config["async_save"], num_shards=1, save_timeout=60)
+    tier = {}
+    if config["memory"]:
+        from shardckpt import MemoryTier
+        tier = {"memory": MemoryTier(replicas=0, keep=2, name=config["memory"]), "persist_every": 3}
+    ckpt = RayTrainCheckpointer(async_save=config["async_save"], num_shards=1, save_timeout=60, **tier)
     state = ckpt.restore(tx=make_tx())
     if state is None:
         model, optimizer = new_run()
@@ -40,11 +44,13 @@ def train_loop(config):
     ckpt.finish()
     if rank == 0:   # the outcome, for the test to compare
         Path(config["outcome"]).write_text(json.dumps(
-            {"digest": state_digest(model, optimizer), "resumed_from": -1 if state is None else state.step}))
+            {"digest": state_digest(model, optimizer), "resumed_from": -1 if state is None else state.step,
+             "tier": ckpt.manager.last_restore.tier if state is not None and ckpt.manager.tiers else None}))
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_path, async_save):
+@pytest.mark.parametrize("async_save, memory", [(False, None), (True, None), (False, "raytrain-mem")],
+                         ids=["sync", "async", "memory-tier"])
+def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_path, async_save, memory):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
@@ -60,7 +66,7 @@ def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_pat
 
     trainer = JaxTrainer(
         train_loop,
-        train_loop_config={"marker": str(tmp_path / "crashed"), "async_save": async_save,
+        train_loop_config={"marker": str(tmp_path / "crashed"), "async_save": async_save, "memory": memory,
                            "outcome": str(tmp_path / "outcome.json")},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="run",
@@ -75,8 +81,17 @@ def test_worker_crash_resumes_from_last_committed_checkpoint_bit_exactly(tmp_pat
     # the newest checkpoint committed before the crash at step 6: 5 (an async save of 5 may
     # still have been in flight when the worker died, then 3)
     assert outcome["resumed_from"] == 5 if not async_save else outcome["resumed_from"] in (3, 5), outcome
-    # Ray Train's retention applied to our checkpoints; each kept one is complete
     run_dir = tmp_path / "storage" / "run"
+    if memory:
+        # step 5 was never persisted (every 3rd: step 3), so it came from memory; the newest
+        # step reached the directory at finish()
+        from shardckpt.store.memory import RayMemoryStore
+        RayMemoryStore(f"mem://{memory}").clear()
+        assert outcome["tier"] == "memory", outcome
+        assert {"step_3", "step_7"} <= {p.name for p in run_dir.iterdir()}
+        assert result.error is None
+        return
+    # Ray Train's retention applied to our checkpoints; each kept one is complete
     kept = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_"))
     # num_to_keep=2 best + the latest (Ray Train always keeps it) + at most one committed
     # while the crash happened, which Ray Train never registered and so never deletes
