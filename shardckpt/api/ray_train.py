@@ -195,7 +195,9 @@ class RayTrainCheckpointer:
         from ray.train import Checkpoint, CheckpointUploadMode
         name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         checkpoint, visible = None, True
-        if self._filesystem is not None:
+        if self.manager.tiers and str(path).startswith(self.manager.tiers.store.uri):
+            visible = False                  # in the memory tier: Ray Train cannot see it
+        elif self._filesystem is not None:
             if self.rank == 0:
                 checkpoint = Checkpoint(path=f"{self._fs_root}/{name}", filesystem=self._filesystem)
         elif isinstance(path, Path):
