@@ -68,6 +68,8 @@ def run_memory_tier(args, console) -> dict:
     rmtree(work)
     work.mkdir(parents=True)
     store_bytes = int(total * NODE_STORE_FACTOR)
+    for k, v in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(k, v)           # moto's; before the cluster starts, so its workers have them
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "object_store_memory": store_bytes,
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
@@ -90,12 +92,9 @@ def run_memory_tier(args, console) -> dict:
     moto = MotoServer(str(work))
     moto.create_bucket("bench")
     s3_dir = f"s3://bench/run?endpoint_url={moto.endpoint}"
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     try:
-        local = CheckpointManager(work / "local", max_to_keep=1, progress=False, incremental=False)
-        s3 = CheckpointManager(s3_dir, max_to_keep=1, progress=False, incremental=False)
+        local = CheckpointManager(work / "local", max_to_keep=1, progress=False, incremental=False, backend="threads")
+        s3 = CheckpointManager(s3_dir, max_to_keep=1, progress=False, incremental=False, backend="threads")
         for sample in range(repeats + 1):               # sample 0 warms up (actors, first touch)
             recording[0] = sample > 0
             step = sample + 1

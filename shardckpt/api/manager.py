@@ -183,7 +183,10 @@ class CheckpointManager:
         needed for loading (a read-only or foreign directory loads all the same); several
         processes may run it at once. Returns what was done."""
         self.store.finish_pending_deletes()
-        return self.catalog.cleanup_leftovers()
+        done = self.catalog.cleanup_leftovers()
+        if self.tiers:
+            done += self.tiers.catalog.cleanup_leftovers()
+        return done
 
     def _scan(self) -> list[CheckpointInfo]:
         return self.tiers.merged() if self.tiers else self.catalog.checkpoints()

@@ -53,6 +53,7 @@ class Holder:
     def __init__(self, tier: str, node_id: str, capacity: int):
         self.tier, self.node_id, self.capacity = tier, node_id, int(capacity)
         self.entries: dict[str, tuple[list | None, int, float, str, bytes | None]] = {}
+        self.reserved = 0            # bytes of puts under way
         self.lock = threading.Lock()
 
     # --- what it holds -----------------------------------------------------------------------
@@ -83,17 +84,22 @@ class Holder:
     def put(self, key: str, refs: list, size: int, xxh3: str) -> None:
         """Keep file ``key``: ``refs[0]`` (the writer's object, which dies with the writer) is
         fetched to this node and put again, owned by this holder and stored on its node."""
-        with self.lock:
-            free = self.capacity - self._held()
+        with self.lock:                  # reserved first: puts running at once cannot overfill
+            free = self.capacity - self._held() - self.reserved
             old = self.entries.get(key)
             if size > free + (old[1] if old else 0):
-                    raise HolderFull(f"node {self.node_id[:12]}: {size} bytes do not fit ({max(free, 0)} of "
-                                     f"{self.capacity} free for the memory tier {self.tier!r})")
-        pieces = ray.get(refs[0], timeout=CALL_SECONDS)
-        refs = [ray.put(pieces)]
-        del pieces
-        with self.lock:
-            self.entries[key] = (refs, size, time.time(), xxh3, None)
+                raise HolderFull(f"node {self.node_id[:12]}: {size} bytes do not fit ({max(free, 0)} of "
+                                 f"{self.capacity} free for the memory tier {self.tier!r})")
+            self.reserved += size
+        try:
+            pieces = ray.get(refs[0], timeout=CALL_SECONDS)
+            refs = [ray.put(pieces)]
+            del pieces
+            with self.lock:
+                self.entries[key] = (refs, size, time.time(), xxh3, None)
+        finally:
+            with self.lock:
+                self.reserved -= size
 
     def put_small(self, key: str, data: bytes, xxh3: str) -> None:
         """A small file (a manifest, a config), kept in this actor's own memory."""

@@ -458,11 +458,31 @@ def cmd_diff(args) -> int:
 
 # --- gc --------------------------------------------------------------------------------------
 
+def _clear_tier(args, directory) -> int:
+    """``gc --clear``: drop every file of a memory tier from its holders (a previous job's
+    steps); a directory or bucket is never cleared wholesale."""
+    from shardckpt.store.registry import open_store
+    store = open_store(directory)
+    clear = getattr(store, "clear", None)     # what only the memory tier offers
+    if clear is None:
+        raise UsageError(f"{args.dir}: --clear drops a memory tier's steps (mem://NAME); a directory keeps its "
+                         "newest checkpoint: use --max-to-keep")
+    files = 0 if args.dry_run else clear()
+    if args.json:
+        _print_json({"directory": str(directory), "dry_run": args.dry_run, "cleared_files": files})
+    else:
+        _console().print(f"{'would clear' if args.dry_run else 'cleared'} {_e(str(directory))}"
+                         + ("" if args.dry_run else f": {files} files released"))
+    return EXIT_OK
+
+
 def cmd_gc(args) -> int:
     from shardckpt.tools.inspect import gc_plan, run_gc
 
     _check_prefix(args.prefix)
     directory = _existing_dir(args.dir)
+    if args.clear:
+        return _clear_tier(args, directory)
     if args.max_to_keep is not None and args.max_to_keep < 1:
         raise UsageError(f"--max-to-keep {args.max_to_keep}: keep at least 1 (omit it to keep all)")
     if args.best_to_keep < 0:
@@ -687,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --best-metric: how many of the best checkpoints to keep")
     p.add_argument("--prefix", default="step", help="checkpoint names are PREFIX_<step>")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed, change nothing")
+    p.add_argument("--clear", action="store_true",
+                   help="a memory tier (mem://NAME) only: drop all its steps from the nodes' memory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_convert_parsers(sub)
     return parser

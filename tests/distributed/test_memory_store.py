@@ -210,3 +210,8 @@ def test_cli_lists_and_verifies_a_memory_tier(tmp_path, tier):
     assert ls.returncode == 0 and "1 checkpoints" in ls.stdout and "latest" in ls.stdout, ls.stdout + ls.stderr
     ok = cli("verify", f"mem://{tier.name}/step_5")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    refused = cli("gc", str(tmp_path / "run"), "--clear")
+    assert refused.returncode != 0 and "memory tier" in refused.stderr, refused.stderr
+    cleared = cli("gc", f"mem://{tier.name}", "--clear")
+    assert cleared.returncode == 0 and "files released" in cleared.stdout, cleared.stdout + cleared.stderr
+    assert mgr.tiers.catalog.checkpoints() == []
