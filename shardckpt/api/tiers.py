@@ -195,7 +195,8 @@ class Tiers:
 
     def pick_newest(self, candidates: list[int]) -> tuple[int, str, TierRestore] | None:
         """The newest of ``candidates`` one of the tiers can give whole; a newer one passed
-        over is said (a warning, and the report's reason)."""
+        over is said (a warning, and the report's reason). None only without candidates;
+        candidates of which none can be read raise CheckpointError saying why for each."""
         passed = []
         for step in sorted(candidates, reverse=True):
             try:
@@ -208,4 +209,7 @@ class Tiers:
                     f": loading step {step} from the {tier} tier instead"
                 warnings.warn(f"{self.persistent.where()}: {report.reason}", UserWarning, stacklevel=4)
             return step, tier, report
+        if passed:       # steps exist and none can be read: never a silent fresh start
+            raise CheckpointError(f"{self.persistent.where()}: no step can be loaded from either tier: "
+                                  + "; ".join(passed))
         return None

@@ -46,6 +46,10 @@ SMALL_FILE = 64 << 10         # files up to this size (manifest, config, small i
 NODES_TTL = 2.0               # seconds a view of the alive nodes is reused
 MEMORY_READ_STATS = {"bytes": 0, "reads": 0}
 _STATS_LOCK = threading.Lock()
+# This process's view of the cluster: alive nodes (with when they were listed) and, per tier,
+# the holders' handles. Shared by every store instance (each save resolves its URI anew).
+_VIEW: dict[str, Any] = {"nodes": (0.0, {}), "handles": {}}
+_VIEW_LOCK = threading.Lock()
 
 try:                          # Ray >= 2.10 names an actor that cannot be reached (yet) apart
     from ray.exceptions import ActorUnavailableError
@@ -163,11 +167,6 @@ class RayMemoryStore(VersionedStore):
         self._query = f"?replicas={self.replicas}"
         self.fallback = fallback
         self.deadline = None
-        self._nodes: tuple[float, dict[str, int]] = (0.0, {})
-        self._handles: dict[str, Any] = {}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_nodes": (0.0, {}), "_handles": {}}
 
     @classmethod
     def claims(cls, uri: str) -> bool:
@@ -181,22 +180,34 @@ class RayMemoryStore(VersionedStore):
 
     # --- the holders -------------------------------------------------------------------------
     def nodes(self) -> dict[str, int]:
-        """Alive nodes -> object store capacity (cached for ``NODES_TTL`` seconds)."""
-        at, nodes = self._nodes
-        if time.monotonic() - at > NODES_TTL or not nodes:
-            ensure_ray()
-            nodes = alive_nodes()
-            self._nodes = (time.monotonic(), nodes)
-            self._handles = {n: h for n, h in self._handles.items() if n in nodes}
+        """Alive nodes -> object store capacity (one view per process, renewed every
+        ``NODES_TTL`` seconds and whenever a holder is found lost)."""
+        with _VIEW_LOCK:
+            at, nodes = _VIEW["nodes"]
+            if time.monotonic() - at <= NODES_TTL and nodes:
+                return nodes
+        ensure_ray()
+        nodes = alive_nodes()
+        with _VIEW_LOCK:
+            _VIEW["nodes"] = (time.monotonic(), nodes)
         return nodes
 
     def holders(self, create: bool = True) -> dict[str, Any]:
-        """node id -> holder handle, for every alive node (holders made where missing)."""
+        """node id -> holder handle, for every alive node (holders made where missing);
+        handles are kept per process and tier, so a save or load finds them at once."""
+        nodes = self.nodes()
+        with _VIEW_LOCK:
+            known = _VIEW["handles"].setdefault(self.tier, {})
+            for gone in set(known) - set(nodes):
+                del known[gone]
+            have = dict(known)
         out = {}
-        for node, capacity in sorted(self.nodes().items()):
-            handle = self._handles.get(node) or holder_on(self.tier, node, capacity, create)
+        for node, capacity in sorted(nodes.items()):
+            handle = have.get(node) or holder_on(self.tier, node, capacity, create)
             if handle is not None:
-                self._handles[node] = out[node] = handle
+                out[node] = handle
+        with _VIEW_LOCK:
+            _VIEW["handles"][self.tier].update(out)
         return out
 
     def ask(self, method: str, *args, holders: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -212,8 +223,9 @@ class RayMemoryStore(VersionedStore):
         return out
 
     def _forget(self, node: str) -> None:
-        self._handles.pop(node, None)
-        self._nodes = (0.0, {})
+        with _VIEW_LOCK:
+            _VIEW["handles"].get(self.tier, {}).pop(node, None)
+            _VIEW["nodes"] = (0.0, {})
 
     def usage(self) -> dict[str, dict]:
         """Per node: bytes the tier holds there, its capacity, the number of files."""
@@ -299,8 +311,11 @@ class RayMemoryStore(VersionedStore):
         """Have a holder of an intact copy write file ``name`` into ``staging`` (the next
         copy's holder if one refuses a damaged copy)."""
         failures = []
+        holders = self.holders()
         for node, _ in self._copies(name):
-            handle = self._handles.get(node)
+            handle = holders.get(node)
+            if handle is None:
+                continue
             try:
                 stored, size, xxh3 = ray.get(handle.write_out.remote(self.key(name), staging, dst_name),
                                              timeout=CALL_SECONDS * 10)
@@ -431,9 +446,9 @@ class RayMemoryStore(VersionedStore):
 
 
 def _holder_message(e: BaseException) -> str:
-    text = str(e)
-    at = text.find("node ")
-    return text[at:].splitlines()[0] if at >= 0 else text.splitlines()[-1]
+    """What a holder's own exception said (Ray wraps it; ``cause`` is the original)."""
+    cause = getattr(e, "cause", None)
+    return str(cause if cause is not None else e).splitlines()[0][:300]
 
 
 class RayMemoryStaging(VersionedStaging):

@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from shardckpt.store.memory import SMALL_FILE
+from shardckpt.store.memory import SMALL_FILE, RayMemoryStore
 
 ARRAYS, ROWS, COLS = 8, 256, 512          # 4 MiB of float32 per step (CI-sized)
 NODE_STORE = 150 * 2**20                  # object store memory of each simulated node
@@ -256,6 +256,18 @@ def main(workdir: str) -> dict:
         out["too_big"] = {"raised": type(e).__name__, "message": str(e)[:400],
                           "usage_unchanged": {n: u["held_bytes"] for n, u in store.usage().items()} == usage_before,
                           "listed": 9 in again.all_steps()}
+    # one node's share full while the tier as a whole has room: the holder refuses, the save aborts
+    from shardckpt.testing import save_items
+    lone = RayMemoryStore("mem://scn-lone?replicas=0")
+    lone_before = {n: u["held_bytes"] for n, u in lone.usage().items()}
+    try:
+        save_items(lone.location("ck"), {"s": {"x": np.ones(130 * 2**18, np.float32)}}, backend="threads",
+                   num_shards=2)                                            # 130 MiB, all on this node
+        out["node_full"] = {"raised": None}
+    except CheckpointError as e:
+        out["node_full"] = {"raised": type(e).__name__, "message": str(e)[:400],
+                            "usage_unchanged": {n: u["held_bytes"] for n, u in lone.usage().items()} == lone_before,
+                            "listed": bool(lone.list(""))}
     store.clear()
 
     # --- 6: the driver SIGKILLed mid-save -------------------------------------------------------

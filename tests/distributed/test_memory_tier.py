@@ -57,6 +57,12 @@ def test_a_save_larger_than_the_free_memory_fails_before_writing(found):
     assert t["usage_unchanged"] and not t["listed"]
 
 
+def test_a_node_without_room_refuses_its_file_and_the_save_leaves_nothing(found):
+    t = found["node_full"]
+    assert t["raised"] == "SaveAbortedError" and "full" in t["message"] and "do not fit" in t["message"], t
+    assert t["usage_unchanged"] and not t["listed"], t
+
+
 def test_a_sigkilled_driver_leaves_the_previous_step_whole_and_the_partial_one_invisible(found):
     k = found["driver_kill"]
     assert k["killed_rc"] == -9 and any(s.startswith("held step_3") for s in k["seen"]), k["seen"]
