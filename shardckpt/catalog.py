@@ -33,6 +33,7 @@ from shardckpt.format.ownership import foreign_entries
 from shardckpt.loading.checkpoint import Checkpoint
 from shardckpt.loading.legacy import LegacyCheckpoint
 from shardckpt.loading.open import layout_of, orbax_hint
+from shardckpt.saving.commit import remembered_version
 from shardckpt.store.base import Leftover, Store
 
 SCAN_ATTEMPTS = 5
@@ -168,13 +169,13 @@ class Catalog:
         cached = self._cache.get(name)
         if cached and cached[0] == ident:
             return cached[1], ""
+        known = remembered_version(self.store, name)     # just committed by this process: not parsed again
         try:
-            ck = Checkpoint.at(self.store, name)
+            man = known.manifest if known is not None else Checkpoint.at(self.store, name).manifest
         except CheckpointNotFoundError:
             return None, ""          # retired meanwhile
         except CorruptCheckpointError as e:
             return None, str(e)
-        man = ck.manifest
         foreign = foreign_entries(man, [(c.name, c.is_dir and not c.is_link) for c in children],
                                   lambda v: versions.get(v, ()))
         nbytes = sum(r.size for r in man.files.values()) + sum(r.size for r in man.meta_files.values()) + mf.size

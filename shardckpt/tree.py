@@ -13,6 +13,7 @@ the manifest so every round trip is bit exact.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -61,7 +62,18 @@ def _leaf_value(leaf: Any) -> Any:
 
 def is_prng_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if dtype is None:
+        return False
+    try:
+        return _is_key_dtype(dtype)
+    except TypeError:            # an unhashable dtype-like attribute
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_key_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` is a PRNG key dtype, once per dtype (jax's test costs ~3 us)."""
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,7 @@ def encode_value(key: str, value: Any) -> ArrayEntry:
     if dtype.kind == "O":
         raise CheckpointError(f"key {key!r}: object arrays cannot be checkpointed")
     try:
-        stored = storage_dtype(dtype)
+        spec, stored = _plain_spec(dtype, tuple(value.shape))
     except CheckpointError as e:
         raise CheckpointError(f"key {key!r}: {e}") from None
 
@@ -213,9 +225,15 @@ def encode_value(key: str, value: Any) -> ArrayEntry:
         a = a if a.flags.c_contiguous else a.copy(order="C")
         return a.view(stored) if a.dtype != stored else a
 
-    spec = ArraySpec(dtype=dtype.name, shape=tuple(value.shape), stored_dtype=stored.name,
-                     stored_shape=tuple(value.shape))
     return ArrayEntry(key, spec, _host_pieces(value, as_stored))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_spec(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[ArraySpec, np.dtype]:
+    """The spec of an array of ``dtype`` and ``shape`` (not a PRNG key) and its storage
+    dtype: the same few recur (every layer's kernels), and ``dtype.name`` is slow."""
+    stored = storage_dtype(dtype)
+    return ArraySpec(dtype=dtype.name, shape=shape, stored_dtype=stored.name, stored_shape=shape), stored
 
 
 def decode_stored(spec: ArraySpec, stored: np.ndarray, what: str = "") -> np.ndarray | jax.Array:

@@ -16,6 +16,7 @@ import gc
 import io
 import math
 import operator
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,27 @@ class IndexArrayColumns:
     nbytes: np.ndarray      # int64[n]
     crc: np.ndarray         # int64[n]
     members: list
+    validated: ArraySpec | None = None    # rows this process validated already, against this spec
+
+
+class ValidatedRows:
+    """One array's rows that this process validated itself (a ``ChunkTable`` of a version it
+    checked, its files renamed as the committer carried them), and the spec they were
+    checked against. ``check_index`` then checks only what the combination can break (the
+    spec is the manifest's, the array is listed once, the bytes claimed per file) instead
+    of every row again: a carried base is not validated by every save. Never pickled: the
+    knowledge is this process's own, it does not travel to another one.
+
+    ``files``: the table's file list renamed, None for the files not carried (a row naming
+    one fails ``index_columns``)."""
+
+    __slots__ = ("table", "spec", "files")
+
+    def __init__(self, table: ChunkTable, spec: ArraySpec, files: list[str | None]):
+        self.table, self.spec, self.files = table, spec, files
+
+    def __reduce__(self):
+        raise TypeError("ValidatedRows is this process's knowledge; it is never sent to another one")
 
 
 @dataclass
@@ -181,6 +203,7 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
     if isinstance(chunks_by_item, IndexColumns):
         return chunks_by_item
     fmap: dict[str, int] = {}
+    remaps: dict[int, tuple[list, np.ndarray]] = {}     # file lists of validated rows (one per base index)
     items: dict[str, dict[str, IndexArrayColumns]] = {}
     get_off, get_shp = operator.attrgetter("offset"), operator.attrgetter("shape")
     get_do, get_nb, get_crc = operator.attrgetter("data_offset"), operator.attrgetter("nbytes"), operator.attrgetter("crc32")
@@ -190,11 +213,27 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
         out = items[item] = {}
         for key, rows in by_key.items():
             what = f"chunk index: chunks of {key!r}"
+            if isinstance(rows, ValidatedRows):
+                t = rows.table
+                known = remaps.get(id(rows.files))
+                if known is None or known[0] is not rows.files:
+                    known = remaps[id(rows.files)] = (rows.files, np.array(
+                        [-1 if f is None else fmap.setdefault(f, len(fmap)) for f in rows.files], dtype=np.int64))
+                fidx = known[1][t.fidx] if len(t) else np.zeros(0, np.int64)
+                if len(t) and int(fidx.min()) < 0:
+                    raise CorruptCheckpointError(f"{what}: a carried row names a file that is not carried")
+                out[key] = IndexArrayColumns(fidx, t.offs, t.shps, t.doff, t.nbytes, t.crc, t.members, rows.spec)
+                continue
             if isinstance(rows, ChunkTable):
                 remap = np.array([fmap.setdefault(f, len(fmap)) for f in rows.files], dtype=np.int64)
                 out[key] = IndexArrayColumns(remap[rows.fidx] if len(rows) else np.zeros(0, np.int64), rows.offs, rows.shps,
                                     rows.doff, rows.nbytes, rows.crc, list(rows.members))
                 continue
+            if len(rows) == 1:
+                one = _one_row_columns(rows[0], fmap)
+                if one is not None:
+                    out[key] = one
+                    continue
             fs = list(map(first, rows))
             uniq = dict.fromkeys(fs)
             missing = uniq.keys() - fmap.keys()
@@ -217,6 +256,26 @@ def index_columns(chunks_by_item: Any) -> IndexColumns:
                 raise CorruptCheckpointError(f"{what}: chunk boxes of different ranks")
             out[key] = IndexArrayColumns(fidx, offs, shps, doff, nbytes, crc, list(map(get_member, cs)))
     return IndexColumns(list(fmap), items)
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _one_row_columns(row: tuple, fmap: dict[str, int]) -> IndexArrayColumns | None:
+    """``index_columns`` of an array stored as one chunk whose values are plain Python ints
+    within int64 (what a writer reports): the same columns without numpy's list parsing.
+    None otherwise (the general path decides, and refuses what no index can hold)."""
+    f, c = row
+    off, shp, do = c.offset, c.shape, c.data_offset
+    do = -1 if do is None else do
+    if type(off) is not tuple or type(shp) is not tuple or len(off) != len(shp) \
+            or not all(type(v) is int and v in _INT64 for v in (do, c.nbytes, c.crc32, *off, *shp)):
+        return None
+    nd = len(off)
+    return IndexArrayColumns(np.array([fmap.setdefault(f, len(fmap))], dtype=np.int64),
+                             np.array(off, dtype=np.int64).reshape(1, nd), np.array(shp, dtype=np.int64).reshape(1, nd),
+                             np.array([do], dtype=np.int64), np.array([c.nbytes], dtype=np.int64),
+                             np.array([c.crc32], dtype=np.int64), [c.member])
 
 
 def _int_vector(values: list, what: str) -> np.ndarray:
@@ -267,12 +326,31 @@ def encode_columns(key: str, c: IndexArrayColumns) -> dict:
     """One array's chunks as the msgpack map of a version-2 index (also the rows of one
     array in an index fragment): little-endian column blobs and the member names."""
     n = len(c.members)
+    if n == 1:
+        one = _encode_one(c)
+        if one is not None:
+            return one
     if n and (int(c.crc.min()) < 0 or int(c.crc.max()) > 0xFFFFFFFF):
         raise CorruptCheckpointError(f"chunk index: chunks of {key!r}: a checksum is not a CRC-32")
     box = np.stack([c.offs.reshape(n, -1), c.shps.reshape(n, -1)], axis=1) if n else np.zeros(0, np.int64)
     return {"file": c.fidx.astype("<i4").tobytes(), "box": box.astype("<i8").tobytes(),
             "data_offset": c.doff.astype("<i8").tobytes(), "nbytes": c.nbytes.astype("<i8").tobytes(),
             "crc": c.crc.astype("<u4").tobytes(), "member": c.members}
+
+
+def _encode_one(c: IndexArrayColumns) -> dict | None:
+    """``encode_columns`` of one row, the same bytes by ``struct`` (numpy's per-call cost
+    dominates one row); None for anything but plain in-range rows (the numpy path decides)."""
+    try:
+        fi, do, nb, crc = int(c.fidx[0]), int(c.doff[0]), int(c.nbytes[0]), int(c.crc[0])
+        off, shp = c.offs.reshape(1, -1)[0].tolist(), c.shps.reshape(1, -1)[0].tolist()
+        if not (0 <= fi < 1 << 31 and 0 <= crc <= 0xFFFFFFFF) or len(off) != len(shp):
+            return None
+        return {"file": struct.pack("<i", fi), "box": struct.pack(f"<{2 * len(off)}q", *off, *shp),
+                "data_offset": struct.pack("<q", do), "nbytes": struct.pack("<q", nb), "crc": struct.pack("<I", crc),
+                "member": c.members}
+    except (struct.error, ValueError, IndexError):
+        return None
 
 
 def check_index(cols: IndexColumns, manifest: Manifest, where: str) -> dict[str, dict[str, ChunkTable]]:
@@ -285,7 +363,10 @@ def check_index(cols: IndexColumns, manifest: Manifest, where: str) -> dict[str,
         specs = state.item_specs(item)
         for key, c in by_key.items():
             state.count_rows(len(c.members))
-            state.add(item, key, specs, c)
+            if c.validated is not None and c.validated == specs.get(key):
+                state.add_validated(item, key, c)
+            else:
+                state.add(item, key, specs, c)
     return state.finish()
 
 
@@ -527,9 +608,54 @@ class IndexValidator:
         item_out = self.out[item]
         if key in item_out:
             raise CorruptCheckpointError(f"{where}: index lists the chunks of {key!r} twice")
-        table = self.check_rows(key, specs[key], c)
-        check_boxes(key, specs[key].stored_shape, table.offs, table.shps, where)
+        table = self._one_row(key, specs[key], c) if len(c.members) == 1 else None
+        if table is None:
+            table = self.check_rows(key, specs[key], c)
+            check_boxes(key, specs[key].stored_shape, table.offs, table.shps, where)
         item_out[key] = table
+
+    def _one_row(self, key: str, spec: ArraySpec, c: IndexArrayColumns) -> ChunkTable | None:
+        """An array stored as one chunk (most arrays of a one-process save): every check of
+        ``check_rows`` and ``check_boxes`` on Python integers, which for one row is several
+        times faster than numpy's per-call cost. Only ever accepts: None when anything is
+        off (malformed columns too), and the full checks then run and name the fault."""
+        gshape = spec.stored_shape
+        nd = len(gshape)
+        cols = (c.fidx, c.doff, c.nbytes, c.crc)
+        if type(c.members[0]) is not str or any(a.shape != (1,) or a.dtype != np.int64 for a in cols) \
+                or any(a.shape != (1, nd) or a.dtype != np.int64 for a in (c.offs, c.shps)):
+            return None
+        fi, do, nb, crc = (int(a[0]) for a in cols)
+        off, shp = c.offs[0].tolist(), c.shps[0].tolist()
+        if not 0 <= fi < len(self.files) or not 0 <= crc <= 0xFFFFFFFF:
+            return None
+        if not all(0 <= o <= g and 0 <= n <= g and o + n <= g for o, n, g in zip(off, shp, gshape)):
+            return None
+        total = math.prod(gshape)
+        vol = math.prod(shp) if total else 0
+        if nb != vol * real_dtype(spec.stored_dtype).itemsize or (total and vol != total):
+            return None            # the byte count, or one chunk that does not cover the array
+        fsize = int(self.sizes[fi])
+        if do < -1 or do > fsize or (do >= 0 and do + nb > fsize):
+            return None
+        self._claim(f"{self.where}: chunk of {key!r}", c.fidx, c.doff, c.nbytes)
+        return ChunkTable(key, self.files, c.fidx, c.offs, c.shps, c.doff, c.nbytes, c.crc, c.members)
+
+    def add_validated(self, item: str, key: str, c: IndexArrayColumns) -> None:
+        """Keep rows this process validated already against the same spec (``ValidatedRows``;
+        the caller compared the specs): every per-row check and the tiling held then and
+        depend only on the spec and the sizes of their files, which the committer carried
+        unchanged. What the new index can still break is checked: the array is listed once,
+        its file numbers name files of this index, and its bytes count in the claims per
+        file (which new rows in a carried file would exceed)."""
+        item_out = self.out[item]
+        if key in item_out:
+            raise CorruptCheckpointError(f"{self.where}: index lists the chunks of {key!r} twice")
+        n = len(c.members)
+        if n and (int(c.fidx.min()) < 0 or int(c.fidx.max()) >= len(self.files)):
+            raise CorruptCheckpointError(f"{self.where}: chunk of {key!r}: file number out of range")
+        self._claim(f"{self.where}: chunk of {key!r}", c.fidx, c.doff, c.nbytes)
+        item_out[key] = ChunkTable(key, self.files, c.fidx, c.offs, c.shps, c.doff, c.nbytes, c.crc, c.members)
 
     def check_rows(self, key: str, spec: ArraySpec, c: IndexArrayColumns) -> ChunkTable:
         """Every check of one array's chunk rows except the tiling (which needs all of its

@@ -54,7 +54,43 @@ def _shape(v: Any, what: str) -> tuple[int, ...]:
     return shape
 
 
+_SPECS: dict[tuple, ArraySpec] = {}     # record values -> the spec they parsed to (every check passed)
+SPEC_MEMO = 4096
+
+
 def parse_array_spec(key: str, d: Any, where: str) -> ArraySpec:
+    """An array's record as an ``ArraySpec``, every field checked. The checks depend only on
+    the record's values, so records seen before (the same few specs recur thousands of
+    times: every layer's kernels, a checkpoint read again) are served from a memo keyed by
+    those exact values and their exact types; anything else is checked in full."""
+    memo_key = _spec_memo_key(d)
+    spec = _SPECS.get(memo_key) if memo_key is not None else None
+    if spec is not None:
+        return spec
+    spec = _parse_array_spec(key, d, where)
+    if memo_key is not None:
+        if len(_SPECS) >= SPEC_MEMO:
+            _SPECS.clear()
+        _SPECS[memo_key] = spec
+    return spec
+
+
+def _spec_memo_key(d: Any) -> tuple | None:
+    """The values a record's checks read, as a hashable key, when they have the plain types
+    a record holds (str, int, a list of ints; never bool, whose hash equals an int's);
+    else None (not memoised)."""
+    if type(d) is not dict:
+        return None
+    dtype, stored, impl, shape, sshape = (d.get("dtype"), d.get("stored_dtype"), d.get("key_impl"), d.get("shape"),
+                                          d.get("stored_shape"))
+    if type(dtype) is not str or type(stored) is not str or not (impl is None or type(impl) is str) \
+            or type(shape) is not list or type(sshape) is not list \
+            or not all(type(v) is int for v in shape) or not all(type(v) is int for v in sshape):
+        return None
+    return dtype, stored, impl, tuple(shape), tuple(sshape), "key_impl" in d
+
+
+def _parse_array_spec(key: str, d: Any, where: str) -> ArraySpec:
     what = f"{where}: array {key!r}"
     if not isinstance(d, dict):
         raise CorruptCheckpointError(f"{what}: malformed record")
@@ -142,40 +178,55 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
-        """The manifest as written: indented JSON carrying ``"checksum"``, the xxh3-64 of
-        the canonical form of everything else (see ``manifest_checksum``)."""
+        """The manifest as written: JSON carrying ``"checksum"``, the xxh3-64 of the
+        canonical form of everything else (see ``manifest_checksum``)."""
+        return self._encode()[0]
+
+    def encode(self, where: str) -> tuple[bytes, Manifest]:
+        """``(dumps(), loads(dumps()))`` without parsing the bytes just made: the parsed
+        manifest comes from the very document they encode (the reader's checks on their
+        size and JSON density, then its schema checks on that document, every shape and
+        name). The JSON parse, depth and checksum a load would repeat hold by
+        construction. Raises ``CorruptCheckpointError`` for what every load would refuse."""
+        raw, doc = self._encode()
+        check_raw(raw, where)
+        return raw, Manifest.from_doc(doc, where, checksum_checked=True)
+
+    def _encode(self) -> tuple[bytes, dict]:
         doc = self.to_json()
-        text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False)
+        text = json.dumps(doc, allow_nan=False)
         if json_depth(doc) > limits.MAX_JSON_DEPTH:
             raise CheckpointError(f"manifest: metrics or leaves nested deeper than {limits.MAX_JSON_DEPTH} levels "
                                   "cannot be saved")
         doc = json.loads(text)            # what a reader will see (tuples -> lists, int keys -> str)
         doc[CHECKSUM_FIELD] = manifest_checksum(doc)
-        return json.dumps(doc, indent=1, sort_keys=False, allow_nan=False).encode()
+        return laid_out(doc).encode(), doc
 
     @classmethod
     def loads(cls, raw: bytes, where: str) -> Manifest:
         """Parse and check a manifest. Raises ``CorruptCheckpointError`` naming ``where`` for
         any damage: not JSON, nested too deep, wrong checksum, wrong schema."""
-        if len(raw) > limits.MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the limit of {limits.MAX_MANIFEST_BYTES}")
-        cost = parse_cost(raw)
-        if cost > limits.MAX_JSON_COST_FACTOR * len(raw) + limits.JSON_COST_SLACK:
-            raise CorruptCheckpointError(f"{where}: manifest is implausibly dense JSON ({len(raw)} bytes would take "
-                                         f"~{cost >> 20} MiB to parse); refusing it")
+        check_raw(raw, where)
         try:
             d = json.loads(raw)
         except (ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({e})") from e
         if json_depth(d) > limits.MAX_JSON_DEPTH:
             raise CorruptCheckpointError(f"{where}: manifest nests JSON deeper than {limits.MAX_JSON_DEPTH} levels")
+        return cls.from_doc(d, where)
+
+    @classmethod
+    def from_doc(cls, d: Any, where: str, *, checksum_checked: bool = False) -> Manifest:
+        """The checks of ``loads`` after the JSON parse: format, version, checksum (unless
+        the caller computed it from ``d`` itself), every field's schema."""
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}: not a shardckpt manifest")
         version = d.get("version")
         if version != FORMAT_VERSION:
             raise CorruptCheckpointError(f"{where}: format version {version!r:.20} is not supported "
                                          f"by this shardckpt (reads version {FORMAT_VERSION})")
-        _check_manifest_checksum(d, where)
+        if not checksum_checked:
+            _check_manifest_checksum(d, where)
         try:
             step = d.get("step")
             if step is not None:
@@ -213,6 +264,33 @@ class Manifest:
         return cls(step=step, items=items, files=files, meta_files=meta, metrics=metrics,
                    created=created, writers=writers, host_count=host_count, index_file=index_file,
                    transaction=transaction[:64])
+
+
+def check_raw(raw: bytes, where: str) -> None:
+    """What a load checks of a manifest's bytes before parsing them: their size, and that
+    parsing them would not take implausibly much memory."""
+    if len(raw) > limits.MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the limit of {limits.MAX_MANIFEST_BYTES}")
+    cost = parse_cost(raw)
+    if cost > limits.MAX_JSON_COST_FACTOR * len(raw) + limits.JSON_COST_SLACK:
+        raise CorruptCheckpointError(f"{where}: manifest is implausibly dense JSON ({len(raw)} bytes would take "
+                                     f"~{cost >> 20} MiB to parse); refusing it")
+
+
+_ENCODE = json.JSONEncoder(separators=(", ", ": "), allow_nan=False).encode
+LINE_LEVELS = 4       # objects nested less deep get one member a line: one line per array record
+
+
+def laid_out(doc: Any, encode: Any = _ENCODE, level: int = 0) -> str:
+    """``doc`` as JSON for people and for speed: objects down to ``LINE_LEVELS`` deep one
+    member a line (items, arrays, digests, files), everything deeper on that member's line,
+    by the C encoder ``encode`` (``json.dumps(indent=...)`` runs in Python, ~3x slower).
+    An object with keys other than strings is left to ``encode`` whole (it converts them)."""
+    if type(doc) is dict and doc and level < LINE_LEVELS and all(type(k) is str for k in doc):
+        pad = "\n" + " " * (level + 1)
+        return "{" + ",".join([pad + encode(k) + ": " + laid_out(v, encode, level + 1) for k, v in doc.items()]) + \
+            "\n" + " " * level + "}"
+    return encode(doc)
 
 
 def parse_cost(raw: bytes) -> int:

@@ -32,6 +32,11 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]
 Reader = Callable[[str, int], bytes]       # (name inside the checkpoint, size limit) -> bytes
 
 
+def version_id(raw_manifest: bytes) -> str:
+    """What identifies a committed version: the SHA-1 of its manifest's bytes."""
+    return hashlib.sha1(raw_manifest).hexdigest()
+
+
 class Version:
     """A committed version: ``read(MANIFEST, limit)`` must return its manifest now."""
 
@@ -50,7 +55,7 @@ class Version:
             raw, manifest, index = known
         self.manifest = manifest
         self.raw_manifest = raw
-        self.id = hashlib.sha1(raw).hexdigest()    # what caches key a version by
+        self.id = version_id(raw)                  # what caches key a version by
         self._index: dict[str, dict[str, ChunkTable]] | None = index
         self._fragmented: FragmentedIndex | bool | None = None if index is None else False   # False: one index file
         self._index_bytes = 0

@@ -23,12 +23,12 @@ import numpy as np
 from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ReplacedWhileReadingError, SaveAbortedError
 from shardckpt.format import limits
 from shardckpt.format.fragments import dump_directory, dump_fragment, plan_fragments
-from shardckpt.format.index import check_index, dump_index, index_columns, no_cyclic_gc
+from shardckpt.format.index import ValidatedRows, check_index, dump_index, index_columns, no_cyclic_gc
 from shardckpt.format.manifest import INDEX, MANIFEST, FileRecord, ItemRecord, Manifest
 from shardckpt.format.names import fragment_name, is_fragment_name
 from shardckpt.format.parts import Carry, CommitArgs, PartReport
 from shardckpt.format.shard import ChunkRecord
-from shardckpt.format.version import Version
+from shardckpt.format.version import Version, version_id
 from shardckpt.release import __version__
 from shardckpt.saving.incremental import BaseChanged
 from shardckpt.saving.metrics import json_bytes, plain_metrics
@@ -123,22 +123,63 @@ def carry_files(staging: Staging, carry: Carry, chunks_by_item: dict, files: dic
     except (OSError, CheckpointError) as e:
         raise BaseChanged(f"saving {where}: the base checkpoint {carry.base} changed while its files were "
                           f"carried ({type(e).__name__}: {e})") from e
-    now = committed_version(staging.store, carry.base)
-    if now is None or now.id != carry.base_id:
+    if committed_id(staging.store, carry.base) != carry.base_id:
         raise BaseChanged(f"saving {where}: the base checkpoint {carry.base} was replaced or deleted while its "
                           "files were carried")
     for fname, new in renamed.items():
         if new in files:
             raise SaveAbortedError(f"saving {where}: carried file {new} clashes with a file this save wrote")
         files[new] = carry.files[fname]
+    own = _validated_rows(staging.store, carry, renamed)
     for item, by_key in carry.rows.items():
         for key, rows in by_key.items():
-            chunks_by_item[item][key] = [(renamed[f], c) for f, c in rows]
+            mine = own(item, key)
+            chunks_by_item[item][key] = mine if mine is not None else [(renamed[f], c) for f, c in rows]
+
+
+def _validated_rows(store: Store, carry: Carry, renamed: dict[str, str]):
+    """``(item, key) -> ValidatedRows`` of the carried array, or None: the rows of the base
+    as this process validated them when it published the base itself (the remembered
+    version of id ``carry.base_id``), their files renamed as carried. Only files carried
+    with the very size that validation saw take part; the rows planned elsewhere (another
+    process's ``Carry``) are never trusted, only used to name the arrays."""
+    with _RECENT_LOCK:
+        mine = _RECENT.get(store.where(carry.base))
+    if mine is None or mine.id != carry.base_id or mine.fragments() is not None:
+        return lambda item, key: None
+    index, known = mine.index(), mine.manifest
+    same = {f for f, new in renamed.items() if f in known.files and carry.files[f].size == known.files[f].size}
+    renamed_lists: dict[int, tuple] = {}
+
+    def rows(item: str, key: str) -> ValidatedRows | None:
+        table, spec = index.get(item, {}).get(key), known.items[item].arrays.get(key) if item in known.items else None
+        if table is None or spec is None:
+            return None
+        known_list = renamed_lists.get(id(table.files))
+        if known_list is None or known_list[0] is not table.files:
+            files = [renamed[f] if f in same else None for f in table.files]
+            known_list = renamed_lists[id(table.files)] = (table.files, files,
+                                                           np.array([f is not None for f in files], dtype=bool))
+        _, files, carried = known_list
+        if len(table) and not carried[table.fidx].all():
+            return None          # a row in a file not carried as validated: checked in full instead
+        return ValidatedRows(table, spec, files)
+    return rows
 
 
 def version_reader(store: Store, name: str):
     """How a ``Version`` of checkpoint ``name`` reads the files inside it."""
     return lambda n, limit: store.read_bytes(f"{name}/{n}", limit)
+
+
+def committed_id(store: Store, name: str) -> str | None:
+    """The id of checkpoint ``name``'s committed version (``Version.id``: of its manifest's
+    bytes), None if it has none; nothing is parsed (a caller that knows the id of a version
+    it validated only asks whether that version is still the one stored)."""
+    try:
+        return version_id(store.read_bytes(f"{name}/{MANIFEST}", limits.MAX_MANIFEST_BYTES))
+    except (OSError, CheckpointError):
+        return None
 
 
 def committed_version(store: Store, name: str) -> Version | None:
@@ -170,6 +211,27 @@ def recent_version(store: Store, name: str) -> Version | None:
         except (OSError, CheckpointError):
             return None
     return committed_version(store, name)
+
+
+def remembered_version(store: Store, name: str) -> Version | None:
+    """The version this process committed as checkpoint ``name``, if the manifest stored now
+    is byte for byte the one it published (the same bytes parse to the same manifest: a
+    listing need not parse them again); None otherwise. Reads only the manifest's bytes."""
+    with _RECENT_LOCK:
+        cached = _RECENT.get(store.where(name))
+    if cached is None:
+        return None
+    try:
+        same = store.read_bytes(f"{name}/{MANIFEST}", limits.MAX_MANIFEST_BYTES) == cached.raw_manifest
+    except (OSError, CheckpointError):
+        return None
+    return cached if same else None
+
+
+def forget_versions() -> None:
+    """Forget the versions this process committed (what a fresh process knows)."""
+    with _RECENT_LOCK:
+        _RECENT.clear()
 
 
 def _remember(store: Store, name: str, version: Version) -> None:
@@ -224,11 +286,10 @@ def _publish(staging: Staging, parts: list[PartReport], args: CommitArgs, record
     # The index validator is the loader's (the same checks on the columns just serialised):
     # a commit never publishes what a load would refuse.
     tables = check_index(index_cols, manifest, where)
-    # ... nor a manifest it would refuse: parsed here by the reader's own parser (its size,
+    # ... nor a manifest it would refuse: checked here by the reader's own checks (its size,
     # depth, schema, every shape and name), before anything becomes visible.
-    raw = manifest.dumps()
     try:
-        published = Manifest.loads(raw, where)
+        raw, published = manifest.encode(where)
     except CorruptCheckpointError as e:
         raise SaveAbortedError(f"saving {where}: every load would refuse this checkpoint ({e}); nothing was "
                                "committed (keep metrics and key names small)") from None

@@ -18,16 +18,20 @@ import jax
 import numpy as np
 
 from shardckpt.errors import CheckpointError
+from shardckpt.format.manifest import laid_out
 
 
 def json_bytes(obj: Any, name: str) -> bytes:
+    """A metadata file's bytes: JSON laid out like the manifest (``laid_out``: the C
+    encoder, one member a line down a few levels), NumPy and JAX values as their values."""
     try:
-        return json.dumps(obj, indent=1, default=_json_default, allow_nan=True).encode()
+        return laid_out(obj, _JSON_FILE_ENCODE).encode()
     except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{name}: value is not JSON-serialisable ({e})") from e
 
 
 def _json_default(o: Any):
+    """NumPy and JAX scalars and arrays as their values, paths as strings."""
     if isinstance(o, (np.generic, jax.Array)) and np.ndim(o) == 0:
         return np.asarray(o).item()
     if isinstance(o, (np.ndarray, jax.Array)):
@@ -35,6 +39,9 @@ def _json_default(o: Any):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+_JSON_FILE_ENCODE = json.JSONEncoder(separators=(", ", ": "), default=_json_default, allow_nan=True).encode
 
 
 MAX_METRIC_DEPTH = 32

@@ -46,6 +46,7 @@ from shardckpt.workers import WorkerPool
 WRITE_BLOCK = 16 << 20          # bytes hashed and written per step, hot in cache
 DIRECT_BLOCK = 4096             # O_DIRECT needs offsets, lengths and buffers aligned to this
 BOUNCE_BYTES = 8 << 20          # staging buffer per writing thread
+FIRST_FLUSH = 1 << 20           # the first write of a file; each next one twice as long, up to BOUNCE_BYTES
 STALE_FOREIGN_SECONDS = 24 * 3600   # a hidden directory of another host untouched this long is dead
 LIST_ATTEMPTS = 20              # directory reads a listing retries while entries vanish under it
 
@@ -82,7 +83,9 @@ class FileSink(Sink):
     write releases the GIL), the writer copies and hashes the next into the other, so the
     device is not idle during the copy (profile of #13.3: the copy and hash were ~20 % of a
     writer's time, spent with no write in flight). At most one write per file is in flight,
-    so the file is written in order."""
+    so the file is written in order. The first write of a file is ``FIRST_FLUSH`` bytes and
+    each next one twice the last, up to ``BOUNCE_BYTES``: a file of a few MiB (the adapters
+    of an incremental save) is not copied whole before its first byte is written."""
 
     def __init__(self, path: str, direct: bool = True, posix: Posix = POSIX):
         self.path = path
@@ -105,6 +108,7 @@ class FileSink(Sink):
         self.views = [memoryview(b) for b in self.bufs]
         self.view = self.views[0] if self.direct else None
         self.fill = 0
+        self.limit = FIRST_FLUSH         # bytes a buffer is filled with before it is written
         self.flushed = 0                 # file offset of the next buffer written
         self.pending = None              # (future, file offset) of the write in flight
 
@@ -119,12 +123,13 @@ class FileSink(Sink):
             return
         pos = 0
         while pos < len(view):
-            n = min(len(view) - pos, BOUNCE_BYTES - self.fill)
+            n = min(len(view) - pos, self.limit - self.fill)
             self.view[self.fill:self.fill + n] = view[pos:pos + n]
             self.fill += n
             pos += n
-            if self.fill == BOUNCE_BYTES:
-                self._flush(BOUNCE_BYTES)
+            if self.fill == self.limit:
+                self._flush(self.limit)
+                self.limit = min(2 * self.limit, BOUNCE_BYTES)
 
     def _write_all(self, block) -> None:
         self.posix.write_all(self.fd, block, self.path)

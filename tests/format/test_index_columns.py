@@ -249,7 +249,7 @@ def test_overlapping_equals_brute_force(seed):
 
 # --- the commit's check agrees with the loader ------------------------------------------------
 
-def _mutate(rng: random.Random, rows: list, m: Manifest) -> list:
+def mutate_row(rng: random.Random, rows: list, m: Manifest) -> list:
     i = rng.randrange(len(rows))
     f, c = rows[i]
     kind = rng.randrange(12)
@@ -311,7 +311,7 @@ def test_commit_check_agrees_with_load_index(seed):
     if seed % 4:
         for _ in range(rng.randrange(1, 3)):
             key = rng.choice(list(arrays))
-            chunks["model"][key] = _mutate(rng, chunks["model"][key], m)
+            chunks["model"][key] = mutate_row(rng, chunks["model"][key], m)
     try:
         cols = index_columns(chunks)
         raw = dump_index(cols)

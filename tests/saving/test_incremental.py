@@ -331,3 +331,32 @@ def test_lora_train_step_keeps_the_frozen_base_the_same_objects():
     after = FlatTree.of(nnx.state(model, nnx.Param)).values()
     lora_keys = set(FlatTree.of(nnx.state(model, nnx.LoRAParam)).values())
     assert lora_keys and all((after[k] is before[k]) == (k not in lora_keys) for k in before)
+
+
+def test_carried_rows_are_trusted_only_as_this_process_validated_them(tmp_path, monkeypatch):
+    """#20: the committer does not check the carried rows again one by one when it validated
+    them itself (it published the base); a base it did not publish (here: forgotten, as in
+    a fresh process) has every row of the new index checked in full. Both load the same."""
+    from shardckpt.format import index as index_mod
+    from shardckpt.saving import commit as commit_mod
+    counts = {"trusted": 0, "full": 0}
+    add, add_validated = index_mod.IndexValidator.add, index_mod.IndexValidator.add_validated
+    monkeypatch.setattr(index_mod.IndexValidator, "add",
+                        lambda self, *a: counts.__setitem__("full", counts["full"] + 1) or add(self, *a))
+    monkeypatch.setattr(index_mod.IndexValidator, "add_validated",
+                        lambda self, *a: counts.__setitem__("trusted", counts["trusted"] + 1) or add_validated(self, *a))
+    frozen = {f"frozen{i}": np.arange(4096, dtype=np.float32) + i for i in range(3)}
+    mgr = CheckpointManager(tmp_path / "run", backend="threads", max_to_keep=3)
+    mgr.save(1, {**frozen, "lora": np.zeros(8, np.float32)})
+    counts.update(trusted=0, full=0)
+    mgr.save(2, {**frozen, "lora": np.ones(8, np.float32)})
+    assert mgr.last_save.bytes_carried > 0 and counts["trusted"] == 3
+    commit_mod.forget_versions()
+    counts.update(trusted=0, full=0)
+    tree = {**frozen, "lora": np.full(8, 2, np.float32)}
+    mgr.save(3, tree)
+    assert mgr.last_save.bytes_carried > 0 and counts["trusted"] == 0
+    for step in (2, 3):
+        got = restore(tmp_path / "run" / f"step_{step}", item="model")
+        assert all(np.array_equal(got[k], v) for k, v in frozen.items())
+    assert np.array_equal(restore(tmp_path / "run" / "step_3", item="model")["lora"], tree["lora"])
