@@ -123,9 +123,10 @@ def write_part(staging: Staging, entries: dict[str, list], records: dict[str, It
     (with ``carry``: only what is not carried, into files named after this save)."""
     total = sum(p.data.nbytes for arrays in entries.values() for e in arrays for p in e.pieces)
     tag = staging.txn[:8] if carry else None
+    caps = [c for c in (executor.shard_bytes_cap(total), staging.store.max_file_bytes) if c]
     planned = plan_part(entries, num_shards, executor.num_workers or 1, participant=participant,
                         participants=participants, replicated=replicated,
-                        shard_cap=executor.shard_bytes_cap(total), tag=tag)
+                        shard_cap=min(caps) if caps else None, tag=tag)
     total = sum(plan.nbytes for _, plan in planned)
     staging.expect_bytes(total)
     done = f"saved {staging.final}" + (f" ({size_text(carry.nbytes)} carried from {carry.base})" if carry else "")

@@ -125,6 +125,9 @@ class Store(ABC):
     #: prefix exists exactly when objects lie under it, so an empty one is no error.
     has_directories: bool = False
     deadline: float | None = None  # time.time() until which transient errors are retried (a save's)
+    #: The largest shard file a save should plan for this store (None: as the writers like):
+    #: the memory tier keeps files small, so the copies in flight of a save stay small.
+    max_file_bytes: int | None = None
 
     # --- naming ----------------------------------------------------------------------------
     def where(self, name: str = "") -> str:

@@ -55,6 +55,8 @@ class Holder:
         self.entries: dict[str, tuple[list | None, int, float, str, bytes | None]] = {}
         self.reserved = 0            # bytes of puts under way
         self.lock = threading.Lock()
+        # the first persist unpickles a store of the package here: import it now, off its path
+        threading.Thread(target=_warm_imports, daemon=True, name="holder-imports").start()
 
     # --- what it holds -----------------------------------------------------------------------
     def _held(self) -> int:
@@ -148,6 +150,15 @@ class Holder:
                 sink.write(p)
         _, written = staging.write_stream(name, fill)
         return written.name, written.size, written.xxh3_64
+
+
+def _warm_imports() -> None:
+    import importlib
+    for module in ("shardckpt.store.local", "shardckpt.store.s3", "shardckpt.store.arrow"):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - an optional store's extra is missing: imported when used
+            pass
 
 
 def holder_name(tier: str, node_id: str) -> str:

@@ -42,6 +42,7 @@ from shardckpt.store.base import Entry, Sink, Source, Store, T, VersionChanged, 
 from shardckpt.store.holder import CALL_SECONDS, HolderFull, alive_nodes, ensure_ray, holder_on
 from shardckpt.store.versioned import VersionedStaging, VersionedStore
 
+MAX_FILE_BYTES = 128 << 20    # the largest shard file a save plans for the tier
 SMALL_FILE = 64 << 10         # files up to this size (manifest, config, small index) are kept by every holder
 NODES_TTL = 2.0               # seconds a view of the alive nodes is reused
 MEMORY_READ_STATS = {"bytes": 0, "reads": 0}
@@ -147,6 +148,11 @@ def _intact(pieces: list, xxh3: str) -> bool:
 
 class RayMemoryStore(VersionedStore):
     """Checkpoints held in the memory of the Ray cluster's nodes (see module doc)."""
+
+    #: Files of at most this size: a file is in the object store twice while it is taken in
+    #: (the writer's object and the holder's copy), so small files keep that transient small
+    #: and spread a step's copies over the nodes.
+    max_file_bytes = MAX_FILE_BYTES
 
     def __init__(self, uri: str, fallback: Store | None = None):
         parts = urlsplit(uri)

@@ -121,7 +121,8 @@ memory.RayMemoryStore.hold = slow_hold
 mgr.save(3, s.state(3))
 print("committed", 3, flush=True)
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+    errors = open(os.path.join(workdir, "killed-driver.err"), "w+")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors, text=True,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     seen = []
     deadline = time.time() + 240
@@ -134,13 +135,15 @@ print("committed", 3, flush=True)
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
+    errors.seek(0)
+    stderr_tail = [line.rstrip() for line in errors.readlines() if "Traceback" in line or "Error" in line][-6:]
     from shardckpt import CheckpointManager, MemoryTier
     mgr = CheckpointManager(os.path.join(workdir, "killed"), memory=MemoryTier(replicas=1, keep=3, name="killed"),
                             backend="threads")
     steps = mgr.all_steps()
     st = mgr.load_latest(model={f"w{i}": np.zeros((ROWS, COLS), np.float32) for i in range(ARRAYS)})
     out = {"seen": seen, "steps_after_kill": steps, "resumed_step": st.step, "resumed_exact": same(st.model, st.step),
-           "resumed_tier": mgr.last_restore.tier, "killed_rc": proc.returncode}
+           "resumed_tier": mgr.last_restore.tier, "killed_rc": proc.returncode, "driver_errors": stderr_tail}
     mgr.tiers.store.clear()
     return out
 

@@ -65,6 +65,6 @@ def test_a_node_without_room_refuses_its_file_and_the_save_leaves_nothing(found)
 
 def test_a_sigkilled_driver_leaves_the_previous_step_whole_and_the_partial_one_invisible(found):
     k = found["driver_kill"]
-    assert k["killed_rc"] == -9 and any(s.startswith("held step_3") for s in k["seen"]), k["seen"]
-    assert k["steps_after_kill"] == [1, 2]
-    assert k["resumed_step"] == 2 and k["resumed_exact"] and k["resumed_tier"] == "memory"
+    assert k["killed_rc"] == -9 and any(s.startswith("held step_3") for s in k["seen"]), k
+    assert k["steps_after_kill"] == [1, 2], k
+    assert k["resumed_step"] == 2 and k["resumed_exact"] and k["resumed_tier"] == "memory", k
