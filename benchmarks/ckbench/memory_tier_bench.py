@@ -30,17 +30,21 @@ from .common import GB, drop_cache, rmtree
 NODE_STORE_FACTOR = 4.0        # object store per node, x the state (two steps while one replaces the other)
 
 
-def _state(total_bytes: int, seed: int) -> dict:
+def _state(total_bytes: int, seed: int, step: int = 0) -> dict:
+    """Dense random float32 jax arrays (what a training state is: its snapshot costs no copy)."""
+    import jax
     import numpy as np
     n = 16
     rows = max(1, total_bytes // (n * 4 * 4096))
     rng = np.random.default_rng(seed)
-    return {f"m{i}": rng.standard_normal((rows, 4096), dtype=np.float32) for i in range(n)}
+    host = {f"m{i}": rng.standard_normal((rows, 4096), dtype=np.float32) for i in range(n)}
+    host["m0"][0, 0] = step
+    return {k: jax.device_put(v) for k, v in host.items()}
 
 
 def _target(state: dict) -> dict:
     import numpy as np
-    return {k: np.empty_like(v) for k, v in state.items()}
+    return {k: np.empty(v.shape, v.dtype) for k, v in state.items()}
 
 
 def _compute_step() -> float:
@@ -99,7 +103,7 @@ def run_memory_tier(args, console) -> dict:
         for sample in range(repeats + 1):               # sample 0 warms up (actors, first touch)
             recording[0] = sample > 0
             step = sample + 1
-            state["m0"][0, 0] = step                     # a new step: every array written again
+            state = _state(total, 0, step)               # a new step: every array written again
             tiers = {}
             for backend in ("threads", "ray"):
                 name = f"bench-{backend}"
@@ -172,7 +176,7 @@ def run_memory_tier(args, console) -> dict:
                 st = mgr.load_latest(model=target)
                 times.append(time.perf_counter() - t)
                 storage = read_stats()["bytes"] - before
-            ok = all(np.array_equal(st.model[k], state[k]) for k in state)
+            ok = all(np.array_equal(np.asarray(st.model[k]), np.asarray(state[k])) for k in state)
             recovery[backend] = {"seconds": times, "storage_bytes": storage, "exact": ok,
                                  "tier": mgr.last_restore.tier, "victim_held_bytes": held[victim]}
             add(f"recovery from memory after a node loss ({backend})", statistics.median(times))

@@ -368,10 +368,12 @@ class CheckpointManager:
         program that ends without calling it still commits its last async save: the
         interpreter waits for the save's thread at exit, and a failure is printed then.
         With a memory tier, the newest step in memory is copied to the directory first (and
-        every persist under way finishes)."""
+        every persist under way finishes), then the tier's steps leave the nodes' memory (the
+        directory holds the newest; a persist that fails raises and keeps them)."""
         self.wait_until_finished()
         if self.tiers:
             self.tiers.persist_newest()
+            self.tiers.release()
 
     def __enter__(self) -> Self:
         return self

@@ -156,6 +156,13 @@ class Tiers:
             self.persist_later(infos[-1].step)
         self.collect(wait=True)
 
+    def release(self) -> list[int]:
+        """Drop every step from memory (``close()``, once the newest is persisted)."""
+        infos = self.catalog.checkpoints()
+        for info in infos:
+            self.catalog.delete(info)
+        return [i.step for i in infos]
+
     # --- retention ---------------------------------------------------------------------------
     def retain(self) -> list[int]:
         """Keep the ``keep`` newest steps in memory, and any a persist still needs."""

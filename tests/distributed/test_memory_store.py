@@ -111,6 +111,8 @@ def test_saves_go_to_memory_and_every_nth_step_is_persisted(tmp_path, tier):
         assert _same(restore(mgr.store.location(f"step_{step}")), step)
     mgr.close()                                                                  # the newest reaches the directory
     assert [i.step for i in mgr.catalog.checkpoints()] == [4, 5]
+    assert mgr.tiers.catalog.checkpoints() == [], "close() releases the nodes' memory"
+    assert sum(u["held_bytes"] for u in mgr.tiers.store.usage().values()) == 0
 
 
 def test_load_latest_reads_memory_only(tmp_path, tier):
