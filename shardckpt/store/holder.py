@@ -78,6 +78,12 @@ class Holder:
         with self.lock:
             return [(k, e[1], e[2], e[3]) for k, e in self.entries.items() if k.startswith(prefix)]
 
+    def entries_under(self, prefix: str) -> dict[str, tuple]:
+        """Every entry whose key starts with ``prefix`` (one committed version's files: what a
+        restore opens, in one call)."""
+        with self.lock:
+            return {k: e for k, e in self.entries.items() if k.startswith(prefix)}
+
     def get(self, key: str) -> tuple[list | None, int, float, str, bytes | None] | None:
         with self.lock:
             return self.entries.get(key)

@@ -38,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, SaveAbortedError
 from shardckpt.format.limits import MAX_MANIFEST_BYTES
 from shardckpt.format.manifest import MANIFEST, Manifest
+from shardckpt.format.names import is_version_dir
 from shardckpt.store.base import Entry, Sink, Source, Store, T, VersionChanged, Written
 from shardckpt.store.holder import CALL_SECONDS, HolderFull, alive_nodes, ensure_ray, holder_on
 from shardckpt.store.versioned import VersionedStaging, VersionedStore
@@ -173,6 +174,10 @@ class RayMemoryStore(VersionedStore):
         self._query = f"?replicas={self.replicas}"
         self.fallback = fallback
         self.deadline = None
+        self._versions: dict[str, tuple[float, dict]] = {}     # version prefix -> (when, node -> entries)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_versions": {}}
 
     @classmethod
     def claims(cls, uri: str) -> bool:
@@ -238,9 +243,22 @@ class RayMemoryStore(VersionedStore):
         return self.ask("usage")
 
     # --- reading -----------------------------------------------------------------------------
-    def _copies(self, name: str) -> list[tuple[str, tuple]]:
-        """(node, entry) of every holder that has file ``name``, this node's first."""
-        found = [(node, e) for node, e in self.ask("get", self.key(name)).items() if e is not None]
+    def _copies(self, name: str, version_files: bool = False) -> list[tuple[str, tuple]]:
+        """(node, entry) of every holder that has file ``name``, this node's first. With
+        ``version_files`` (a restore opening a committed version's shard): the holders are
+        asked once for all the files of that version, reused for ``NODES_TTL`` seconds
+        (a committed version's files never change; an entry's object stays alive while
+        its reference is held, as an open file does)."""
+        key = self.key(name)
+        parent = key.rpartition("/")[0]
+        if version_files and is_version_dir(parent.rsplit("/", 1)[-1]):
+            at, table = self._versions.get(parent, (0.0, None))
+            if table is None or time.monotonic() - at > NODES_TTL or not any(key in t for t in table.values()):
+                table = self.ask("entries_under", parent + "/")
+                self._versions = {parent: (time.monotonic(), table)}      # the version being read
+            found = [(node, t[key]) for node, t in table.items() if key in t]
+        else:
+            found = [(node, e) for node, e in self.ask("get", key).items() if e is not None]
         here = ray.get_runtime_context().get_node_id()
         return sorted(found, key=lambda ne: (ne[0] != here, ne[0]))
 
@@ -248,7 +266,7 @@ class RayMemoryStore(VersionedStore):
         """The pieces of the first intact copy of ``name`` (None if none), and the nodes
         whose copies were damaged or unreachable."""
         bad = []
-        for node, entry in self._copies(name):
+        for node, entry in self._copies(name, version_files=True):
             try:
                 pieces = _pieces_of(entry)
             except Exception:  # noqa: BLE001 - a lost object or node: try the next copy
