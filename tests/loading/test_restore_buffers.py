@@ -79,7 +79,7 @@ def test_a_save_and_load_without_ray_do_not_import_it(tmp_path):
         from shardckpt import CheckpointManager, restore, save
         with CheckpointManager({str(tmp_path / 'run')!r}, progress=False) as mgr:
             mgr.save(1, nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
-            assert mgr.latest_step() == 1
+            assert mgr.latest_step == 1
             mgr.load_step(1, model=nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
         save({str(tmp_path / 'tree')!r}, {{"w": np.ones(3)}})
         assert restore({str(tmp_path / 'tree')!r})["w"].tolist() == [1.0, 1.0, 1.0]
