@@ -30,8 +30,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     huge pages defragment on advice (``defrag=madvise``, the kernel's default) each first
     touch of such memory compacts memory synchronously. A restore touches every byte of
     fresh memory once, so that advice tripled the first restore of a process (the resume):
-    few_huge 0.44 s -> 0.12 s, lm 1.01 s -> 0.62 s in a fresh process on the #21 VM, while
-    repeated restores stayed as fast (0.13 vs 0.17-0.19 s, 0.45 vs 0.29-0.47 s)."""
+    few_huge 0.44 s -> 0.12 s, lm 1.01 s -> 0.62 s in a fresh process on the #21 VM. The
+    price: repeated restores in one process fault their pages in again, where NumPy's heap
+    reused huge pages (bench_21: few_huge warm 0.08 -> 0.15 s, lm 0.28 -> 0.42 s); see
+    docs/benchmarks.md for what would keep both."""
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
