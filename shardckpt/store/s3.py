@@ -60,12 +60,17 @@ def retrying(call: Callable[[], T], what: str, deadline: float | None = None) ->
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - classified below
-            if not _transient(e) or time.time() + delay > end:
-                raise
-            if deadline is None and unreachable(e) and time.time() + delay > start + UNREACHABLE_SECONDS:
+            stop = end
+            if deadline is None and unreachable(e):
+                stop = min(end, start + UNREACHABLE_SECONDS)
+            left = stop - time.time()
+            if not _transient(e) or left <= 0.01:
                 raise
         _count(retries=1)
-        time.sleep(delay * (0.5 + random.random()))
+        # The last wait is cut to the time left, so one more try lands just before the
+        # deadline: a save given 3 s keeps trying for 3 s, not for the ~1.5 s that whole
+        # doubling waits fit into.
+        time.sleep(min(delay * (0.5 + random.random()), left))
         delay = min(delay * 2, 5.0)
 
 

@@ -112,10 +112,13 @@ for step in (1, 2):
     mgr.save(step, s.state(step))
     print("committed", step, flush=True)
 from shardckpt.store import memory
-real = memory.RayMemoryStore.hold
+import threading
+real, say = memory.RayMemoryStore.hold, threading.Lock()
 def slow_hold(self, name, sink):          # widen the window: the kill lands inside step 3's writes
     real(self, name, sink)
-    print("held", name, flush=True)
+    with say:                             # writer threads hold files at once: one whole line each
+        sys.stdout.write(f"held {{name}}\\n")
+        sys.stdout.flush()
     time.sleep(30)
 memory.RayMemoryStore.hold = slow_hold
 mgr.save(3, s.state(3))

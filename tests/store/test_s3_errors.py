@@ -104,7 +104,7 @@ def test_an_unreachable_endpoint_is_retried_within_save_timeout_then_named(save_
     took = time.time() - t0
     _assert_ours(ei.value)
     assert endpoint in str(ei.value) and "cannot be reached" in str(ei.value)
-    assert save_timeout * 0.5 <= took < save_timeout + 15, f"retried for {took:.1f} s"
+    assert save_timeout * 0.9 <= took < save_timeout + 15, f"retried for {took:.1f} s"
 
 
 def test_an_endpoint_that_comes_back_within_save_timeout_gets_the_save(s3_server):
