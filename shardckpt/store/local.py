@@ -51,6 +51,15 @@ STALE_FOREIGN_SECONDS = 24 * 3600   # a hidden directory of another host untouch
 LIST_ATTEMPTS = 20              # directory reads a listing retries while entries vanish under it
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory ``path`` itself, None if absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _BouncePool:
     """Page-aligned staging buffers, reused across saves so their memory stays touched
     (first touch of fresh memory is the slow part on VMs that reclaim idle pages)."""
@@ -525,18 +534,30 @@ class LocalStaging(Staging):
         return []
 
     def foreign(self, name: str) -> list[str]:
-        """The user's entries of directory ``name`` (``format/ownership.py``); [] if absent."""
-        children = self.store.list(name)
-        if not children:
-            return []
-        try:
-            manifest = Manifest.loads(self.store.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES),
-                                      self.store.where(name))
-        except (FileNotFoundError, CheckpointError):
-            manifest = None      # none (only leftovers of ours beside it) or damaged: names decide
-        return list(foreign_entries(manifest, [(c.name, c.is_dir and not c.is_link) for c in children],
-                                    lambda v: [(e.name, e.is_dir and not e.is_link)
-                                               for e in self.store.list(f"{name}/{v}")]))
+        """The user's entries of directory ``name`` (``format/ownership.py``); [] if absent.
+
+        The listing and the manifest must be of one version: a listing of the version a
+        concurrent re-save just replaced, judged by the new version's manifest, would call
+        the old version's shard files the user's (and carry them forever). A publish swaps
+        the directory, so its identity is compared before and after and the read repeated."""
+        path = self.store.path(name)
+        for _ in range(LIST_ATTEMPTS):
+            before = _identity(path)
+            children = self.store.list(name)
+            if not children:
+                return []
+            try:
+                manifest = Manifest.loads(self.store.read_bytes(f"{name}/{MANIFEST}", MAX_MANIFEST_BYTES),
+                                          self.store.where(name))
+            except (FileNotFoundError, CheckpointError):
+                manifest = None      # none (only leftovers of ours beside it) or damaged: names decide
+            entries = list(foreign_entries(manifest, [(c.name, c.is_dir and not c.is_link) for c in children],
+                                           lambda v: [(e.name, e.is_dir and not e.is_link)
+                                                      for e in self.store.list(f"{name}/{v}")]))
+            if _identity(path) == before:
+                return entries
+        raise CheckpointError(f"{path} was replaced {LIST_ATTEMPTS} times by other saves while this save read "
+                              "which of its entries are yours; nothing was saved, save again")
 
     def discard(self) -> None:
         for _ in range(5):   # again if a writer being stopped still created a file meanwhile
